@@ -1,0 +1,52 @@
+"""``python -m actors --config FILE --kind agent --name triage``: one actor process.
+
+This is what a supervisor (or a container) runs for each actor replica. It
+connects to ``$NATS_URL``, provisions what it needs and serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import anyio
+
+from actors.runtime import load_fleet, serve_one
+from bus.connection import connect
+from schemas.errors import CorralError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one actor; exit 2 on a config error, 1 on another failure."""
+    parser = argparse.ArgumentParser(prog="python -m actors", description=__doc__)
+    parser.add_argument("--config", required=True, help="fleet TOML file")
+    parser.add_argument("--kind", required=True, choices=["agent", "tool", "model"])
+    parser.add_argument("--name", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("CORRAL_LOG_LEVEL", "WARNING"),
+                        format=f"%(asctime)s {args.kind}.{args.name}[%(process)d] "
+                               "%(levelname)s %(message)s")
+
+    async def run() -> None:
+        fleet = load_fleet(args.config)
+        bus = await connect(name=f"corral-{args.kind}-{args.name}")
+        try:
+            await serve_one(bus, fleet, args.kind, args.name)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await bus.close()
+
+    try:
+        anyio.run(run)
+    except CorralError as exc:
+        print(f"corral: {args.kind}.{args.name}: {exc}", file=sys.stderr)
+        return 2 if exc.__class__.__name__ == "ConfigError" else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

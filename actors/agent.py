@@ -1,0 +1,351 @@
+"""The agent actor: the LLM loop as a reducer over the task's log.
+
+Every delivery (a submission, a handoff, a wake) leads to the same thing:
+fold the log, decide the next step from the state alone, append it with a
+fenced write, act. A replica that loses a race re-reads and decides again,
+so duplicate deliveries, two wakes at once or a zombie after a pause never
+write a second truth. The turn is claimed (``turn.started``) *before* the
+model is paid, so a duplicate wake does not pay twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+
+from actors.base import Actor
+from actors.faults import crash_point
+from actors.tooling import handoff_schema, load_callable, tool_schema
+from bus import subjects
+from bus.connection import Bus
+from bus.eventlog import EventLog, LogHead
+from bus.mailbox import Delivery
+from bus.provision import ensure_agent_consumer
+from schemas.config import AgentSpec, FleetConfig
+from schemas.errors import ActorError, FencedWrite, ModelError
+from schemas.events import (
+    ActorRef,
+    BudgetExceededEvent,
+    EventBase,
+    Handoff,
+    LlmResponded,
+    TaskCompleted,
+    TaskFailed,
+    TaskSubmitted,
+    ToolFailed,
+    ToolRequested,
+    TurnStarted,
+)
+from schemas.fold import HANDOFF_TOOL, CallState, TaskState, apply
+from schemas.messages import (
+    Message,
+    ModelRequest,
+    ModelResponse,
+    TaskSubmit,
+    TextPart,
+    ToolInvocation,
+    ToolSchema,
+    Wake,
+)
+
+__all__ = ["AgentActor", "agent_version"]
+
+log = logging.getLogger("corral.agent")
+
+MAX_FENCED_RETRIES = 16
+CACHE_SIZE = 4096
+
+_submit_decoder = msgspec.json.Decoder(TaskSubmit)
+_wake_decoder = msgspec.json.Decoder(Wake)
+_model_response_decoder = msgspec.json.Decoder(ModelResponse)
+_encoder = msgspec.json.Encoder()
+
+
+def agent_version(name: str, fleet: FleetConfig) -> str:
+    """The agent's version id: a hash of everything that shapes its behaviour.
+
+    Its spec (prompt, model alias, tools, handoffs, limits), the model route
+    it names and the specs of its tools: change any and the version changes.
+    """
+    spec = fleet.agents[name]
+    identity = {
+        "agent": spec,
+        "model": fleet.models[spec.model],
+        "tools": {t: fleet.tools[t] for t in spec.tools},
+    }
+    return hashlib.sha256(_encoder.encode(identity)).hexdigest()[:16]
+
+
+class AgentActor(Actor[TaskSubmit | Wake]):
+    """One replica of an agent."""
+
+    kind = "agent"
+    message_type = TaskSubmit  # the decoder is chosen per subject in ``decode``
+
+    def __init__(self, bus: Bus, name: str, fleet: FleetConfig, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        rt = fleet.runtime
+        super().__init__(bus, name, stream=subjects.TASKS_STREAM,
+                         consumer=subjects.agent_consumer(name), max_inflight=rt.max_inflight,
+                         max_deliver=rt.max_deliver, grace_s=rt.grace_s,
+                         ack_wait_s=rt.ack_wait_s)
+        self.spec: AgentSpec = fleet.agents[name]
+        self.fleet = fleet
+        self.version = agent_version(name, fleet)
+        self.log = EventLog(bus)
+        self.clock = clock
+        self.ref = ActorRef(kind="agent", name=name, instance=self.instance)
+        self.tools: list[ToolSchema] = [
+            tool_schema(t, fleet.tools[t],
+                        load_callable(fleet.tools[t], name=t, source=fleet.source))
+            for t in self.spec.tools
+        ]
+        if self.spec.handoffs:
+            self.tools.append(handoff_schema(self.spec.handoffs))
+        self._cache: OrderedDict[str, tuple[TaskState, LogHead]] = OrderedDict()
+        self._locks: dict[str, anyio.Lock] = {}
+        self.model_calls = 0
+
+    async def setup(self) -> None:
+        """Make sure the shared durable consumer exists."""
+        await ensure_agent_consumer(self.bus, self.name, ack_wait_s=self.ack_wait_s)
+
+    def decode(self, delivery: Delivery) -> TaskSubmit | Wake:
+        """Submissions and handoffs on ``corral.tasks.*``, wakes on ``corral.wake.*``."""
+        if delivery.subject.startswith(subjects.wake(self.name)):
+            return _wake_decoder.decode(delivery.data)
+        return _submit_decoder.decode(delivery.data)
+
+    # -- state ---------------------------------------------------------------
+
+    async def _load(self, task_id: str) -> tuple[TaskState, LogHead]:
+        """The folded state: cached per replica, only the new tail is read."""
+        cached = self._cache.pop(task_id, None)
+        state, head = cached if cached else (TaskState(), LogHead())
+        events, head = await self.log.read(task_id, after=head)
+        for logged in events:
+            apply(state, logged.event)
+            state.last_hash = head.hash
+        self._remember(task_id, state, head)
+        return state, head
+
+    def _remember(self, task_id: str, state: TaskState, head: LogHead) -> None:
+        self._cache[task_id] = (state, head)
+        self._cache.move_to_end(task_id)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    async def _append(self, task_id: str, state: TaskState, head: LogHead,
+                      event: EventBase) -> LogHead:
+        """Fenced append; on success the cached state moves with it."""
+        try:
+            new_head, ev = await self.log.append(head, event)
+        except FencedWrite:
+            self._cache.pop(task_id, None)
+            raise
+        apply(state, ev)
+        state.last_hash = new_head.hash
+        self._remember(task_id, state, new_head)
+        return new_head
+
+    def _envelope(self, task_id: str, causation_id: str = "") -> dict[str, Any]:
+        return {"task_id": task_id, "seq": 0, "time": self.clock(), "actor": self.ref,
+                "agent_version": self.version, "causation_id": causation_id}
+
+    # -- the loop ------------------------------------------------------------
+
+    async def handle(self, msg: TaskSubmit | Wake, delivery: Delivery) -> None:
+        """Fold, decide, append, act — until there is nothing to do right now."""
+        task_id = msg.id if isinstance(msg, TaskSubmit) else msg.task_id
+        lock = self._locks.setdefault(task_id, anyio.Lock())
+        try:
+            async with lock:
+                for _ in range(MAX_FENCED_RETRIES):
+                    try:
+                        await self._step(task_id, msg, delivery)
+                        return
+                    except FencedWrite:
+                        log.debug("%s: task %s: lost an append race; re-reading",
+                                  self.actor_name, task_id)
+                raise ActorError(f"task {task_id}: fenced {MAX_FENCED_RETRIES} times in a row",
+                                 retryable=True)
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(task_id, None)
+
+    async def _step(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery) -> None:
+        state, head = await self._load(task_id)
+        redelivered = delivery.deliveries > 1
+        if state.phase == "new":
+            if not isinstance(msg, TaskSubmit):
+                return  # a wake for a task with no log: nothing to do
+            head = await self._append(task_id, state, head, TaskSubmitted(
+                **self._envelope(task_id), agent=self.name, message=msg.message,
+                context_id=msg.context_id or task_id, metadata=msg.metadata))
+            crash_point("agent.after_submit")
+        while True:
+            if (redelivered and not state.terminal and state.handoffs
+                    and state.agent != self.name and state.handoffs[-1] == state.agent
+                    and state.agent_turns == 0):
+                # We may have died between appending the handoff and sending it on.
+                await self._send_transfer(task_id, state, "redelivered handoff")
+                return
+            if state.terminal or state.phase == "paused" or state.agent != self.name:
+                return
+            if self.clock() - state.submitted_at > self.spec.timeout_s:
+                await self._fail_budget(task_id, state, head, "wall_clock_s",
+                                        self.clock() - state.submitted_at, self.spec.timeout_s)
+                return
+            if state.phase == "ready":
+                if state.agent_turns >= self.spec.max_turns:
+                    await self._fail_budget(task_id, state, head, "turns",
+                                            state.agent_turns + 1, self.spec.max_turns)
+                    return
+                head = await self._append(task_id, state, head, TurnStarted(
+                    **self._envelope(task_id), agent=self.name, turn=state.turn + 1))
+                crash_point("agent.after_claim")
+                head = await self._think(task_id, state, head)
+            elif state.phase == "thinking":
+                if not redelivered:
+                    return  # another delivery holds this turn; its own redelivery covers a crash
+                head = await self._append(task_id, state, head, TurnStarted(
+                    **self._envelope(task_id), agent=self.name, turn=state.turn,
+                    attempt=state.turn_attempt + 1))
+                head = await self._think(task_id, state, head)
+            elif state.phase == "acting":
+                head = await self._act(task_id, state, head, redelivered)
+                if state.phase != "ready":  # waiting for tools (or handed off)
+                    return
+            elif state.phase == "answering":
+                await self._complete(task_id, state, head)
+                return
+            else:
+                return
+
+    async def _think(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
+        req = ModelRequest(alias=self.spec.model, messages=list(state.conversation),
+                           system=self.spec.system, tools=self.tools, agent=self.name,
+                           task_id=task_id, turn=state.turn, max_tokens=self.spec.max_tokens)
+        reply = await self.bus.request(subjects.model(self.spec.model), _encoder.encode(req),
+                                       timeout_s=self.fleet.runtime.model_timeout_s)
+        self.model_calls += 1
+        try:
+            response = _model_response_decoder.decode(reply.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise ModelError(f"model gateway {self.spec.model!r} sent an invalid response: "
+                             f"{exc}", retryable=True) from exc
+        if response.error:
+            raise ModelError(f"model {self.spec.model!r} failed: {response.error}",
+                             retryable=True)
+        head = await self._append(task_id, state, head, LlmResponded(
+            **self._envelope(task_id), agent=self.name, turn=state.turn, response=response))
+        crash_point("agent.after_llm")
+        return head
+
+    def _refusal(self, cs: CallState) -> str:
+        call = cs.call
+        if call.name == HANDOFF_TOOL:
+            target = call.arguments.get("to")
+            if target not in self.spec.handoffs:
+                return (f"agent {self.name!r} may not hand off to {target!r}; allowed: "
+                        f"{', '.join(self.spec.handoffs) or 'none'}")
+            return ""
+        if call.name not in self.spec.tools:
+            return (f"agent {self.name!r} has no tool {call.name!r}; its tools: "
+                    f"{', '.join(self.spec.tools) or 'none'}")
+        return ""
+
+    async def _act(self, task_id: str, state: TaskState, head: LogHead,
+                   redelivered: bool) -> LogHead:
+        """Dispatch the last response's tool calls (a handoff ends the turn)."""
+        to_send: list[CallState] = []
+        for cs in state.unrequested_calls():
+            refusal = self._refusal(cs)
+            if refusal:
+                head = await self._append(task_id, state, head, ToolFailed(
+                    **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
+                    error=refusal, error_type="ToolDenied"))
+                continue
+            if cs.call.name == HANDOFF_TOOL:
+                return await self._handoff(task_id, state, head, cs)
+            key = f"{task_id}:{cs.turn}:{cs.call.id}"
+            head = await self._append(task_id, state, head, ToolRequested(
+                **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key))
+            to_send.append(cs)
+        crash_point("agent.after_tool_requested")
+        if redelivered:  # we may have died between appending and publishing: send again
+            to_send = [c for c in state.pending_calls() if c.requested]
+        for cs in to_send:
+            inv = ToolInvocation(task_id=task_id, call_id=cs.call.id, tool=cs.call.name,
+                                 arguments=cs.call.arguments, idempotency_key=cs.idempotency_key,
+                                 agent=self.name, turn=cs.turn, agent_version=self.version)
+            # Nats-Msg-Id = idempotency key: a republish inside the window is dropped.
+            await self.bus.js_publish(subjects.tool(cs.call.name), _encoder.encode(inv),
+                                      msg_id=cs.idempotency_key)
+        return head
+
+    async def _handoff(self, task_id: str, state: TaskState, head: LogHead,
+                       cs: CallState) -> LogHead:
+        target = str(cs.call.arguments["to"])
+        reason = str(cs.call.arguments.get("reason", ""))
+        head = await self._append(task_id, state, head, Handoff(
+            **self._envelope(task_id), call_id=cs.call.id, from_agent=self.name,
+            to_agent=target, reason=reason))
+        await self._send_transfer(task_id, state, reason)
+        return head
+
+    async def _send_transfer(self, task_id: str, state: TaskState, reason: str = "") -> None:
+        """Publish the task to the agent it was handed to (idempotent per handoff)."""
+        first_user = next((m.content for m in state.conversation if m.role == "user"), "")
+        transfer = TaskSubmit(id=task_id, context_id=state.context_id,
+                              message=Message(role="user", parts=[TextPart(text=first_user)]),
+                              metadata={"handoff_from": self.name, "reason": reason})
+        await self.bus.js_publish(subjects.task(state.agent), _encoder.encode(transfer),
+                                  msg_id=f"{task_id}:handoff:{len(state.handoffs)}")
+
+    async def _complete(self, task_id: str, state: TaskState, head: LogHead) -> None:
+        text = state.last_response.text if state.last_response else ""
+        head = await self._append(task_id, state, head, TaskCompleted(
+            **self._envelope(task_id), agent=self.name,
+            message=Message(role="agent", parts=[TextPart(text=text)])))
+        await self._announce(task_id)
+
+    async def _fail_budget(self, task_id: str, state: TaskState, head: LogHead, limit: str,
+                           value: float, maximum: float) -> None:
+        head = await self._append(task_id, state, head, BudgetExceededEvent(
+            **self._envelope(task_id), limit=limit, value=value, maximum=maximum))
+        await self._append(task_id, state, head, TaskFailed(
+            **self._envelope(task_id), reason=f"{limit} limit reached "
+            f"({value:g} > {maximum:g})", error_type="BudgetExceeded"))
+        await self._announce(task_id)
+
+    async def _announce(self, task_id: str) -> None:
+        state, _ = self._cache[task_id]
+        note = {"task_id": task_id, "status": state.status, "answer": state.answer,
+                "error": state.error}
+        await self.bus.publish(subjects.results(task_id), _encoder.encode(note))
+
+    async def on_poison(self, msg: TaskSubmit | Wake, reason: str) -> None:
+        """A delivery that keeps failing fails its task, visibly, instead of vanishing."""
+        task_id = msg.id if isinstance(msg, TaskSubmit) else msg.task_id
+        for _ in range(MAX_FENCED_RETRIES):
+            state, head = await self._load(task_id)
+            if state.phase == "new" or state.terminal:
+                return
+            try:
+                await self._append(task_id, state, head, TaskFailed(
+                    **self._envelope(task_id), reason=f"agent {self.name} gave up: {reason}",
+                    error_type="ActorError"))
+            except FencedWrite:
+                continue
+            await self._announce(task_id)
+            return
+
+

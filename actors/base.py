@@ -1,0 +1,243 @@
+"""The actor base: a mailbox, ``handle()``, dead letters and graceful drain.
+
+One JetStream-backed actor = one durable consumer shared by every replica.
+The loop is decode → handle → ack, and what can go wrong has one answer each:
+
+- bytes that do not decode, or do not fit the schema: dead-lettered to
+  ``corral.dlq.<actor>`` with the reason, then terminated (never redelivered);
+- a retryable failure: ``nak`` with exponential backoff;
+- a message that keeps failing past ``max_deliver``: dead-lettered, and the
+  actor's ``on_poison`` turns it into an event;
+- long work: ``in_progress`` is sent so the server does not redeliver it;
+- SIGTERM: intake stops, in-flight work gets ``grace_s`` to finish, anything
+  unfinished is handed back (``nak``) for another replica at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+
+from bus import subjects
+from bus.connection import Bus
+from bus.mailbox import Delivery, Mailbox
+from schemas.errors import BusError, CorralError, DecodeError
+from schemas.messages import DeadLetter
+
+__all__ = ["Actor", "ActorStats", "backoff_s", "instance_id"]
+
+log = logging.getLogger("corral.actor")
+
+T = TypeVar("T")
+
+_dlq_encoder = msgspec.json.Encoder()
+
+
+def instance_id() -> str:
+    """A unique id for this process's actor instance (host, pid, random)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def backoff_s(deliveries: int, base_s: float = 0.2, cap_s: float = 30.0) -> float:
+    """Exponential redelivery delay for the ``deliveries``-th failed attempt."""
+    return float(min(cap_s, base_s * (2 ** max(0, deliveries - 1))))
+
+
+class ActorStats:
+    """Counters every actor keeps (exported as metrics)."""
+
+    def __init__(self) -> None:
+        self.handled = 0
+        self.failed = 0
+        self.dead_lettered = 0
+        self.handed_back = 0
+
+
+class Actor(ABC, Generic[T]):
+    """Base of every JetStream-mailbox actor.
+
+    Subclasses set ``kind``, ``message_type`` and implement ``handle``; they may
+    settle the delivery themselves (``nak`` with a delay, say), otherwise it is
+    acked when ``handle`` returns.
+    """
+
+    kind: str = "actor"
+    message_type: type[T]
+
+    def __init__(self, bus: Bus, name: str, *, stream: str, consumer: str,
+                 max_inflight: int = 64, max_deliver: int = 5, grace_s: float = 30.0,
+                 ack_wait_s: float = 30.0) -> None:
+        self.bus = bus
+        self.name = name
+        self.stream = stream
+        self.consumer = consumer
+        self.max_inflight = max_inflight
+        self.max_deliver = max_deliver
+        self.grace_s = grace_s
+        self.ack_wait_s = ack_wait_s
+        self.instance = instance_id()
+        self.stats = ActorStats()
+        self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(self.message_type)
+        self._inflight: set[Delivery] = set()
+        self._stopping = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    @property
+    def actor_name(self) -> str:
+        """``<kind>.<name>``: used for the DLQ subject and in logs."""
+        return f"{self.kind}.{self.name}"
+
+    @abstractmethod
+    async def handle(self, msg: T, delivery: Delivery) -> None:
+        """Do the work for one message."""
+
+    def decode(self, delivery: Delivery) -> T:
+        """Bytes → message; raise ``msgspec.ValidationError``/``DecodeError`` if bad."""
+        return self._decoder.decode(delivery.data)
+
+    async def on_poison(self, msg: T, reason: str) -> None:  # noqa: B027 - optional hook
+        """Called when a decodable message is given up on (after dead-lettering)."""
+
+    async def setup(self) -> None:  # noqa: B027 - optional hook
+        """Provision what the actor needs (consumers, buckets) before intake."""
+
+    def stop(self) -> None:
+        """Begin graceful shutdown: stop intake, let in-flight work finish."""
+        self._stopping.set()
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Publish the original message and ``reason`` to ``corral.dlq.<actor>``."""
+        letter = DeadLetter(
+            actor=self.actor_name, subject=delivery.subject, reason=reason,
+            payload=delivery.data.decode("utf-8", errors="replace"),
+            headers={k: str(v) for k, v in delivery.headers.items()},
+            deliveries=delivery.deliveries, time=time.time(),
+        )
+        await self.bus.js_publish(subjects.dlq(self.actor_name), _dlq_encoder.encode(letter))
+        self.stats.dead_lettered += 1
+        log.warning("%s: dead-lettered message from %s: %s", self.actor_name,
+                    delivery.subject, reason)
+
+    async def _process(self, delivery: Delivery) -> None:
+        self._inflight.add(delivery)
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        try:
+            await self._process_one(delivery)
+        finally:
+            self._inflight.discard(delivery)
+            if not self._inflight:
+                self._idle.set()
+
+    async def _process_one(self, delivery: Delivery) -> None:
+        try:
+            msg = self.decode(delivery)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            await self._poison(delivery, f"invalid message on {delivery.subject}: {exc}")
+            return
+        if delivery.deliveries > self.max_deliver:
+            reason = f"gave up after {delivery.deliveries - 1} failed deliveries"
+            await self._poison(delivery, reason)
+            await self._call_on_poison(msg, reason)
+            return
+        try:
+            await self.handle(msg, delivery)
+        except anyio.get_cancelled_exc_class():
+            await self._hand_back(delivery)
+            raise
+        except DecodeError as exc:
+            await self._poison(delivery, str(exc))
+            await self._call_on_poison(msg, str(exc))
+            return
+        except Exception as exc:
+            self.stats.failed += 1
+            retryable = exc.retryable if isinstance(exc, CorralError) else True
+            log.error("%s: handling %s (delivery %d) failed: %s: %s", self.actor_name,
+                      delivery.subject, delivery.deliveries, type(exc).__name__, exc,
+                      exc_info=not isinstance(exc, CorralError))
+            if retryable and delivery.deliveries < self.max_deliver:
+                await delivery.nak(backoff_s(delivery.deliveries))
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+                await self._poison(delivery, reason)
+                await self._call_on_poison(msg, reason)
+            return
+        self.stats.handled += 1
+        await delivery.ack()
+
+    async def _call_on_poison(self, msg: T, reason: str) -> None:
+        try:
+            await self.on_poison(msg, reason)
+        except Exception as exc:
+            log.error("%s: on_poison failed: %s", self.actor_name, exc, exc_info=True)
+
+    async def _poison(self, delivery: Delivery, reason: str) -> None:
+        try:
+            await self.dead_letter(delivery, reason)
+        except BusError as exc:  # could not park it: leave it for redelivery
+            log.error("%s: DLQ publish failed (%s); will be redelivered", self.actor_name, exc)
+            await delivery.nak(backoff_s(delivery.deliveries))
+            return
+        await delivery.term()
+
+    async def _hand_back(self, delivery: Delivery) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+            if not delivery.settled:
+                self.stats.handed_back += 1
+                await delivery.nak()
+
+    async def _keepalive(self) -> None:
+        """Tell the server that long-running deliveries are still being worked on."""
+        interval = max(0.5, self.ack_wait_s / 3)
+        while True:
+            await anyio.sleep(interval)
+            now = time.monotonic()
+            for d in list(self._inflight):
+                if now - d.received >= interval:
+                    await d.in_progress()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve the mailbox until ``stop()``; ``task_status.started()`` once subscribed."""
+        await self.setup()
+        limiter = anyio.CapacityLimiter(self.max_inflight)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self._keepalive)
+            async with anyio.create_task_group() as work:
+                box = Mailbox(self.bus, self.stream, self.consumer,
+                              batch=max(8, self.max_inflight * 2))
+                await box.__aenter__()
+                task_status.started()
+
+                async def intake() -> None:
+                    async for delivery in box:
+                        await limiter.acquire_on_behalf_of(delivery)
+                        work.start_soon(self._run_limited, limiter, delivery)
+
+                async with anyio.create_task_group() as intake_tg:
+                    intake_tg.start_soon(intake)
+                    await self._stopping.wait()
+                    intake_tg.cancel_scope.cancel()
+                for left in await box.close():  # received but never started
+                    await self._hand_back(left)
+                with anyio.move_on_after(self.grace_s):
+                    await self._idle.wait()
+                work.cancel_scope.cancel()  # past the grace period: hand back the rest
+            outer.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            await self.bus.flush()
+
+    async def _run_limited(self, limiter: anyio.CapacityLimiter, delivery: Delivery) -> None:
+        try:
+            await self._process(delivery)
+        finally:
+            limiter.release_on_behalf_of(delivery)

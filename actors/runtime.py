@@ -1,0 +1,101 @@
+"""Building actors from a fleet config and running them (in one process or many)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Literal
+
+import anyio
+import anyio.abc
+
+from actors.agent import AgentActor
+from actors.model import ModelGateway, make_provider
+from actors.tool import ToolActor
+from bus.connection import Bus
+from bus.provision import ensure_streams
+from schemas.config import FleetConfig, parse_fleet
+from schemas.errors import ConfigError
+
+__all__ = ["ActorKind", "AnyActor", "build_actor", "fleet_actors", "load_fleet", "run_actors", "serve_one"]
+
+log = logging.getLogger("corral.runtime")
+
+ActorKind = Literal["agent", "tool", "model"]
+AnyActor = AgentActor | ToolActor | ModelGateway
+
+
+def load_fleet(path: str | Path) -> FleetConfig:
+    """Read and validate a fleet file.
+
+    Raises:
+        ConfigError: the file is missing or wrong (naming file, table and key).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read fleet file: {exc.strerror}", file=str(p)) from exc
+    return parse_fleet(text, str(p))
+
+
+def build_actor(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> AnyActor:
+    """One actor of ``fleet``.
+
+    Raises:
+        ConfigError: no such actor in the fleet.
+    """
+    if kind == "agent" and name in fleet.agents:
+        return AgentActor(bus, name, fleet)
+    if kind == "tool" and name in fleet.tools:
+        return ToolActor(bus, name, fleet)
+    if kind == "model" and name in fleet.models:
+        spec = fleet.models[name]
+        return ModelGateway(bus, name, make_provider(name, spec, fleet.source),
+                            latency_ms=spec.latency_ms, max_inflight=fleet.runtime.max_inflight)
+    raise ConfigError(f"no {kind} named {name!r} in this fleet", file=fleet.source)
+
+
+def fleet_actors(fleet: FleetConfig) -> list[tuple[ActorKind, str, int]]:
+    """Every actor of the fleet with its replica count, in start order.
+
+    Models first, then tools, then agents: an agent that starts last finds
+    everything it calls already serving.
+    """
+    out: list[tuple[ActorKind, str, int]] = []
+    out += [("model", n, s.replicas) for n, s in fleet.models.items()]
+    out += [("tool", n, s.replicas) for n, s in fleet.tools.items()]
+    out += [("agent", n, s.replicas) for n, s in fleet.agents.items()]
+    return out
+
+
+async def run_actors(bus: Bus, actors: list[AnyActor], *,
+                     task_status: anyio.abc.TaskStatus[list[AnyActor]] = anyio.TASK_STATUS_IGNORED
+                     ) -> None:
+    """Run ``actors`` in this process until each is stopped.
+
+    ``task_status.started(actors)`` fires once every mailbox is subscribed.
+    """
+    await ensure_streams(bus)
+    async with anyio.create_task_group() as tg:
+        for actor in actors:
+            await tg.start(actor.run)
+        task_status.started(actors)
+
+
+async def serve_one(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> None:
+    """Process entry: run one actor until SIGTERM/SIGINT, then drain gracefully."""
+    actor = build_actor(bus, fleet, kind, name)
+    await ensure_streams(bus)
+    async with anyio.create_task_group() as tg:
+        async def on_signals() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("%s: %s: draining", actor.actor_name, signal.Signals(signum).name)
+                    actor.stop()
+                    return
+
+        tg.start_soon(on_signals)
+        await actor.run()
+        tg.cancel_scope.cancel()

@@ -1,0 +1,159 @@
+"""The connection to NATS, with timeouts and errors translated to corral's.
+
+``Bus`` is the one object the upper layers hold: it wraps a nats-py client
+and its JetStream context, and every call on it has a timeout and raises
+only ``BusError`` and its children.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+
+from schemas.errors import BusError, BusTimeout, FencedWrite, NoResponders
+
+__all__ = ["Bus", "PubResult", "connect"]
+
+log = logging.getLogger("corral.bus")
+
+WRONG_LAST_SEQUENCE = 10071  # JetStream: "wrong last sequence"
+DEFAULT_TIMEOUT_S = 5.0
+
+
+class PubResult:
+    """What JetStream answered to a publish."""
+
+    __slots__ = ("duplicate", "seq", "stream")
+
+    def __init__(self, stream: str, seq: int, duplicate: bool) -> None:
+        self.stream, self.seq, self.duplicate = stream, seq, duplicate
+
+
+class Bus:
+    """A NATS connection and its JetStream context, errors translated."""
+
+    def __init__(self, nc: Client, url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=timeout_s)
+        self.url = url
+        self.timeout_s = timeout_s
+
+    async def publish(self, subject: str, data: bytes,
+                      headers: dict[str, str] | None = None) -> None:
+        """Core NATS publish (fire and forget, buffered)."""
+        try:
+            await self.nc.publish(subject, data, headers=headers)
+        except nats.errors.Error as exc:
+            raise BusError(f"publish to {subject} failed: {exc}", subject=subject) from exc
+
+    async def js_publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str | None = None,
+        expected_last_subject_seq: int | None = None,
+        headers: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> PubResult:
+        """JetStream publish, awaited until the stream has stored it.
+
+        Raises:
+            FencedWrite: ``expected_last_subject_seq`` no longer holds.
+            BusTimeout: no acknowledgement in time.
+            BusError: any other refusal.
+        """
+        hdrs = dict(headers or {})
+        if msg_id is not None:
+            hdrs["Nats-Msg-Id"] = msg_id
+        if expected_last_subject_seq is not None:
+            hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
+        try:
+            ack = await self.js.publish(subject, data, headers=hdrs or None,
+                                        timeout=timeout_s or self.timeout_s)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                raise FencedWrite(
+                    f"append to {subject} lost the race (expected last sequence "
+                    f"{expected_last_subject_seq})",
+                    subject=subject, expected_seq=expected_last_subject_seq or 0,
+                ) from exc
+            raise BusError(f"JetStream refused publish to {subject}: {exc.description} "
+                           f"(code {exc.err_code})", subject=subject) from exc
+        except nats.errors.NoRespondersError as exc:
+            raise NoResponders(f"no JetStream stream listens on {subject}",
+                               subject=subject) from exc
+        except nats.errors.TimeoutError as exc:
+            raise BusTimeout(f"publish to {subject} not acknowledged in time",
+                             subject=subject) from exc
+        except nats.errors.Error as exc:
+            raise BusError(f"publish to {subject} failed: {exc}", subject=subject) from exc
+        return PubResult(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def request(self, subject: str, data: bytes, timeout_s: float | None = None,
+                      headers: dict[str, str] | None = None) -> Msg:
+        """Core request/reply with a timeout."""
+        try:
+            return await self.nc.request(subject, data, timeout=timeout_s or self.timeout_s,
+                                         headers=headers)
+        except nats.errors.NoRespondersError as exc:
+            raise NoResponders(f"nobody serves {subject}", subject=subject) from exc
+        except nats.errors.TimeoutError as exc:
+            raise BusTimeout(f"no reply on {subject} in time", subject=subject) from exc
+        except nats.errors.Error as exc:
+            raise BusError(f"request to {subject} failed: {exc}", subject=subject) from exc
+
+    async def flush(self) -> None:
+        """Make sure everything published so far reached the server."""
+        try:
+            await self.nc.flush(timeout=int(max(1, self.timeout_s)))
+        except nats.errors.Error as exc:
+            raise BusError(f"flush failed: {exc}") from exc
+
+    async def close(self) -> None:
+        """Drain (finish what is buffered) and close; safe to call twice."""
+        if self.nc.is_closed:
+            return
+        try:
+            await self.nc.drain()
+        except nats.errors.Error as exc:  # already closing: nothing left to lose
+            log.debug("drain: %s", exc)
+            await self.nc.close()
+
+
+async def connect(url: str | None = None, *, name: str = "corral",
+                  timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> Bus:
+    """Connect to ``url`` (default ``$NATS_URL``), reconnecting forever.
+
+    Raises:
+        BusError: the server could not be reached.
+    """
+    url = url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected from %s", url)
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected to %s", url)
+
+    try:
+        nc = await nats.connect(
+            url, name=name, connect_timeout=int(max(1, timeout_s)),
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+            **options,
+        )
+    except (nats.errors.Error, OSError) as exc:
+        raise BusError(f"cannot connect to NATS at {url}: {exc}") from exc
+    return Bus(nc, url, timeout_s)

@@ -1,0 +1,111 @@
+"""Idempotent provisioning of corral's streams, KV buckets and consumers.
+
+Safe to run from every process at every start: an existing stream with the
+same config is left alone, one with an older config is updated.
+"""
+
+from __future__ import annotations
+
+import nats.js.errors
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from bus import subjects
+from bus.connection import Bus
+from schemas.errors import BusError
+
+__all__ = ["ensure_agent_consumer", "ensure_streams", "ensure_tool_consumer", "stream_configs"]
+
+DAY_S = 86400.0
+STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
+
+
+def stream_configs(replicas: int = 1) -> list[StreamConfig]:
+    """The streams of corral (``replicas``: 3 in a cluster)."""
+    return [
+        # Mailboxes: a message leaves the stream once an actor acked it.
+        StreamConfig(
+            name=subjects.TASKS_STREAM, subjects=[subjects.TASKS_ALL, subjects.WAKE_ALL],
+            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+            duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
+            allow_direct=True,
+        ),
+        StreamConfig(
+            name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_ALL],
+            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+            duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
+        ),
+        # The truth: append-only, nobody may delete or purge it.
+        StreamConfig(
+            name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_ALL],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            deny_delete=True, deny_purge=True, allow_direct=True,
+            duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=subjects.DLQ_STREAM, subjects=[subjects.DLQ_ALL],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            num_replicas=replicas, max_age=30 * DAY_S, allow_direct=True,
+        ),
+    ]
+
+
+async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
+    """Create or update every stream and KV bucket corral uses."""
+    for cfg in stream_configs(replicas):
+        try:
+            await bus.js.add_stream(cfg)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != STREAM_IN_USE:
+                raise BusError(f"cannot create stream {cfg.name}: {exc.description}") from exc
+            try:
+                await bus.js.update_stream(cfg)
+            except nats.js.errors.APIError as exc2:
+                raise BusError(f"stream {cfg.name} exists with a config corral cannot "
+                               f"update: {exc2.description}") from exc2
+    try:
+        await bus.js.create_key_value(bucket=subjects.LEDGER_BUCKET, history=1,
+                                      replicas=replicas, description="tool idempotency ledger")
+    except nats.js.errors.APIError as exc:
+        raise BusError(f"cannot create KV bucket {subjects.LEDGER_BUCKET}: "
+                       f"{exc.description}") from exc
+
+
+async def _ensure_consumer(bus: Bus, stream: str, cfg: ConsumerConfig) -> None:
+    try:
+        await bus.js.add_consumer(stream, cfg)
+    except nats.js.errors.APIError as exc:
+        raise BusError(f"cannot create consumer {cfg.durable_name} on {stream}: "
+                       f"{exc.description}") from exc
+
+
+async def ensure_agent_consumer(bus: Bus, agent: str, *, ack_wait_s: float,
+                                max_ack_pending: int = 1000) -> str:
+    """The durable consumer every replica of ``agent`` pulls from."""
+    name = subjects.agent_consumer(agent)
+    await _ensure_consumer(bus, subjects.TASKS_STREAM, ConsumerConfig(
+        durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        filter_subjects=[subjects.task(agent), subjects.wake(agent)],
+        ack_wait=ack_wait_s, max_deliver=-1, max_ack_pending=max_ack_pending,
+        max_waiting=512,
+    ))
+    return name
+
+
+async def ensure_tool_consumer(bus: Bus, tool: str, *, ack_wait_s: float,
+                               max_ack_pending: int = 1000) -> str:
+    """The durable consumer every replica of tool ``tool`` pulls from."""
+    name = subjects.tool_consumer(tool)
+    await _ensure_consumer(bus, subjects.TOOLS_STREAM, ConsumerConfig(
+        durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        filter_subject=subjects.tool(tool), ack_wait=ack_wait_s, max_deliver=-1,
+        max_ack_pending=max_ack_pending, max_waiting=512,
+    ))
+    return name

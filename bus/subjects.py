@@ -1,0 +1,91 @@
+"""Every subject, stream, bucket and consumer name of corral, in one place.
+
+This is the public wire contract: change a name here and every client in
+every language breaks, so names are versioned with the contract.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DLQ_STREAM",
+    "EVENTS_STREAM",
+    "LEDGER_BUCKET",
+    "TASKS_STREAM",
+    "TOOLS_STREAM",
+    "agent_consumer",
+    "dlq",
+    "events",
+    "model",
+    "results",
+    "task",
+    "tool",
+    "tool_consumer",
+    "wake",
+]
+
+PREFIX = "corral"
+
+TASKS_STREAM = "CORRAL_TASKS"  # submissions, handoffs and wakes: agents' mailboxes
+TOOLS_STREAM = "CORRAL_TOOLS"  # tool invocations: tools' mailboxes
+EVENTS_STREAM = "CORRAL_EVENTS"  # every task's append-only log
+DLQ_STREAM = "CORRAL_DLQ"  # what no actor could use, with the reason
+LEDGER_BUCKET = "CORRAL_LEDGER"  # tool idempotency ledger
+
+TASKS_ALL = f"{PREFIX}.tasks.>"
+WAKE_ALL = f"{PREFIX}.wake.>"
+TOOLS_ALL = f"{PREFIX}.tools.>"
+EVENTS_ALL = f"{PREFIX}.events.>"
+DLQ_ALL = f"{PREFIX}.dlq.>"
+
+# Header carrying an event's type, so a reader can filter without decoding.
+EVENT_TYPE_HEADER = "Corral-Event-Type"
+
+
+def task(agent: str) -> str:
+    """Where tasks for ``agent`` are submitted (and handed off to)."""
+    return f"{PREFIX}.tasks.{agent}"
+
+
+def wake(agent: str) -> str:
+    """Where an agent is told a task log has news for it."""
+    return f"{PREFIX}.wake.{agent}"
+
+
+def tool(name: str) -> str:
+    """Where calls of tool ``name`` are published."""
+    return f"{PREFIX}.tools.{name}"
+
+
+def events(task_id: str) -> str:
+    """The subject of one task's event log."""
+    return f"{PREFIX}.events.{task_id}"
+
+
+def task_id_of(events_subject: str) -> str:
+    """The task id in an events subject."""
+    return events_subject.rsplit(".", 1)[-1]
+
+
+def model(alias: str) -> str:
+    """Request/reply subject of the model gateway for ``alias``."""
+    return f"{PREFIX}.models.{alias}"
+
+
+def results(task_id: str) -> str:
+    """Core subject where a task's final event is announced."""
+    return f"{PREFIX}.results.{task_id}"
+
+
+def dlq(actor: str) -> str:
+    """Dead letters of ``actor`` (``agent.triage``, ``tool.send_email``...)."""
+    return f"{PREFIX}.dlq.{actor}"
+
+
+def agent_consumer(agent: str) -> str:
+    """Durable consumer shared by every replica of ``agent``."""
+    return f"agent_{agent}"
+
+
+def tool_consumer(name: str) -> str:
+    """Durable consumer shared by every replica of tool ``name``."""
+    return f"tool_{name}"

@@ -1,0 +1,117 @@
+"""The client side: submit tasks, follow their events, wait for results."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import msgspec
+import nats.errors
+from nats.js.api import DeliverPolicy
+
+from bus import subjects
+from bus.connection import Bus
+from bus.eventlog import EventLog
+from schemas.errors import BusError, BusTimeout, DecodeError
+from schemas.events import TERMINAL_EVENTS, Event, decode_event, event_type
+from schemas.fold import TaskState, fold
+from schemas.messages import Message, TaskSubmit, TextPart, is_task_id, new_id
+
+__all__ = ["Client"]
+
+_encoder = msgspec.json.Encoder()
+
+
+class Client:
+    """Submit and follow tasks.
+
+    Example:
+        >>> client = Client(bus)
+        >>> task_id = await client.submit("triage", "Please refund order 1234")
+        >>> state = await client.wait(task_id, timeout_s=30)
+        >>> print(state.status, state.answer)
+    """
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.log = EventLog(bus)
+
+    async def submit(self, agent: str, text: str, *, task_id: str | None = None,
+                     context_id: str = "", metadata: dict[str, object] | None = None) -> str:
+        """Publish a task for ``agent``; resubmitting the same id is a no-op."""
+        task_id = task_id or new_id()
+        if not is_task_id(task_id):
+            raise ValueError(f"task id {task_id!r} must be 1-128 letters, digits, - or _")
+        task = TaskSubmit(id=task_id, context_id=context_id,
+                          message=Message(role="user", parts=[TextPart(text=text)]),
+                          metadata=dict(metadata or {}))
+        ack = await self.bus.js_publish(subjects.task(agent), _encoder.encode(task),
+                                        msg_id=task_id)
+        if ack.stream != subjects.TASKS_STREAM:
+            raise BusError(f"{subjects.task(agent)} is captured by stream {ack.stream}")
+        return task_id
+
+    async def follow(self, task_id: str | None = None, *, follow: bool = True,
+                     idle_s: float = 1.0) -> AsyncIterator[Event]:
+        """Events of one task (or all tasks) from the start, in log order.
+
+        With ``follow=False`` it stops once it has caught up with the log.
+        """
+        subject = subjects.events(task_id) if task_id else subjects.EVENTS_ALL
+        try:
+            sub = await self.bus.js.subscribe(subject, ordered_consumer=True,
+                                              deliver_policy=DeliverPolicy.ALL)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot follow {subject}: {exc}", subject=subject) from exc
+        try:
+            if not follow and not await self._has_events(subject):
+                return
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_s if not follow else 3600)
+                except nats.errors.TimeoutError:
+                    if follow:
+                        continue
+                    return
+                try:
+                    event = decode_event(msg.data)
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    raise DecodeError(f"undecodable event on {msg.subject}: {exc}",
+                                      subject=msg.subject) from exc
+                yield event
+                if not follow and msg.metadata.num_pending == 0:
+                    return
+        finally:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error:
+                    pass
+
+    async def _has_events(self, subject: str) -> bool:
+        try:
+            info = await self.bus.js.stream_info(subjects.EVENTS_STREAM,
+                                                 subjects_filter=subject)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot read stream info: {exc}") from exc
+        return bool(info.state.subjects)
+
+    async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
+        """Follow a task until it ends; returns its folded state.
+
+        Raises:
+            BusTimeout: the task did not end within ``timeout_s``.
+        """
+        events: list[Event] = []
+        with anyio.move_on_after(timeout_s):
+            async for event in self.follow(task_id):
+                events.append(event)
+                if event_type(event) in TERMINAL_EVENTS:
+                    return fold(events)
+        raise BusTimeout(f"task {task_id} did not finish within {timeout_s:g}s "
+                         f"({len(events)} events so far)")
+
+    async def state(self, task_id: str) -> TaskState:
+        """The folded state of a task right now."""
+        logged, _ = await self.log.read(task_id)
+        return fold(e.event for e in logged)

@@ -1,0 +1,3 @@
+"""The demo fleet's tools (a small customer-support shop)."""
+
+__all__: list[str] = []

@@ -1,0 +1,238 @@
+"""Fleet configuration: TOML text → validated Structs (no I/O here).
+
+Every mistake raises ``ConfigError`` naming the file, the table and the key,
+so an operator at 2 AM knows exactly which line to fix.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from typing import Any, Literal
+
+import msgspec
+
+from schemas.errors import ConfigError
+
+__all__ = [
+    "AgentSpec",
+    "FleetConfig",
+    "ModelSpec",
+    "RuntimeSpec",
+    "ScriptRule",
+    "ToolSpec",
+    "parse_fleet",
+]
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class AgentSpec(_Spec):
+    """``[agents.<name>]``: an LLM agent. Its spec hashes to its version id."""
+
+    model: str
+    system: str = ""
+    description: str = ""
+    tools: list[str] = msgspec.field(default_factory=list)
+    handoffs: list[str] = msgspec.field(default_factory=list)
+    max_turns: int = 10
+    timeout_s: float = 300.0
+    max_tokens: int = 1024
+    replicas: int = 1
+
+
+class ToolSpec(_Spec):
+    """``[tools.<name>]``: a Python callable named by import path.
+
+    ``side_effect``: ``none`` (pure), ``idempotent`` (safe to run again) or
+    ``side-effecting``. ``accepts_idempotency_key``: the callable passes
+    ``ctx.idempotency_key`` to the system it changes (as payment and email
+    APIs allow), so an attempt interrupted mid-call may be run again safely.
+    """
+
+    function: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    side_effect: Literal["none", "idempotent", "side-effecting"] = "side-effecting"
+    accepts_idempotency_key: bool = False
+    timeout_s: float = 30.0
+    allowed_agents: list[str] = msgspec.field(default_factory=list)
+    replicas: int = 1
+
+
+class ScriptRule(_Spec):
+    """One rule of a ``scripted`` model: the first rule that matches answers.
+
+    Matches on the owning ``agent``, a regex over the task's first user
+    message (``when_user``, whose named groups become template variables), and
+    what just happened (``after``: ``start`` | ``handoff`` | ``tool`` |
+    ``tool_failed`` | ``any``, optionally narrowed by ``after_tool``). Answers
+    with ``reply`` text, a tool ``call`` with ``arguments``, or ``handoff_to``.
+    Templates: ``{order_id}`` (regex group), ``{results.<tool>.<field>}`` (the
+    latest JSON result of a tool), ``{error}`` (the latest tool error).
+    """
+
+    agent: str = ""
+    when_user: str = ""
+    after: Literal["start", "handoff", "tool", "tool_failed", "any"] = "any"
+    after_tool: str = ""
+    reply: str = ""
+    call: str = ""
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    handoff_to: str = ""
+    reason: str = ""
+
+
+class ModelSpec(_Spec):
+    """``[models.<alias>]``: what an agent's ``model`` alias resolves to."""
+
+    provider: Literal["scripted", "anthropic", "openai"]
+    model: str = ""
+    base_url: str = ""
+    api_key_env: str = ""
+    rules: list[ScriptRule] = msgspec.field(default_factory=list)
+    latency_ms: float = 0.0
+    replicas: int = 1
+
+
+class RuntimeSpec(_Spec):
+    """``[runtime]``: delivery and shutdown knobs shared by the fleet."""
+
+    ack_wait_s: float = 30.0
+    max_deliver: int = 5
+    grace_s: float = 30.0
+    model_timeout_s: float = 120.0
+    max_inflight: int = 64
+
+
+class FleetConfig(_Spec):
+    """A whole fleet: agents, tools, model aliases and runtime settings."""
+
+    agents: dict[str, AgentSpec]
+    models: dict[str, ModelSpec]
+    tools: dict[str, ToolSpec] = msgspec.field(default_factory=dict)
+    runtime: RuntimeSpec = msgspec.field(default_factory=RuntimeSpec)
+    name: str = "fleet"
+    source: str = ""
+
+
+_PATH_RE = re.compile(r"- at `\$(?P<path>[^`]*)`")
+_UNKNOWN_RE = re.compile(r"unknown field `(?P<field>[^`]+)`")
+_MISSING_RE = re.compile(r"missing required field `(?P<field>[^`]+)`")
+
+
+def _split_path(path: str) -> list[str]:
+    parts = re.findall(r"\.([^.\[]+)|\[(\d+)\]", path)
+    return [a or b for a, b in parts]
+
+
+def _validation_error(exc: msgspec.ValidationError, source: str) -> ConfigError:
+    text = str(exc)
+    m = _PATH_RE.search(text)
+    parts = _split_path(m.group("path")) if m else []
+    reason = _PATH_RE.sub("", text).strip()
+    for rx in (_UNKNOWN_RE, _MISSING_RE):
+        f = rx.search(text)
+        if f:  # the path points at the table; the key is the field itself
+            return ConfigError(reason, file=source, table=".".join(parts), key=f.group("field"))
+    table, key = ".".join(parts[:-1]), (parts[-1] if parts else "")
+    return ConfigError(reason, file=source, table=table, key=key)
+
+
+def _check_names(kind: str, names: Any, source: str) -> None:
+    for name in names:
+        if not NAME_RE.match(name):
+            raise ConfigError(
+                f"{kind} name {name!r} must match {NAME_RE.pattern} (it is used in subjects)",
+                file=source, table=f"{kind}.{name}",
+            )
+
+
+def _check_refs(fleet: FleetConfig, source: str) -> None:
+    _check_names("agents", fleet.agents, source)
+    _check_names("tools", fleet.tools, source)
+    _check_names("models", fleet.models, source)
+    if "handoff" in fleet.tools:
+        raise ConfigError("'handoff' is a built-in tool; pick another name",
+                          file=source, table="tools.handoff")
+    for name, a in fleet.agents.items():
+        table = f"agents.{name}"
+        if a.model not in fleet.models:
+            raise ConfigError(f"unknown model alias {a.model!r}; defined: "
+                              f"{', '.join(sorted(fleet.models)) or 'none'}",
+                              file=source, table=table, key="model")
+        for t in a.tools:
+            if t not in fleet.tools:
+                raise ConfigError(f"unknown tool {t!r}; defined: "
+                                  f"{', '.join(sorted(fleet.tools)) or 'none'}",
+                                  file=source, table=table, key="tools")
+        for h in a.handoffs:
+            if h not in fleet.agents or h == name:
+                raise ConfigError(f"handoff target {h!r} is not another agent of this fleet",
+                                  file=source, table=table, key="handoffs")
+        for key in ("max_turns", "replicas", "max_tokens"):
+            if getattr(a, key) < 1:
+                raise ConfigError("must be at least 1", file=source, table=table, key=key)
+        if a.timeout_s <= 0:
+            raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
+    for name, t in fleet.tools.items():
+        table = f"tools.{name}"
+        if ":" not in t.function:
+            raise ConfigError("must be 'package.module:callable'",
+                              file=source, table=table, key="function")
+        if t.timeout_s <= 0:
+            raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
+        for agent in t.allowed_agents:
+            if agent not in fleet.agents:
+                raise ConfigError(f"unknown agent {agent!r}",
+                                  file=source, table=table, key="allowed_agents")
+    for alias, m in fleet.models.items():
+        for i, rule in enumerate(m.rules):
+            table = f"models.{alias}.rules[{i}]"
+            answers = sum(bool(x) for x in (rule.reply, rule.call, rule.handoff_to))
+            if answers != 1:
+                raise ConfigError("a rule answers with exactly one of reply, call, handoff_to",
+                                  file=source, table=table)
+            if rule.when_user:
+                try:
+                    re.compile(rule.when_user)
+                except re.error as exc:
+                    raise ConfigError(f"bad regex: {exc}", file=source, table=table,
+                                      key="when_user") from exc
+    rt = fleet.runtime
+    for key in ("ack_wait_s", "grace_s", "model_timeout_s"):
+        if getattr(rt, key) <= 0:
+            raise ConfigError("must be positive", file=source, table="runtime", key=key)
+
+
+def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
+    """Parse and validate a fleet file's text.
+
+    Example:
+        >>> fleet = parse_fleet(open("config/demo.toml").read(), "config/demo.toml")
+
+    Raises:
+        ConfigError: naming the file, table and key at fault.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=source) from exc
+    fleet_table = raw.pop("fleet", {})
+    if not isinstance(fleet_table, dict):
+        raise ConfigError("must be a table", file=source, table="fleet")
+    unknown = set(fleet_table) - {"name"}
+    if unknown:
+        raise ConfigError("unknown key", file=source, table="fleet", key=sorted(unknown)[0])
+    raw["name"] = fleet_table.get("name", "fleet")
+    raw["source"] = source
+    try:
+        fleet = msgspec.convert(raw, FleetConfig)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(exc, source) from exc
+    _check_refs(fleet, source)
+    return fleet

@@ -1,0 +1,181 @@
+"""The one exception tree of corral.
+
+Every error corral raises is a ``CorralError``. Foreign errors (nats-py, the
+provider SDKs, the OS) are translated at the edge with ``raise ... from exc``
+so callers catch ours, never theirs. Whether a failure is worth retrying is a
+field on the error (``retryable``), not a guess at the catch site.
+
+    CorralError
+    ├── ConfigError                 a fleet file is wrong: names file, table, key
+    ├── SchemaError                 a value does not fit the wire contract
+    │   └── DecodeError             bytes that are not a valid message
+    ├── BusError                    talking to NATS failed
+    │   ├── BusTimeout              (also a TimeoutError)
+    │   ├── FencedWrite             a stale writer lost the append race
+    │   └── NoResponders            nobody serves that subject
+    ├── ActorError                  an actor could not do its job
+    ├── ToolError                   a tool call failed
+    │   ├── ToolDenied              policy refused the call
+    │   ├── ToolArgumentsInvalid    arguments do not match the tool's schema
+    │   ├── ToolTimeout             the tool ran past its timeout
+    │   └── OutcomeUnknown          an interrupted side effect: not re-run
+    ├── ModelError                  the model gateway failed
+    │   ├── BudgetExceeded
+    │   └── ProviderUnavailable
+    └── SupervisorError
+        └── RestartIntensityExceeded
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActorError",
+    "BudgetExceeded",
+    "BusError",
+    "BusTimeout",
+    "ConfigError",
+    "CorralError",
+    "DecodeError",
+    "FencedWrite",
+    "ModelError",
+    "NoResponders",
+    "OutcomeUnknown",
+    "ProviderUnavailable",
+    "RestartIntensityExceeded",
+    "SchemaError",
+    "SupervisorError",
+    "ToolArgumentsInvalid",
+    "ToolDenied",
+    "ToolError",
+    "ToolTimeout",
+]
+
+
+class CorralError(Exception):
+    """Root of every error corral raises.
+
+    Attributes:
+        retryable: whether doing the same thing again may succeed.
+    """
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class ConfigError(CorralError):
+    """A fleet configuration is invalid; says which file, table and key."""
+
+    def __init__(self, message: str, *, file: str = "", table: str = "", key: str = "") -> None:
+        where = ", ".join(
+            p for p in (file and f"file {file}", table and f"table [{table}]", key and f"key {key!r}")
+            if p
+        )
+        super().__init__(f"{where}: {message}" if where else message)
+        self.file = file
+        self.table = table
+        self.key = key
+
+
+class SchemaError(CorralError):
+    """A value does not fit the wire contract."""
+
+
+class DecodeError(SchemaError):
+    """Bytes that could not be decoded into the expected message type."""
+
+    def __init__(self, message: str, *, subject: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
+
+
+class BusError(CorralError):
+    """Talking to NATS failed."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, subject: str = "", retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.subject = subject
+
+
+class BusTimeout(BusError, TimeoutError):
+    """A bus operation did not finish within its timeout."""
+
+
+class FencedWrite(BusError):
+    """An append lost the race: the log moved on since the writer last read it.
+
+    The writer must re-read the log and decide again; it never writes a second
+    truth.
+    """
+
+    def __init__(self, message: str, *, subject: str = "", task_id: str = "",
+                 expected_seq: int = 0) -> None:
+        super().__init__(message, subject=subject, retryable=True)
+        self.task_id = task_id
+        self.expected_seq = expected_seq
+
+
+class NoResponders(BusError):
+    """No actor is subscribed to serve the subject."""
+
+
+class ActorError(CorralError):
+    """An actor could not do its job."""
+
+
+class ToolError(CorralError):
+    """A tool call failed."""
+
+    def __init__(self, message: str, *, tool: str = "", retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.tool = tool
+
+
+class ToolDenied(ToolError):
+    """Policy refused the tool call."""
+
+
+class ToolArgumentsInvalid(ToolError):
+    """The arguments do not match the tool's JSON schema."""
+
+
+class ToolTimeout(ToolError):
+    """The tool ran past its timeout."""
+
+    retryable = True
+
+
+class OutcomeUnknown(ToolError):
+    """A side-effecting call was interrupted after it started.
+
+    It may or may not have taken effect, and the tool does not accept an
+    idempotency key, so corral does not run it again.
+    """
+
+
+class ModelError(CorralError):
+    """The model gateway failed."""
+
+
+class BudgetExceeded(ModelError):
+    """A task, agent or team is over its budget."""
+
+
+class ProviderUnavailable(ModelError):
+    """No provider in the route could answer."""
+
+    retryable = True
+
+
+class SupervisorError(CorralError):
+    """A supervisor could not keep its children running."""
+
+
+class RestartIntensityExceeded(SupervisorError):
+    """A child restarted more often than its supervisor allows."""

@@ -1,0 +1,258 @@
+"""Task events: the append-only log that *is* a task's state.
+
+Each event is a tagged union member (tag field ``type``) sharing one envelope:
+which task, its place in the task's log (``seq``), when, which actor wrote it
+(kind, name, instance), the agent version, what caused it, the trace context,
+and the hash of the previous event (a tamper-evident chain).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from schemas.messages import Message, ModelResponse, ToolCall
+
+__all__ = [
+    "EVENT_TYPES",
+    "GENESIS_HASH",
+    "TERMINAL_EVENTS",
+    "ActorRef",
+    "BudgetExceededEvent",
+    "Event",
+    "EventBase",
+    "Handoff",
+    "LlmResponded",
+    "TaskCanceled",
+    "TaskCompleted",
+    "TaskFailed",
+    "TaskPaused",
+    "TaskRejected",
+    "TaskResumed",
+    "TaskSubmitted",
+    "ToolCompleted",
+    "ToolFailed",
+    "ToolRequested",
+    "TurnStarted",
+    "decode_event",
+    "encode_event",
+    "event_hash",
+    "event_type",
+    "verify_chain",
+]
+
+GENESIS_HASH = "0" * 64
+
+
+class ActorRef(msgspec.Struct, frozen=True, kw_only=True):
+    """Which actor wrote an event."""
+
+    kind: str
+    name: str
+    instance: str = ""
+
+
+class EventBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """The envelope every event carries."""
+
+    task_id: str
+    seq: int
+    time: float
+    actor: ActorRef
+    agent_version: str = ""
+    causation_id: str = ""
+    traceparent: str = ""
+    prev_hash: str = GENESIS_HASH
+
+
+class TaskSubmitted(EventBase, frozen=True, kw_only=True, tag="task.submitted"):
+    """A client asked ``agent`` to work on ``message``."""
+
+    agent: str
+    message: Message
+    context_id: str = ""
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class TurnStarted(EventBase, frozen=True, kw_only=True, tag="turn.started"):
+    """An agent claimed turn ``turn`` before paying for a model call."""
+
+    agent: str
+    turn: int
+    attempt: int = 1
+
+
+class LlmResponded(EventBase, frozen=True, kw_only=True, tag="llm.responded"):
+    """The full model response of a turn: replay never calls the model again."""
+
+    agent: str
+    turn: int
+    response: ModelResponse
+
+
+class ToolRequested(EventBase, frozen=True, kw_only=True, tag="tool.requested"):
+    """A tool call passed policy and was dispatched."""
+
+    turn: int
+    call: ToolCall
+    idempotency_key: str
+
+
+class ToolCompleted(EventBase, frozen=True, kw_only=True, tag="tool.completed"):
+    """A tool call's result. ``replayed``: served from the idempotency ledger."""
+
+    call_id: str
+    tool: str
+    result: Any = None
+    idempotency_key: str = ""
+    replayed: bool = False
+    duration_ms: float = 0.0
+
+
+class ToolFailed(EventBase, frozen=True, kw_only=True, tag="tool.failed"):
+    """A tool call failed; the model sees ``error``."""
+
+    call_id: str
+    tool: str
+    error: str
+    error_type: str = ""
+    retryable: bool = False
+    idempotency_key: str = ""
+
+
+class Handoff(EventBase, frozen=True, kw_only=True, tag="handoff"):
+    """The task moved from one agent to another; the same log continues."""
+
+    call_id: str
+    from_agent: str
+    to_agent: str
+    reason: str = ""
+
+
+class BudgetExceededEvent(EventBase, frozen=True, kw_only=True, tag="budget.exceeded"):
+    """A limit (turns, wall clock, tokens, USD, loop) was reached."""
+
+    limit: str
+    value: float
+    maximum: float
+    detail: str = ""
+
+
+class TaskCompleted(EventBase, frozen=True, kw_only=True, tag="task.completed"):
+    """The final answer."""
+
+    agent: str
+    message: Message
+    artifacts: list[dict[str, Any]] = msgspec.field(default_factory=list)
+
+
+class TaskFailed(EventBase, frozen=True, kw_only=True, tag="task.failed"):
+    """The task ended without an answer."""
+
+    reason: str
+    error_type: str = ""
+
+
+class TaskCanceled(EventBase, frozen=True, kw_only=True, tag="task.canceled"):
+    """An operator canceled the task."""
+
+    by: str = ""
+    reason: str = ""
+
+
+class TaskRejected(EventBase, frozen=True, kw_only=True, tag="task.rejected"):
+    """The task was refused before any work (unknown agent, bad input)."""
+
+    reason: str
+
+
+class TaskPaused(EventBase, frozen=True, kw_only=True, tag="task.paused"):
+    """An operator paused the task."""
+
+    by: str = ""
+    reason: str = ""
+
+
+class TaskResumed(EventBase, frozen=True, kw_only=True, tag="task.resumed"):
+    """An operator resumed the task."""
+
+    by: str = ""
+    reason: str = ""
+
+
+Event = (
+    TaskSubmitted
+    | TurnStarted
+    | LlmResponded
+    | ToolRequested
+    | ToolCompleted
+    | ToolFailed
+    | Handoff
+    | BudgetExceededEvent
+    | TaskCompleted
+    | TaskFailed
+    | TaskCanceled
+    | TaskRejected
+    | TaskPaused
+    | TaskResumed
+)
+
+EVENT_TYPES: dict[str, type[EventBase]] = {
+    str(cls.__struct_config__.tag): cls  # type: ignore[misc]
+    for cls in (
+        TaskSubmitted, TurnStarted, LlmResponded, ToolRequested, ToolCompleted, ToolFailed,
+        Handoff, BudgetExceededEvent, TaskCompleted, TaskFailed, TaskCanceled, TaskRejected,
+        TaskPaused, TaskResumed,
+    )
+}
+TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Event)
+
+
+def encode_event(event: EventBase) -> bytes:
+    """Encode an event to its canonical JSON bytes (field order is fixed)."""
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> Event:
+    """Decode JSON bytes into the right event type.
+
+    Raises:
+        msgspec.ValidationError / msgspec.DecodeError: not a valid event.
+    """
+    return _decoder.decode(data)
+
+
+def event_hash(raw: bytes) -> str:
+    """The chain hash of an event: SHA-256 over its bytes as stored."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def verify_chain(raws: list[bytes]) -> tuple[bool, int, str]:
+    """Check a task log's hash chain.
+
+    Returns ``(ok, seq, reason)``: the first event (1-based ``seq``) whose
+    ``prev_hash`` or position does not match, and why; ``(True, 0, "")`` when
+    the chain holds.
+    """
+    prev = GENESIS_HASH
+    for i, raw in enumerate(raws, start=1):
+        try:
+            event = decode_event(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return False, i, f"event {i} does not decode: {exc}"
+        if event.seq != i:
+            return False, i, f"event {i} claims seq {event.seq}"
+        if event.prev_hash != prev:
+            return False, i, f"event {i} does not follow event {i - 1}: hash mismatch"
+        prev = event_hash(raw)
+    return True, 0, ""
+
+
+def event_type(event: EventBase) -> str:
+    """The ``type`` tag of an event."""
+    return str(type(event).__struct_config__.tag)

@@ -1,0 +1,227 @@
+"""``fold(events) -> TaskState``: a task's state from its log, with no I/O.
+
+The fold is total and idempotent over duplicates: a second outcome for the
+same call, or a second ``task.submitted``, changes nothing. That is what lets
+writers retry and replicas replay without coordination beyond fencing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import msgspec
+
+from schemas.events import (
+    GENESIS_HASH,
+    BudgetExceededEvent,
+    EventBase,
+    Handoff,
+    LlmResponded,
+    TaskCanceled,
+    TaskCompleted,
+    TaskFailed,
+    TaskPaused,
+    TaskRejected,
+    TaskResumed,
+    TaskSubmitted,
+    ToolCompleted,
+    ToolFailed,
+    ToolRequested,
+    TurnStarted,
+)
+from schemas.messages import ChatMessage, ModelResponse, ToolCall, Usage
+
+__all__ = ["HANDOFF_TOOL", "CallState", "Phase", "TaskState", "apply", "fold"]
+
+HANDOFF_TOOL = "handoff"
+
+TaskStatus = Literal[
+    "submitted", "working", "input-required", "completed", "failed", "canceled", "rejected"
+]
+
+Phase = Literal[
+    "new",  # nothing yet
+    "ready",  # the owning agent should take a turn
+    "thinking",  # a turn is claimed; the model call is under way
+    "acting",  # the last response asked for tools; some have no outcome yet
+    "answering",  # the last response is the final answer: complete the task
+    "paused",
+    "done",
+]
+
+
+class CallState(msgspec.Struct, kw_only=True):
+    """One tool call of the current agent's last response."""
+
+    call: ToolCall
+    turn: int
+    requested: bool = False
+    idempotency_key: str = ""
+    outcome: Literal["", "completed", "failed"] = ""
+
+
+class TaskState(msgspec.Struct, kw_only=True):
+    """Everything an agent needs to decide its next step, folded from the log."""
+
+    task_id: str = ""
+    context_id: str = ""
+    status: TaskStatus = "submitted"
+    phase: Phase = "new"
+    agent: str = ""
+    submitted_at: float = 0.0
+    turn: int = 0  # the latest turn claimed (across agents)
+    turn_attempt: int = 0
+    agent_turns: int = 0  # turns taken by the current owner
+    conversation: list[ChatMessage] = msgspec.field(default_factory=list)
+    calls: dict[str, CallState] = msgspec.field(default_factory=dict)
+    last_response: ModelResponse | None = None
+    usage: Usage = msgspec.field(default_factory=Usage)
+    cost_usd: float = 0.0
+    tool_calls: int = 0
+    handoffs: list[str] = msgspec.field(default_factory=list)
+    answer: str = ""
+    error: str = ""
+    seq: int = 0  # events folded
+    last_hash: str = GENESIS_HASH
+    paused_phase: Phase = "new"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the task has reached a final state."""
+        return self.phase == "done"
+
+    def pending_calls(self) -> list[CallState]:
+        """Calls of the last response that have no outcome yet."""
+        return [c for c in self.calls.values() if not c.outcome]
+
+    def unrequested_calls(self) -> list[CallState]:
+        """Calls of the last response not yet dispatched."""
+        return [c for c in self.calls.values() if not c.requested and not c.outcome]
+
+
+def _result_text(result: Any) -> str:
+    if isinstance(result, str):
+        return result
+    return json.dumps(result, sort_keys=True, default=str)
+
+
+def _settle(state: TaskState) -> None:
+    """After an outcome: when every call is resolved the owner takes a turn."""
+    if state.phase == "acting" and all(c.outcome for c in state.calls.values()):
+        state.phase = "ready"
+
+
+def apply(state: TaskState, event: EventBase) -> TaskState:  # noqa: C901 - one case per kind
+    """Fold one event into ``state`` (mutated in place and returned)."""
+    state.seq += 1
+    if state.phase == "done":
+        return state  # nothing changes a finished task
+    match event:
+        case TaskSubmitted():
+            if state.phase != "new":
+                return state
+            state.task_id = event.task_id
+            state.context_id = event.context_id
+            state.agent = event.agent
+            state.submitted_at = event.time
+            state.phase = "ready"
+            state.conversation.append(ChatMessage(role="user", content=event.message.text()))
+        case TurnStarted():
+            if event.turn == state.turn:
+                state.turn_attempt = event.attempt
+            else:
+                state.turn = event.turn
+                state.turn_attempt = event.attempt
+                state.agent_turns += 1
+            state.status = "working"
+            state.phase = "thinking"
+        case LlmResponded():
+            if state.phase != "thinking" or event.turn != state.turn:
+                return state  # a zombie's late answer: already superseded
+            r = event.response
+            state.last_response = r
+            u = state.usage
+            state.usage = Usage(
+                input_tokens=u.input_tokens + r.usage.input_tokens,
+                output_tokens=u.output_tokens + r.usage.output_tokens,
+                cache_read_tokens=u.cache_read_tokens + r.usage.cache_read_tokens,
+                cache_write_tokens=u.cache_write_tokens + r.usage.cache_write_tokens,
+            )
+            state.cost_usd += r.cost_usd
+            state.conversation.append(
+                ChatMessage(role="assistant", content=r.text, tool_calls=list(r.tool_calls))
+            )
+            state.calls = {c.id: CallState(call=c, turn=event.turn) for c in r.tool_calls}
+            state.phase = "acting" if r.tool_calls else "answering"
+        case ToolRequested():
+            cs = state.calls.get(event.call.id)
+            if cs is not None and not cs.requested:
+                cs.requested = True
+                cs.idempotency_key = event.idempotency_key
+                state.tool_calls += 1
+        case ToolCompleted() | ToolFailed():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.outcome:
+                return state  # duplicate or stale outcome
+            failed = isinstance(event, ToolFailed)
+            cs.outcome = "failed" if failed else "completed"
+            content = event.error if isinstance(event, ToolFailed) else _result_text(event.result)
+            state.conversation.append(
+                ChatMessage(
+                    role="tool", content=content, tool_call_id=event.call_id, name=event.tool,
+                    is_error=failed, untrusted=True,
+                )
+            )
+            _settle(state)
+        case Handoff():
+            if state.agent != event.from_agent or event.to_agent == state.agent:
+                return state
+            state.handoffs.append(event.to_agent)
+            cs = state.calls.get(event.call_id)
+            if cs is not None:
+                cs.outcome = "completed"
+            state.conversation.append(
+                ChatMessage(
+                    role="tool", name=HANDOFF_TOOL, tool_call_id=event.call_id,
+                    content=f"Handed off from {event.from_agent} to {event.to_agent}: "
+                    f"{event.reason}",
+                )
+            )
+            for other in state.calls.values():
+                if not other.outcome:  # calls beside a handoff are superseded by it
+                    other.outcome = "failed"
+            state.agent = event.to_agent
+            state.agent_turns = 0
+            state.calls = {}
+            state.phase = "ready"
+        case BudgetExceededEvent():
+            state.error = f"{event.limit} budget exceeded ({event.value:g} > {event.maximum:g})"
+        case TaskCompleted():
+            state.status, state.phase = "completed", "done"
+            state.answer = event.message.text()
+        case TaskFailed():
+            state.status, state.phase = "failed", "done"
+            state.error = event.reason
+        case TaskCanceled():
+            state.status, state.phase = "canceled", "done"
+            state.error = event.reason
+        case TaskRejected():
+            state.status, state.phase = "rejected", "done"
+            state.error = event.reason
+        case TaskPaused():
+            if state.phase != "paused":
+                state.paused_phase, state.phase = state.phase, "paused"
+        case TaskResumed():
+            if state.phase == "paused":
+                state.phase = state.paused_phase
+    return state
+
+
+def fold(events: Iterable[EventBase]) -> TaskState:
+    """The state of a task after ``events`` (in log order)."""
+    state = TaskState()
+    for event in events:
+        apply(state, event)
+    return state

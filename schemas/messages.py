@@ -1,0 +1,193 @@
+"""Wire messages: what clients and actors publish to each other.
+
+Everything is JSON (msgspec) so any NATS client in any language can take
+part. Evolution rule: new fields get defaults; a field's type never changes.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = [
+    "TASK_ID_PATTERN",
+    "ChatMessage",
+    "DataPart",
+    "DeadLetter",
+    "FilePart",
+    "Message",
+    "ModelRequest",
+    "ModelResponse",
+    "Part",
+    "TaskSubmit",
+    "TextPart",
+    "ToolCall",
+    "ToolInvocation",
+    "ToolSchema",
+    "Usage",
+    "Wake",
+    "new_id",
+]
+
+# Task ids are NATS subject tokens and KV keys, so they are restricted.
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+TaskId = Annotated[str, msgspec.Meta(pattern=TASK_ID_PATTERN)]
+_TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+
+
+def new_id() -> str:
+    """A fresh task or context id (UUID4 hex, a valid subject token)."""
+    return uuid.uuid4().hex
+
+
+def is_task_id(value: str) -> bool:
+    """Whether ``value`` may be used as a task id."""
+    return bool(_TASK_ID_RE.match(value))
+
+
+class TextPart(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="text"):
+    """Plain text."""
+
+    text: str
+
+
+class DataPart(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="data"):
+    """Structured JSON data."""
+
+    data: dict[str, Any]
+
+
+class FilePart(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="file"):
+    """A file by URI or inline base64 bytes."""
+
+    name: str = ""
+    mime_type: str = ""
+    uri: str = ""
+    bytes_b64: str = ""
+
+
+Part = TextPart | DataPart | FilePart
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True):
+    """An A2A-shaped message: a role and its parts."""
+
+    role: Literal["user", "agent"]
+    parts: Annotated[list[Part], msgspec.Meta(min_length=1)]
+
+    def text(self) -> str:
+        """The concatenated text parts."""
+        return "\n".join(p.text for p in self.parts if isinstance(p, TextPart))
+
+
+class TaskSubmit(msgspec.Struct, frozen=True, kw_only=True):
+    """Published to ``corral.tasks.<agent>`` to start (or hand over) a task."""
+
+    message: Message
+    id: TaskId = msgspec.field(default_factory=new_id)
+    context_id: str = ""
+    metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Wake(msgspec.Struct, frozen=True, kw_only=True):
+    """Tells an agent that a task's log has something new for it."""
+
+    task_id: TaskId
+    reason: str = ""
+    after_seq: int = 0
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One tool call the model asked for."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Token counts of one model call."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+
+class ToolSchema(msgspec.Struct, frozen=True, kw_only=True):
+    """What the model is told about a tool."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of the normalized conversation sent to a model.
+
+    ``role`` is ``user``, ``assistant`` or ``tool``. Tool results carry
+    ``tool_call_id``, the tool's ``name`` and ``is_error``; ``untrusted`` marks
+    content that is data, never instructions (tool output, handed-off text).
+    """
+
+    role: Literal["user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    tool_call_id: str = ""
+    name: str = ""
+    is_error: bool = False
+    untrusted: bool = False
+
+
+class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Request to the model gateway on ``corral.models.<alias>``."""
+
+    alias: str
+    messages: list[ChatMessage]
+    system: str = ""
+    tools: list[ToolSchema] = msgspec.field(default_factory=list)
+    agent: str = ""
+    task_id: str = ""
+    turn: int = 0
+    max_tokens: int = 1024
+
+
+class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """The gateway's normalized answer (recorded whole in ``llm.responded``)."""
+
+    text: str = ""
+    tool_calls: list[ToolCall] = msgspec.field(default_factory=list)
+    stop_reason: str = "end_turn"
+    usage: Usage = msgspec.field(default_factory=Usage)
+    model: str = ""
+    provider: str = ""
+    cost_usd: float = 0.0
+    error: str = ""
+
+
+class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):
+    """Published to ``corral.tools.<tool>`` (Nats-Msg-Id = idempotency key)."""
+
+    task_id: TaskId
+    call_id: str
+    tool: str
+    arguments: dict[str, Any]
+    idempotency_key: str
+    agent: str
+    turn: int
+    agent_version: str = ""
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """What lands on ``corral.dlq.<actor>``: the original and the reason."""
+
+    actor: str
+    subject: str
+    reason: str
+    payload: str
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    deliveries: int = 0
+    time: float = 0.0
