@@ -7,8 +7,10 @@ connects to ``$NATS_URL``, provisions what it needs and serves until SIGTERM.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import sys
 
 import anyio
@@ -18,6 +20,24 @@ from bus.connection import connect
 from schemas.errors import CorralError
 
 
+def die_with_parent() -> None:
+    """Exit when the supervising process dies, even by SIGKILL (Linux).
+
+    ``CORRAL_PARENT_PID`` names the supervisor; if it is already gone by the
+    time the signal is armed, exit at once rather than run as an orphan.
+    """
+    parent = os.environ.get("CORRAL_PARENT_PID")
+    if not parent:
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return  # not Linux: an orphan is possible if the supervisor is killed
+    if os.getppid() != int(parent):
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one actor; exit 2 on a config error, 1 on another failure."""
     parser = argparse.ArgumentParser(prog="python -m actors", description=__doc__)
@@ -25,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", required=True, choices=["agent", "tool", "model"])
     parser.add_argument("--name", required=True)
     args = parser.parse_args(argv)
+    die_with_parent()
     logging.basicConfig(level=os.environ.get("CORRAL_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s {args.kind}.{args.name}[%(process)d] "
                                "%(levelname)s %(message)s")

@@ -220,8 +220,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     attempt=state.turn_attempt + 1))
                 head = await self._think(task_id, state, head)
             elif state.phase == "acting":
-                head = await self._act(task_id, state, head, redelivered)
-                if state.phase != "ready":  # waiting for tools (or handed off)
+                head, go_on = await self._act(task_id, state, head, redelivered)
+                if not go_on:  # waiting for tools (or handed off)
                     return
             elif state.phase == "answering":
                 await self._complete(task_id, state, head)
@@ -263,8 +263,12 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         return ""
 
     async def _act(self, task_id: str, state: TaskState, head: LogHead,
-                   redelivered: bool) -> LogHead:
-        """Dispatch the last response's tool calls (a handoff ends the turn)."""
+                   redelivered: bool) -> tuple[LogHead, bool]:
+        """Dispatch the last response's tool calls (a handoff ends the turn).
+
+        Returns the new head and whether to keep stepping (every call was
+        refused, so the model should see why at once).
+        """
         to_send: list[CallState] = []
         for cs in state.unrequested_calls():
             refusal = self._refusal(cs)
@@ -274,7 +278,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     error=refusal, error_type="ToolDenied"))
                 continue
             if cs.call.name == HANDOFF_TOOL:
-                return await self._handoff(task_id, state, head, cs)
+                return await self._handoff(task_id, state, head, cs), False
             key = f"{task_id}:{cs.turn}:{cs.call.id}"
             head = await self._append(task_id, state, head, ToolRequested(
                 **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key))
@@ -289,7 +293,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             # Nats-Msg-Id = idempotency key: a republish inside the window is dropped.
             await self.bus.js_publish(subjects.tool(cs.call.name), _encoder.encode(inv),
                                       msg_id=cs.idempotency_key)
-        return head
+        return head, state.phase == "ready"
 
     async def _handoff(self, task_id: str, state: TaskState, head: LogHead,
                        cs: CallState) -> LogHead:

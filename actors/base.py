@@ -105,10 +105,10 @@ class Actor(ABC, Generic[T]):
         """Bytes → message; raise ``msgspec.ValidationError``/``DecodeError`` if bad."""
         return self._decoder.decode(delivery.data)
 
-    async def on_poison(self, msg: T, reason: str) -> None:  # noqa: B027 - optional hook
+    async def on_poison(self, msg: T, reason: str) -> None:
         """Called when a decodable message is given up on (after dead-lettering)."""
 
-    async def setup(self) -> None:  # noqa: B027 - optional hook
+    async def setup(self) -> None:
         """Provision what the actor needs (consumers, buckets) before intake."""
 
     def stop(self) -> None:

@@ -24,10 +24,11 @@ from schemas.config import ModelSpec
 from schemas.errors import ConfigError
 from schemas.messages import DeadLetter, ModelRequest, ModelResponse
 
-__all__ = ["ModelGateway", "Provider", "make_provider"]
+__all__ = ["PING_HEADER", "ModelGateway", "Provider", "make_provider"]
 
 log = logging.getLogger("corral.model")
 
+PING_HEADER = "Corral-Ping"
 _req_decoder = msgspec.json.Decoder(ModelRequest)
 _encoder = msgspec.json.Encoder()
 
@@ -88,6 +89,10 @@ class ModelGateway:
             log.warning("%s: reply failed: %s", self.actor_name, exc)
 
     async def _serve(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get(PING_HEADER):  # readiness probe: no provider call
+            if msg.reply:
+                await self.bus.nc.publish(msg.reply, b"{}")
+            return
         try:
             req = _req_decoder.decode(msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:

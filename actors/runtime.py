@@ -18,7 +18,15 @@ from bus.provision import ensure_streams
 from schemas.config import FleetConfig, parse_fleet
 from schemas.errors import ConfigError
 
-__all__ = ["ActorKind", "AnyActor", "build_actor", "fleet_actors", "load_fleet", "run_actors", "serve_one"]
+__all__ = [
+    "ActorKind",
+    "AnyActor",
+    "build_actor",
+    "fleet_actors",
+    "load_fleet",
+    "run_actors",
+    "serve_one",
+]
 
 log = logging.getLogger("corral.runtime")
 

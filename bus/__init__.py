@@ -1,7 +1,7 @@
 """Everything that touches NATS: connection, server, subjects, streams, log."""
 
 from bus.connection import Bus, connect
-from bus.eventlog import EventLog, LogHead, LoggedEvent
+from bus.eventlog import EventLog, LoggedEvent, LogHead
 from bus.ledger import Ledger, LedgerEntry
 from bus.mailbox import Delivery, Mailbox
 from bus.provision import ensure_agent_consumer, ensure_streams, ensure_tool_consumer

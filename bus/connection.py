@@ -142,15 +142,17 @@ async def connect(url: str | None = None, *, name: str = "corral",
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s", url)
+        if not nc.is_closed and not nc.is_draining:
+            log.warning("nats: disconnected from %s", url)
 
     async def on_reconnect() -> None:
         log.info("nats: reconnected to %s", url)
 
+    nc = Client()
     try:
-        nc = await nats.connect(
+        await nc.connect(
             url, name=name, connect_timeout=int(max(1, timeout_s)),
-            max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            max_reconnect_attempts=-1, reconnect_time_wait=1,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **options,
         )

@@ -31,7 +31,7 @@ class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     pass
 
 
-class AgentSpec(_Spec):
+class AgentSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[agents.<name>]``: an LLM agent. Its spec hashes to its version id."""
 
     model: str
@@ -45,7 +45,7 @@ class AgentSpec(_Spec):
     replicas: int = 1
 
 
-class ToolSpec(_Spec):
+class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[tools.<name>]``: a Python callable named by import path.
 
     ``side_effect``: ``none`` (pure), ``idempotent`` (safe to run again) or
@@ -64,7 +64,7 @@ class ToolSpec(_Spec):
     replicas: int = 1
 
 
-class ScriptRule(_Spec):
+class ScriptRule(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One rule of a ``scripted`` model: the first rule that matches answers.
 
     Matches on the owning ``agent``, a regex over the task's first user
@@ -87,7 +87,7 @@ class ScriptRule(_Spec):
     reason: str = ""
 
 
-class ModelSpec(_Spec):
+class ModelSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[models.<alias>]``: what an agent's ``model`` alias resolves to."""
 
     provider: Literal["scripted", "anthropic", "openai"]
@@ -99,7 +99,7 @@ class ModelSpec(_Spec):
     replicas: int = 1
 
 
-class RuntimeSpec(_Spec):
+class RuntimeSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[runtime]``: delivery and shutdown knobs shared by the fleet."""
 
     ack_wait_s: float = 30.0
@@ -109,7 +109,7 @@ class RuntimeSpec(_Spec):
     max_inflight: int = 64
 
 
-class FleetConfig(_Spec):
+class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A whole fleet: agents, tools, model aliases and runtime settings."""
 
     agents: dict[str, AgentSpec]
@@ -179,14 +179,14 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                 raise ConfigError("must be at least 1", file=source, table=table, key=key)
         if a.timeout_s <= 0:
             raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
-    for name, t in fleet.tools.items():
+    for name, tspec in fleet.tools.items():
         table = f"tools.{name}"
-        if ":" not in t.function:
+        if ":" not in tspec.function:
             raise ConfigError("must be 'package.module:callable'",
                               file=source, table=table, key="function")
-        if t.timeout_s <= 0:
+        if tspec.timeout_s <= 0:
             raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
-        for agent in t.allowed_agents:
+        for agent in tspec.allowed_agents:
             if agent not in fleet.agents:
                 raise ConfigError(f"unknown agent {agent!r}",
                                   file=source, table=table, key="allowed_agents")

@@ -71,10 +71,8 @@ class ConfigError(CorralError):
     """A fleet configuration is invalid; says which file, table and key."""
 
     def __init__(self, message: str, *, file: str = "", table: str = "", key: str = "") -> None:
-        where = ", ".join(
-            p for p in (file and f"file {file}", table and f"table [{table}]", key and f"key {key!r}")
-            if p
-        )
+        parts = (file and f"file {file}", table and f"table [{table}]", key and f"key {key!r}")
+        where = ", ".join(p for p in parts if p)
         super().__init__(f"{where}: {message}" if where else message)
         self.file = file
         self.table = table

@@ -200,7 +200,7 @@ Event = (
 )
 
 EVENT_TYPES: dict[str, type[EventBase]] = {
-    str(cls.__struct_config__.tag): cls  # type: ignore[misc]
+    str(cls.__struct_config__.tag): cls
     for cls in (
         TaskSubmitted, TurnStarted, LlmResponded, ToolRequested, ToolCompleted, ToolFailed,
         Handoff, BudgetExceededEvent, TaskCompleted, TaskFailed, TaskCanceled, TaskRejected,
@@ -224,7 +224,8 @@ def decode_event(data: bytes) -> Event:
     Raises:
         msgspec.ValidationError / msgspec.DecodeError: not a valid event.
     """
-    return _decoder.decode(data)
+    event: Event = _decoder.decode(data)
+    return event
 
 
 def event_hash(raw: bytes) -> str:

@@ -113,7 +113,7 @@ def _settle(state: TaskState) -> None:
         state.phase = "ready"
 
 
-def apply(state: TaskState, event: EventBase) -> TaskState:  # noqa: C901 - one case per kind
+def apply(state: TaskState, event: EventBase) -> TaskState:
     """Fold one event into ``state`` (mutated in place and returned)."""
     state.seq += 1
     if state.phase == "done":

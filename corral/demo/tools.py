@@ -8,6 +8,7 @@ so an operator — and the crash tests — can count side effects.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -61,7 +62,8 @@ def issue_refund(order_id: str, amount_usd: float, ctx: ToolContext) -> dict[str
     if amount_usd <= 0:
         raise ValueError("amount_usd must be positive")
     _record("issue_refund", ctx, {"order_id": order_id, "amount_usd": amount_usd})
-    return {"refund_id": "rf_" + ctx.idempotency_key.replace(":", "_")[-12:],
+    refund_id = "rf_" + hashlib.sha256(ctx.idempotency_key.encode()).hexdigest()[:10]
+    return {"refund_id": refund_id,
             "order_id": order_id, "amount_usd": amount_usd}
 
 

@@ -1,0 +1,38 @@
+# corral — two commands on a fresh machine:
+#   make run    set up .venv, start an embedded NATS, run the demo fleet to completion
+#   make test   set up .venv, lint, and run the whole test suite against a real nats-server
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test lint bench clean help
+
+help:
+	@echo "make run    run the demo fleet (no API key needed)"
+	@echo "make test   lint + the whole test suite"
+	@echo "make lint   ruff + mypy --strict + compose.yaml schema check"
+	@echo "make bench  benchmarks (prints a table, writes bench/results.json)"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "corral needs Python >= 3.11"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/corral demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache *.egg-info

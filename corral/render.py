@@ -1,0 +1,86 @@
+"""Human-readable renderings of events (for ``corral events`` and the demo)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from schemas.events import (
+    BudgetExceededEvent,
+    Event,
+    Handoff,
+    LlmResponded,
+    TaskCanceled,
+    TaskCompleted,
+    TaskFailed,
+    TaskPaused,
+    TaskRejected,
+    TaskResumed,
+    TaskSubmitted,
+    ToolCompleted,
+    ToolFailed,
+    ToolRequested,
+    TurnStarted,
+    event_type,
+)
+
+__all__ = ["describe", "event_line", "short"]
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """A value on one line, cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _args(arguments: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={short(v, 40)}" for k, v in arguments.items())
+
+
+def describe(event: Event) -> str:
+    """What happened, in one line."""
+    match event:
+        case TaskSubmitted():
+            return f"→ {event.agent}: {short(event.message.text())!r}"
+        case TurnStarted():
+            again = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+            return f"{event.agent} takes turn {event.turn}{again}"
+        case LlmResponded():
+            r = event.response
+            if r.tool_calls:
+                calls = "; ".join(f"{c.name}({_args(c.arguments)})" for c in r.tool_calls)
+                return f"{event.agent} decides: {calls}"
+            return f"{event.agent} answers: {short(r.text)!r}"
+        case ToolRequested():
+            return f"dispatch {event.call.name} [{event.idempotency_key.split(':', 1)[-1]}]"
+        case ToolCompleted():
+            replay = " (replayed from ledger)" if event.replayed else ""
+            return f"✓ {event.tool} → {short(event.result, 60)}{replay}"
+        case ToolFailed():
+            return f"✗ {event.tool}: {short(event.error, 100)}"
+        case Handoff():
+            return f"handoff {event.from_agent} → {event.to_agent} ({event.reason})"
+        case BudgetExceededEvent():
+            return f"budget exceeded: {event.limit} {event.value:g} > {event.maximum:g}"
+        case TaskCompleted():
+            return f"completed: {short(event.message.text(), 100)!r}"
+        case TaskFailed():
+            return f"failed: {short(event.reason, 100)}"
+        case TaskCanceled():
+            return f"canceled by {event.by}: {event.reason}"
+        case TaskRejected():
+            return f"rejected: {event.reason}"
+        case TaskPaused():
+            return f"paused by {event.by}: {event.reason}"
+        case TaskResumed():
+            return f"resumed by {event.by}: {event.reason}"
+    return event_type(event)
+
+
+def event_line(event: Event, *, task_label: str | None = None) -> str:
+    """Time, task, sequence, type and description."""
+    clock = time.strftime("%H:%M:%S", time.localtime(event.time))
+    label = task_label if task_label is not None else event.task_id[:12]
+    return f"{clock} {label:<12} #{event.seq:<3} {event_type(event):<16} {describe(event)}"
