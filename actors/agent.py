@@ -189,7 +189,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             head = await self._append(task_id, state, head, TaskSubmitted(
                 **self._envelope(task_id), agent=self.name, message=msg.message,
                 context_id=msg.context_id or task_id, metadata=msg.metadata))
-            crash_point("agent.after_submit")
+            crash_point("agent.after_submit", self.name)
         while True:
             if (redelivered and not state.terminal and state.handoffs
                     and state.agent != self.name and state.handoffs[-1] == state.agent
@@ -210,7 +210,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     return
                 head = await self._append(task_id, state, head, TurnStarted(
                     **self._envelope(task_id), agent=self.name, turn=state.turn + 1))
-                crash_point("agent.after_claim")
+                crash_point("agent.after_claim", self.name)
                 head = await self._think(task_id, state, head)
             elif state.phase == "thinking":
                 if not redelivered:
@@ -246,7 +246,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                              retryable=True)
         head = await self._append(task_id, state, head, LlmResponded(
             **self._envelope(task_id), agent=self.name, turn=state.turn, response=response))
-        crash_point("agent.after_llm")
+        crash_point("agent.after_llm", self.name)
         return head
 
     def _refusal(self, cs: CallState) -> str:
@@ -283,7 +283,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             head = await self._append(task_id, state, head, ToolRequested(
                 **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key))
             to_send.append(cs)
-        crash_point("agent.after_tool_requested")
+        crash_point("agent.after_tool_requested", self.name)
         if redelivered:  # we may have died between appending and publishing: send again
             to_send = [c for c in state.pending_calls() if c.requested]
         for cs in to_send:
@@ -302,6 +302,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         head = await self._append(task_id, state, head, Handoff(
             **self._envelope(task_id), call_id=cs.call.id, from_agent=self.name,
             to_agent=target, reason=reason))
+        crash_point("agent.after_handoff", self.name)
         await self._send_transfer(task_id, state, reason)
         return head
 

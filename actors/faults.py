@@ -1,6 +1,6 @@
 """Named crash points for reliability tests (off unless ``CORRAL_FAULTS`` is set).
 
-``CORRAL_FAULTS=tool.after_run,agent.after_claim`` makes the process that
+``CORRAL_FAULTS=tool.after_run:issue_refund,agent.after_claim`` makes the process that
 reaches one of those points kill itself with SIGKILL, once: a marker file under
 ``$CORRAL_HOME/faults/`` keeps the restarted process from dying again. This is
 how the crash tests hit an exact point of a task (FoundationDB calls the idea
@@ -20,17 +20,26 @@ POINTS = frozenset({
     "agent.after_claim",  # turn.started appended, model not called
     "agent.after_llm",  # llm.responded appended, tools not dispatched
     "agent.after_tool_requested",  # tool.requested appended, invocation not published
+    "agent.after_handoff",  # handoff appended, task not yet sent to the other agent
     "tool.before_run",  # ledger says running, callable not called
     "tool.after_run",  # the side effect happened, ledger not updated
     "tool.after_ledger",  # ledger has the outcome, event not appended
 })
 
 
-def crash_point(name: str) -> None:
-    """SIGKILL this process if ``name`` is armed and has not fired yet."""
+def crash_point(name: str, where: str = "") -> None:
+    """SIGKILL this process if ``name`` (or ``name:where``) is armed and unfired.
+
+    ``where`` narrows a point to one actor: ``tool.after_run:issue_refund``.
+    """
     armed = os.environ.get("CORRAL_FAULTS")
-    if not armed or name not in armed.split(","):
+    if not armed:
         return
+    points = armed.split(",")
+    if name not in points:
+        name = f"{name}:{where}"
+        if not where or name not in points:
+            return
     home = Path(os.environ.get("CORRAL_HOME") or ".corral")
     marker = home / "faults" / name
     marker.parent.mkdir(parents=True, exist_ok=True)

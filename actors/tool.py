@@ -135,10 +135,10 @@ class ToolActor(Actor[ToolInvocation]):
         try:
             self._check(inv)
             await self.ledger.mark_running(key, self.instance)
-            crash_point("tool.before_run")
+            crash_point("tool.before_run", self.name)
             self.runs += 1
             result = await self._run(inv, attempt)
-            crash_point("tool.after_run")
+            crash_point("tool.after_run", self.name)
             done = LedgerEntry(state="done", ok=True, result=result,
                                duration_ms=(time.monotonic() - started) * 1000)
         except ToolError as exc:
@@ -152,7 +152,7 @@ class ToolActor(Actor[ToolInvocation]):
                                error_type=type(exc).__name__,
                                duration_ms=(time.monotonic() - started) * 1000)
         await self.ledger.record(key, done)
-        crash_point("tool.after_ledger")
+        crash_point("tool.after_ledger", self.name)
         return done, False
 
     async def handle(self, msg: ToolInvocation, delivery: Delivery) -> None:

@@ -149,6 +149,7 @@ class Mailbox:
                 break
             if msg.reply and not (msg.headers and "Status" in msg.headers):
                 left.append(Delivery(self.bus, msg))
+        self._recv.close()
         return left
 
     async def _pull(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -23,6 +23,8 @@ __all__ = [
     "ToolSpec",
     "parse_fleet",
 ]
+
+_S = TypeVar("_S", bound=msgspec.Struct)
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
@@ -127,7 +129,11 @@ _MISSING_RE = re.compile(r"missing required field `(?P<field>[^`]+)`")
 
 def _split_path(path: str) -> list[str]:
     parts = re.findall(r"\.([^.\[]+)|\[(\d+)\]", path)
-    return [a or b for a, b in parts]
+    return [a or f"[{b}]" for a, b in parts]
+
+
+def _join(parts: list[str]) -> str:
+    return "".join(p if p.startswith("[") or i == 0 else "." + p for i, p in enumerate(parts))
 
 
 def _validation_error(exc: msgspec.ValidationError, source: str) -> ConfigError:
@@ -138,9 +144,22 @@ def _validation_error(exc: msgspec.ValidationError, source: str) -> ConfigError:
     for rx in (_UNKNOWN_RE, _MISSING_RE):
         f = rx.search(text)
         if f:  # the path points at the table; the key is the field itself
-            return ConfigError(reason, file=source, table=".".join(parts), key=f.group("field"))
-    table, key = ".".join(parts[:-1]), (parts[-1] if parts else "")
+            return ConfigError(reason, file=source, table=_join(parts), key=f.group("field"))
+    table, key = _join(parts[:-1]), (parts[-1] if parts else "")
     return ConfigError(reason, file=source, table=table, key=key)
+
+
+def _convert(value: Any, spec_type: type[_S], source: str, table: str) -> _S:
+    """One table → its Struct, errors naming ``table`` and the key."""
+    if not isinstance(value, dict):
+        raise ConfigError("must be a table", file=source, table=table)
+    try:
+        return msgspec.convert(value, spec_type)
+    except msgspec.ValidationError as exc:
+        err = _validation_error(exc, source)
+        inner = table + ("" if not err.table or err.table.startswith("[") else ".") + err.table
+        raise ConfigError(_PATH_RE.sub("", str(exc)).strip(), file=source, table=inner,
+                          key=err.key) from exc
 
 
 def _check_names(kind: str, names: Any, source: str) -> None:
@@ -228,11 +247,27 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     unknown = set(fleet_table) - {"name"}
     if unknown:
         raise ConfigError("unknown key", file=source, table="fleet", key=sorted(unknown)[0])
-    raw["name"] = fleet_table.get("name", "fleet")
-    raw["source"] = source
-    try:
-        fleet = msgspec.convert(raw, FleetConfig)
-    except msgspec.ValidationError as exc:
-        raise _validation_error(exc, source) from exc
+    name = fleet_table.get("name", "fleet")
+    known = {"fleet", "runtime", "agents", "tools", "models"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}",
+                              file=source, key=key)
+    for required in ("agents", "models"):
+        if not raw.get(required):
+            raise ConfigError(f"a fleet needs at least one [{required}.<name>] table",
+                              file=source, table=required)
+    sections: dict[str, Any] = {}
+    for section, spec_type in (("agents", AgentSpec), ("tools", ToolSpec),
+                               ("models", ModelSpec)):
+        tables = raw.get(section, {})
+        if not isinstance(tables, dict):
+            raise ConfigError("must be a table of tables", file=source, table=section)
+        sections[section] = {
+            entry: _convert(value, spec_type, source, f"{section}.{entry}")
+            for entry, value in tables.items()
+        }
+    runtime = _convert(raw.get("runtime", {}), RuntimeSpec, source, "runtime")
+    fleet = FleetConfig(name=str(name), source=source, runtime=runtime, **sections)
     _check_refs(fleet, source)
     return fleet

@@ -4,6 +4,13 @@
 provider. Each real execution appends one JSON line to
 ``$CORRAL_HOME/outbox.jsonl`` (tool, idempotency key, task, time, arguments),
 so an operator — and the crash tests — can count side effects.
+
+The two differ the way real providers do. The payment "provider" honours an
+idempotency key, like Stripe's ``Idempotency-Key``: a second request with a
+key it has seen returns the first refund and moves no money (so the tool is
+declared ``accepts_idempotency_key``, and corral may run an interrupted call
+again). Mail has no such key: an interrupted ``send_email`` is not re-sent
+(corral reports ``OutcomeUnknown`` instead of risking a second email).
 """
 
 from __future__ import annotations
@@ -57,14 +64,36 @@ def lookup_order(order_id: str) -> dict[str, Any]:
     return dict(order)
 
 
+def _payment_provider(key: str, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The fake payment API: one stored response per idempotency key.
+
+    Returns the response and whether money moved now (False: a replayed key).
+    """
+    store = outbox_path().parent / "payments"
+    store.mkdir(parents=True, exist_ok=True)
+    entry = store / (hashlib.sha256(key.encode()).hexdigest() + ".json")
+    refund = {**request, "refund_id": "rf_" + hashlib.sha256(key.encode()).hexdigest()[:10]}
+    try:
+        fd = os.open(entry, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return json.loads(entry.read_text() or "{}") or refund, False
+    try:
+        os.write(fd, json.dumps(refund).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return refund, True
+
+
 def issue_refund(order_id: str, amount_usd: float, ctx: ToolContext) -> dict[str, Any]:
     """Refund ``amount_usd`` on an order (a payment side effect)."""
     if amount_usd <= 0:
         raise ValueError("amount_usd must be positive")
-    _record("issue_refund", ctx, {"order_id": order_id, "amount_usd": amount_usd})
-    refund_id = "rf_" + hashlib.sha256(ctx.idempotency_key.encode()).hexdigest()[:10]
-    return {"refund_id": refund_id,
-            "order_id": order_id, "amount_usd": amount_usd}
+    request = {"order_id": order_id, "amount_usd": amount_usd}
+    refund, moved = _payment_provider(ctx.idempotency_key, request)
+    if moved:
+        _record("issue_refund", ctx, request)
+    return refund
 
 
 def send_email(to: str, subject: str, body: str, ctx: ToolContext) -> dict[str, Any]:

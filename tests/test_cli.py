@@ -1,0 +1,103 @@
+"""The ``corral`` command as an operator uses it (real subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO_CONFIG
+
+CORRAL = [sys.executable, "-m", "corral"]
+
+
+def env_for(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "CORRAL_FAULTS")}
+    env["CORRAL_HOME"] = str(home)
+    return env
+
+
+def corral(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CORRAL, *args], env=env_for(home), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def test_help_teaches_the_commands(home: Path) -> None:
+    out = corral(home, "--help")
+    assert out.returncode == 0
+    for word in ("up", "submit", "events", "demo", "NATS_URL", "CORRAL_HOME"):
+        assert word in out.stdout
+    sub = corral(home, "submit", "--help")
+    assert "--wait" in sub.stdout and "--id" in sub.stdout
+
+
+def test_demo_runs_to_completion_and_exits(home: Path) -> None:
+    out = corral(home, "demo", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "5/5 tasks completed" in out.stdout
+    assert "handoff triage → billing" in out.stdout
+    assert "4 side effects" in out.stdout  # two refunds, two emails
+    lines = (home / "demo" / "outbox.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+
+
+def test_submit_without_a_server_says_what_to_do(home: Path) -> None:
+    out = corral(home, "submit", "triage", "hi")
+    assert out.returncode == 1
+    assert "no NATS server" in out.stderr and "corral up" in out.stderr
+
+
+def test_config_error_names_file_table_and_key(home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DEMO_CONFIG.read_text().replace("max_turns = 4", "max_turns = 'four'"))
+    out = corral(home, "up", "--config", str(bad))
+    assert out.returncode == 2
+    assert f"file {bad}" in out.stderr
+    assert "table [agents.triage]" in out.stderr and "key 'max_turns'" in out.stderr
+
+
+def test_up_submit_events_and_graceful_stop(home: Path) -> None:
+    up = subprocess.Popen([*CORRAL, "up", "--config", str(DEMO_CONFIG)], env=env_for(home),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert up.stdout is not None
+        seen = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            seen.append(line)
+            if "ready" in line or not line:
+                break
+        assert any("ready" in x for x in seen), "".join(seen)
+        assert any("NATS" in x and "nats://127.0.0.1:" in x for x in seen)
+        pids = [int(x.split("pid")[1]) for x in seen if "started" in x and "pid" in x]
+        assert len(pids) == 7
+
+        done = corral(home, "submit", "triage", "Where is order 5678?", "--id", "cli-1",
+                      "--wait")
+        assert done.returncode == 0, done.stderr
+        assert "Order 5678 is in transit" in done.stdout
+
+        events = corral(home, "events", "--task", "cli-1", "--json")
+        parsed = [json.loads(x) for x in events.stdout.splitlines()]
+        assert parsed[0]["type"] == "task.submitted" and parsed[-1]["type"] == "task.completed"
+        readable = corral(home, "events", "--task", "cli-1")
+        assert "handoff triage → support" in readable.stdout
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        if up.stdout is not None:
+            up.stdout.close()
+    for pid in pids:  # no actor outlives `corral up`
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
