@@ -2,9 +2,10 @@
 
 from actors.agent import AgentActor, agent_version
 from actors.base import Actor
-from actors.model import ModelGateway, Provider, make_provider
+from actors.model import ModelGateway
+from actors.providers import Provider, make_provider
+from actors.providers.scripted import ScriptedProvider
 from actors.runtime import build_actor, fleet_actors, load_fleet, run_actors, serve_one
-from actors.scripted import ScriptedProvider
 from actors.tool import ToolActor
 from actors.tooling import ToolContext
 

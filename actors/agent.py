@@ -29,10 +29,13 @@ from bus.eventlog import EventLog, LogHead
 from bus.mailbox import Delivery
 from bus.provision import ensure_agent_consumer
 from schemas.config import AgentSpec, FleetConfig
+from schemas.context import ACT_AT, WARN_AT, estimate_tokens, plan_cut
 from schemas.errors import ActorError, FencedWrite, ModelError
 from schemas.events import (
     ActorRef,
     BudgetExceededEvent,
+    ContextTruncated,
+    ContextWarned,
     EventBase,
     Handoff,
     LlmResponded,
@@ -43,8 +46,9 @@ from schemas.events import (
     ToolRequested,
     TurnStarted,
 )
-from schemas.fold import HANDOFF_TOOL, CallState, TaskState, apply
+from schemas.fold import HANDOFF_TOOL, CallState, TaskState, apply, call_signature
 from schemas.messages import (
+    ChatMessage,
     Message,
     ModelRequest,
     ModelResponse,
@@ -52,6 +56,7 @@ from schemas.messages import (
     TextPart,
     ToolInvocation,
     ToolSchema,
+    Usage,
     Wake,
 )
 
@@ -204,9 +209,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                                         self.clock() - state.submitted_at, self.spec.timeout_s)
                 return
             if state.phase == "ready":
-                if state.agent_turns >= self.spec.max_turns:
-                    await self._fail_budget(task_id, state, head, "turns",
-                                            state.agent_turns + 1, self.spec.max_turns)
+                breach = self._task_budget_breach(state)
+                if breach is not None:
+                    await self._fail_budget(task_id, state, head, *breach)
                     return
                 head = await self._append(task_id, state, head, TurnStarted(
                     **self._envelope(task_id), agent=self.name, turn=state.turn + 1))
@@ -229,23 +234,94 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             else:
                 return
 
-    async def _think(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
-        req = ModelRequest(alias=self.spec.model, messages=list(state.conversation),
-                           system=self.spec.system, tools=self.tools, agent=self.name,
-                           task_id=task_id, turn=state.turn, max_tokens=self.spec.max_tokens)
-        reply = await self.bus.request(subjects.model(self.spec.model), _encoder.encode(req),
+    def _task_budget_breach(self, state: TaskState) -> tuple[str, float, float] | None:
+        """The first per-task limit the next turn would pass: (limit, value, maximum)."""
+        spec = self.spec
+        if state.agent_turns >= spec.max_turns:
+            return "turns", state.agent_turns + 1, spec.max_turns
+        if spec.budget_tokens and state.usage.total >= spec.budget_tokens:
+            return "tokens", state.usage.total, spec.budget_tokens
+        if spec.budget_usd and state.cost_usd >= spec.budget_usd:
+            return "usd", state.cost_usd, spec.budget_usd
+        return None
+
+    async def _ask(self, req: ModelRequest) -> ModelResponse:
+        reply = await self.bus.request(subjects.model(req.alias), _encoder.encode(req),
                                        timeout_s=self.fleet.runtime.model_timeout_s)
         self.model_calls += 1
         try:
-            response = _model_response_decoder.decode(reply.data)
+            return _model_response_decoder.decode(reply.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise ModelError(f"model gateway {self.spec.model!r} sent an invalid response: "
+            raise ModelError(f"model gateway {req.alias!r} sent an invalid response: "
                              f"{exc}", retryable=True) from exc
+
+    async def _fit_context(self, task_id: str, state: TaskState, head: LogHead,
+                           alias: str) -> LogHead:
+        """Warn at 70% of the window; at 85% cut (or summarize) the oldest turns."""
+        window = self.fleet.models[alias].window()
+        tokens = estimate_tokens(state.conversation, self.spec.system, self.tools)
+        if tokens > ACT_AT * window:
+            dropped = plan_cut(state.conversation, system=self.spec.system, tools=self.tools,
+                               window=window)
+            if dropped == 0:
+                return head
+            summary, usage, cost = "", Usage(), 0.0
+            if self.spec.on_context_full == "summarize":
+                summary, usage, cost = await self._summarize(
+                    task_id, state, alias, state.conversation[1:1 + dropped])
+            return await self._append(task_id, state, head, ContextTruncated(
+                **self._envelope(task_id), tokens=tokens, window=window, dropped=dropped,
+                summary=summary, usage=usage, cost_usd=cost))
+        if tokens > WARN_AT * window and not state.context_warned:
+            return await self._append(task_id, state, head, ContextWarned(
+                **self._envelope(task_id), tokens=tokens, window=window))
+        return head
+
+    async def _summarize(self, task_id: str, state: TaskState, alias: str,
+                         stretch: list[ChatMessage]) -> tuple[str, Usage, float]:
+        """Ask the route for a summary of ``stretch``; ("", …) if it cannot (then truncate)."""
+        text = "\n".join(f"{m.role}{' ' + m.name if m.name else ''}: {m.content}"
+                         for m in stretch)
+        req = ModelRequest(
+            alias=alias, agent=self.name, task_id=task_id, turn=state.turn,
+            system="Summarize this part of a conversation for the assistant that continues "
+                   "it: keep facts, decisions, tool results and open questions. Be brief.",
+            messages=[ChatMessage(role="user", content=text, untrusted=True)],
+            max_tokens=min(512, self.spec.max_tokens))
+        response = await self._ask(req)
+        if response.error or not response.text:
+            log.warning("%s: task %s: summary failed (%s); truncating instead",
+                        self.actor_name, task_id, response.error or "empty")
+            return "", Usage(), 0.0
+        return response.text, response.usage, response.cost_usd
+
+    async def _think(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
+        alias = state.degraded_to or self.spec.model
+        head = await self._fit_context(task_id, state, head, alias)
+        req = ModelRequest(alias=alias, messages=list(state.conversation),
+                           system=self.spec.system, tools=self.tools, agent=self.name,
+                           task_id=task_id, turn=state.turn, max_tokens=self.spec.max_tokens,
+                           allow_cached=self.spec.allow_cached)
+        response = await self._ask(req)
+        if response.error_type == "BudgetExceeded":
+            spec = self.spec
+            degrade = spec.on_budget == "degrade" and alias != spec.degrade_model
+            budget = BudgetExceededEvent(
+                **self._envelope(task_id), limit=response.budget_scope or "usd_per_day",
+                value=response.budget_spent_usd, maximum=response.budget_limit_usd,
+                detail=response.error, degraded_to=spec.degrade_model if degrade else "")
+            head = await self._append(task_id, state, head, budget)
+            if degrade:  # the same turn, on the cheaper route
+                return await self._think(task_id, state, head)
+            await self._append(task_id, state, head, TaskFailed(
+                **self._envelope(task_id), reason=response.error, error_type="BudgetExceeded"))
+            await self._announce(task_id)
+            return head
         if response.error:
-            raise ModelError(f"model {self.spec.model!r} failed: {response.error}",
-                             retryable=True)
+            raise ModelError(f"model {alias!r} failed: {response.error}", retryable=True)
         head = await self._append(task_id, state, head, LlmResponded(
-            **self._envelope(task_id), agent=self.name, turn=state.turn, response=response))
+            **self._envelope(task_id), agent=self.name, turn=state.turn, response=response,
+            alias=alias, team=self.spec.team))
         crash_point("agent.after_llm", self.name)
         return head
 
@@ -279,6 +355,13 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 continue
             if cs.call.name == HANDOFF_TOOL:
                 return await self._handoff(task_id, state, head, cs), False
+            repeats = state.call_counts.get(call_signature(cs.call), 0)
+            if repeats >= self.spec.max_repeated_calls:
+                await self._fail_budget(task_id, state, head, "repeated_call", repeats + 1,
+                                        self.spec.max_repeated_calls,
+                                        detail=f"{cs.call.name} called again with the same "
+                                               f"arguments: a runaway loop")
+                return head, False
             key = f"{task_id}:{cs.turn}:{cs.call.id}"
             head = await self._append(task_id, state, head, ToolRequested(
                 **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key))
@@ -323,9 +406,10 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         await self._announce(task_id)
 
     async def _fail_budget(self, task_id: str, state: TaskState, head: LogHead, limit: str,
-                           value: float, maximum: float) -> None:
+                           value: float, maximum: float, detail: str = "") -> None:
         head = await self._append(task_id, state, head, BudgetExceededEvent(
-            **self._envelope(task_id), limit=limit, value=value, maximum=maximum))
+            **self._envelope(task_id), limit=limit, value=value, maximum=maximum,
+            detail=detail))
         await self._append(task_id, state, head, TaskFailed(
             **self._envelope(task_id), reason=f"{limit} limit reached "
             f"({value:g} > {maximum:g})", error_type="BudgetExceeded"))

@@ -1,14 +1,19 @@
-"""The model gateway actor: serves ``corral.models.<alias>`` by request/reply.
+"""The model gateway actor: the one place where LLM calls are made, paid for and governed.
 
-Agents never hold provider keys: they send a normalized ``ModelRequest`` and
-get a ``ModelResponse`` with usage. Replicas share a queue group.
+It serves ``corral.models.<alias>`` by request/reply (replicas share a queue
+group). For each request it: reserves the call's worst-case cost on the
+shared team/agent day counters (refusing over budget), walks the route's
+fallback chain — skipping entries whose circuit breaker is open, retrying
+retryable failures with jittered backoff that honours ``retry-after`` —
+falls back to a cached answer where the route and agent allow it, prices
+the usage, settles the reservation and answers. Agents never hold keys.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
@@ -17,14 +22,18 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from actors.base import instance_id
-from actors.scripted import ScriptedProvider
+from actors.providers import Provider, make_provider
+from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
 from bus import subjects
+from bus.budget import BudgetCounters, Reservation, day_key
 from bus.connection import Bus
-from schemas.config import ModelSpec
-from schemas.errors import ConfigError
+from bus.respcache import ResponseCache
+from schemas.config import FleetConfig
+from schemas.errors import BudgetExceeded, BusError, ProviderError
 from schemas.messages import DeadLetter, ModelRequest, ModelResponse
+from schemas.routing import RouteEntry, RouteSpec, call_cost_usd
 
-__all__ = ["PING_HEADER", "ModelGateway", "Provider", "make_provider"]
+__all__ = ["PING_HEADER", "ModelGateway", "estimate_cost_usd"]
 
 log = logging.getLogger("corral.model")
 
@@ -33,44 +42,52 @@ _req_decoder = msgspec.json.Decoder(ModelRequest)
 _encoder = msgspec.json.Encoder()
 
 
-class Provider(Protocol):
-    """What every model provider implements."""
-
-    name: str
-
-    async def complete(self, req: ModelRequest) -> ModelResponse:
-        """Answer one normalized request."""
-        ...
-
-
-def make_provider(alias: str, spec: ModelSpec, source: str = "") -> Provider:
-    """The provider for a model alias.
-
-    Raises:
-        ConfigError: for a provider this build cannot serve.
-    """
-    if spec.provider == "scripted":
-        return ScriptedProvider(spec)
-    raise ConfigError(
-        f"provider {spec.provider!r} is not available in this build yet; use 'scripted'",
-        file=source, table=f"models.{alias}", key="provider",
-    )
+def estimate_cost_usd(req: ModelRequest, entries: list[RouteEntry], fleet: FleetConfig) -> float:
+    """Worst-case cost of ``req`` on any entry: ~4 characters a token, all of max_tokens out."""
+    prompt_tokens = len(_encoder.encode((req.system, req.messages, req.tools))) // 4 + 1
+    worst = 0.0
+    for entry in entries:
+        price = fleet.prices.get(entry.model)
+        if price is not None:
+            worst = max(worst, (prompt_tokens * price.input_per_mtok
+                                + req.max_tokens * price.output_per_mtok) / 1_000_000)
+    return worst
 
 
 class ModelGateway:
-    """Serve one model alias (a core NATS queue subscription)."""
+    """Serve one model alias (route)."""
 
     kind = "model"
 
-    def __init__(self, bus: Bus, alias: str, provider: Provider, *,
-                 latency_ms: float = 0.0, max_inflight: int = 64) -> None:
+    def __init__(self, bus: Bus, alias: str, fleet: FleetConfig, *,
+                 providers: dict[int, Provider] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] | None = None,
+                 max_inflight: int = 64) -> None:
         self.bus = bus
         self.name = alias
-        self.provider = provider
-        self.latency_ms = latency_ms
+        self.fleet = fleet
+        self.route: RouteSpec = fleet.models[alias]
+        self.entries = self.route.entries()
+        table = f"models.{alias}"
+        self.providers: dict[int, Provider] = providers or {
+            i: make_provider(e, self.route, source=fleet.source,
+                             table=f"{table}.chain[{i}]" if self.route.chain else table)
+            for i, e in enumerate(self.entries)
+        }
+        self._changes: list[tuple[str, BreakerState, BreakerState]] = []
+        self.breakers = {
+            e.key: CircuitBreaker(e.key, failures=self.route.breaker_failures,
+                                  cooldown_s=self.route.breaker_cooldown_s, clock=clock,
+                                  on_change=lambda k, a, b: self._changes.append((k, a, b)))
+            for e in self.entries
+        }
+        self.budgets = BudgetCounters(bus)
+        self.cache = ResponseCache(bus)
         self.max_inflight = max_inflight
         self.instance = instance_id()
-        self.calls = 0
+        self.calls = 0  # provider calls made (attempts included)
+        self._sleep = sleep
         self._stopping = anyio.Event()
 
     @property
@@ -82,16 +99,113 @@ class ModelGateway:
         """Stop taking requests; in-flight ones are answered."""
         self._stopping.set()
 
-    async def _reply(self, msg: Msg, response: ModelResponse) -> None:
+    def _limits(self, req: ModelRequest) -> dict[str, float]:
+        limits: dict[str, float] = {}
+        agent = self.fleet.agents.get(req.agent)
+        if agent is not None and agent.usd_per_day > 0:
+            limits[day_key("agent", req.agent)] = agent.usd_per_day
+        if agent is not None and agent.team:
+            team = self.fleet.teams.get(agent.team)
+            if team is not None and team.usd_per_day > 0:
+                limits[day_key("team", agent.team)] = team.usd_per_day
+        return limits
+
+    async def _pause(self, seconds: float) -> None:
+        if self._sleep is not None:
+            self._sleep(seconds)
+        else:
+            await anyio.sleep(seconds)
+
+    async def _try_entry(self, i: int, entry: RouteEntry, req: ModelRequest,
+                         fallbacks: list[str]) -> ModelResponse | None:
+        breaker = self.breakers[entry.key]
+        for attempt in range(entry.max_retries + 1):
+            if not breaker.allow():
+                fallbacks.append(f"{entry.key}: circuit open")
+                return None
+            try:
+                self.calls += 1
+                response = await self.providers[i].complete(req, entry)
+            except ProviderError as exc:
+                if exc.retryable:
+                    breaker.failure()
+                else:
+                    breaker.success()  # the provider answered; the request was wrong
+                if not exc.retryable or attempt == entry.max_retries:
+                    fallbacks.append(f"{entry.key}: {exc}")
+                    return None
+                await self._pause(retry_delay_s(attempt + 1, base_s=entry.retry_base_s,
+                                                max_s=entry.retry_max_s,
+                                                retry_after_s=exc.retry_after_s))
+                continue
+            breaker.success()
+            return response
+        return None
+
+    async def call(self, req: ModelRequest) -> ModelResponse:
+        """Answer one request under the route's policy (never raises for provider trouble)."""
+        limits = self._limits(req)
+        reservation: Reservation | None = None
+        if limits:
+            try:
+                reservation = await self.budgets.reserve(
+                    limits, estimate_cost_usd(req, self.entries, self.fleet))
+            except BudgetExceeded as exc:
+                return ModelResponse(error=str(exc), error_type="BudgetExceeded",
+                                     stop_reason="error", budget_scope=exc.scope,
+                                     budget_spent_usd=exc.spent, budget_limit_usd=exc.limit)
+        cost = 0.0
         try:
-            await self.bus.nc.publish(msg.reply, _encoder.encode(response))
+            fallbacks: list[str] = []
+            response: ModelResponse | None = None
+            for i, entry in enumerate(self.entries):
+                response = await self._try_entry(i, entry, req, fallbacks)
+                if response is not None:
+                    break
+            if response is None:
+                cached = (await self.cache.get(req)
+                          if self.route.cache_fallback and req.allow_cached else None)
+                if cached is None:
+                    return ModelResponse(
+                        error="every entry of route " + repr(self.name) + " failed: "
+                        + "; ".join(fallbacks), error_type="ProviderUnavailable",
+                        stop_reason="error", fallbacks=fallbacks)
+                # Already paid for when it was first answered: costs nothing now.
+                return msgspec.structs.replace(cached, cached=True, fallbacks=fallbacks,
+                                               cost_usd=0.0)
+            cost = call_cost_usd(response.usage, self.fleet.prices.get(response.model)
+                                 or self.fleet.prices.get(entry.model))
+            response = msgspec.structs.replace(response, cost_usd=cost, fallbacks=fallbacks)
+            if self.route.cache_fallback:
+                await self.cache.put(req, response)
+            return response
+        finally:
+            if reservation is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.budgets.settle(reservation, cost)
+            await self._announce_breakers()
+
+    async def _announce_breakers(self) -> None:
+        changes, self._changes = self._changes, []
+        for key, old, new in changes:
+            log.warning("%s: circuit %s: %s → %s", self.actor_name, key, old, new)
+            note = {"alias": self.name, "entry": key, "from": old, "to": new,
+                    "instance": self.instance, "time": time.time()}
+            try:
+                await self.bus.publish(subjects.breaker(self.name), _encoder.encode(note))
+            except BusError as exc:
+                log.warning("%s: breaker notice not published: %s", self.actor_name, exc)
+
+    async def _reply(self, msg: Msg, data: bytes) -> None:
+        try:
+            await self.bus.nc.publish(msg.reply, data)
         except nats.errors.Error as exc:  # the caller times out and retries
             log.warning("%s: reply failed: %s", self.actor_name, exc)
 
     async def _serve(self, msg: Msg) -> None:
         if msg.headers and msg.headers.get(PING_HEADER):  # readiness probe: no provider call
             if msg.reply:
-                await self.bus.nc.publish(msg.reply, b"{}")
+                await self._reply(msg, b"{}")
             return
         try:
             req = _req_decoder.decode(msg.data)
@@ -101,19 +215,18 @@ class ModelGateway:
                                 payload=msg.data.decode("utf-8", "replace"), time=time.time())
             await self.bus.js_publish(subjects.dlq(self.actor_name), _encoder.encode(letter))
             if msg.reply:
-                await self._reply(msg, ModelResponse(error=reason, stop_reason="error"))
+                await self._reply(msg, _encoder.encode(
+                    ModelResponse(error=reason, error_type="SchemaError", stop_reason="error")))
             return
-        if self.latency_ms:
-            await anyio.sleep(self.latency_ms / 1000)
         try:
-            response = await self.provider.complete(req)
-        except Exception as exc:
-            log.error("%s: provider failed for task %s: %s", self.actor_name, req.task_id,
-                      exc, exc_info=True)
-            response = ModelResponse(error=f"{type(exc).__name__}: {exc}", stop_reason="error")
-        self.calls += 1
+            response = await self.call(req)
+        except Exception as exc:  # a bug or the bus: the agent retries, the log says why
+            log.error("%s: request for task %s failed: %s", self.actor_name, req.task_id, exc,
+                      exc_info=True)
+            response = ModelResponse(error=f"{type(exc).__name__}: {exc}",
+                                     error_type=type(exc).__name__, stop_reason="error")
         if msg.reply:
-            await self._reply(msg, response)
+            await self._reply(msg, _encoder.encode(response))
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -127,14 +240,19 @@ class ModelGateway:
             async with limiter:
                 await self._serve(msg)
 
-        async with anyio.create_task_group() as tg:
-            async def intake() -> None:
-                async for msg in sub.messages:
-                    tg.start_soon(serve_limited, msg)
+        try:
+            async with anyio.create_task_group() as tg:
+                async def intake() -> None:
+                    async for msg in sub.messages:
+                        tg.start_soon(serve_limited, msg)
 
-            async with anyio.create_task_group() as intake_tg:
-                intake_tg.start_soon(intake)
-                await self._stopping.wait()
-                intake_tg.cancel_scope.cancel()
+                async with anyio.create_task_group() as intake_tg:
+                    intake_tg.start_soon(intake)
+                    await self._stopping.wait()
+                    intake_tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await sub.unsubscribe()
+        finally:
             with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+                for provider in self.providers.values():
+                    await provider.aclose()

@@ -11,7 +11,7 @@ import anyio
 import anyio.abc
 
 from actors.agent import AgentActor
-from actors.model import ModelGateway, make_provider
+from actors.model import ModelGateway
 from actors.tool import ToolActor
 from bus.connection import Bus
 from bus.provision import ensure_streams
@@ -59,9 +59,7 @@ def build_actor(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> Any
     if kind == "tool" and name in fleet.tools:
         return ToolActor(bus, name, fleet)
     if kind == "model" and name in fleet.models:
-        spec = fleet.models[name]
-        return ModelGateway(bus, name, make_provider(name, spec, fleet.source),
-                            latency_ms=spec.latency_ms, max_inflight=fleet.runtime.max_inflight)
+        return ModelGateway(bus, name, fleet, max_inflight=fleet.runtime.max_inflight)
     raise ConfigError(f"no {kind} named {name!r} in this fleet", file=fleet.source)
 
 

@@ -70,12 +70,17 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
             except nats.js.errors.APIError as exc2:
                 raise BusError(f"stream {cfg.name} exists with a config corral cannot "
                                f"update: {exc2.description}") from exc2
-    try:
-        await bus.js.create_key_value(bucket=subjects.LEDGER_BUCKET, history=1,
-                                      replicas=replicas, description="tool idempotency ledger")
-    except nats.js.errors.APIError as exc:
-        raise BusError(f"cannot create KV bucket {subjects.LEDGER_BUCKET}: "
-                       f"{exc.description}") from exc
+    buckets = [
+        (subjects.LEDGER_BUCKET, "tool idempotency ledger", 0.0),
+        (subjects.BUDGET_BUCKET, "spend counters per team/agent per day", 3 * DAY_S),
+        (subjects.CACHE_BUCKET, "model responses for cached fallback", DAY_S),
+    ]
+    for bucket, description, ttl in buckets:
+        try:
+            await bus.js.create_key_value(bucket=bucket, history=1, replicas=replicas,
+                                          description=description, ttl=ttl or None)
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"cannot create KV bucket {bucket}: {exc.description}") from exc
 
 
 async def _ensure_consumer(bus: Bus, stream: str, cfg: ConsumerConfig) -> None:

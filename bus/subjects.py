@@ -7,12 +7,15 @@ every language breaks, so names are versioned with the contract.
 from __future__ import annotations
 
 __all__ = [
+    "BUDGET_BUCKET",
+    "CACHE_BUCKET",
     "DLQ_STREAM",
     "EVENTS_STREAM",
     "LEDGER_BUCKET",
     "TASKS_STREAM",
     "TOOLS_STREAM",
     "agent_consumer",
+    "breaker",
     "dlq",
     "events",
     "model",
@@ -30,6 +33,8 @@ TOOLS_STREAM = "CORRAL_TOOLS"  # tool invocations: tools' mailboxes
 EVENTS_STREAM = "CORRAL_EVENTS"  # every task's append-only log
 DLQ_STREAM = "CORRAL_DLQ"  # what no actor could use, with the reason
 LEDGER_BUCKET = "CORRAL_LEDGER"  # tool idempotency ledger
+BUDGET_BUCKET = "CORRAL_BUDGETS"  # spend counters per team / agent per day
+CACHE_BUCKET = "CORRAL_MODEL_CACHE"  # responses for a route's cached fallback
 
 TASKS_ALL = f"{PREFIX}.tasks.>"
 WAKE_ALL = f"{PREFIX}.wake.>"
@@ -74,6 +79,11 @@ def model(alias: str) -> str:
 def results(task_id: str) -> str:
     """Core subject where a task's final event is announced."""
     return f"{PREFIX}.results.{task_id}"
+
+
+def breaker(alias: str) -> str:
+    """Circuit-breaker state changes of a model route (a system subject)."""
+    return f"{PREFIX}.system.breaker.{alias}"
 
 
 def dlq(actor: str) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from schemas.errors import ConfigError
+from schemas.routing import PriceSpec, RouteSpec, ScriptRule, TeamSpec
 
 __all__ = [
     "AgentSpec",
@@ -33,6 +34,9 @@ class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     pass
 
 
+ModelSpec = RouteSpec  # a model alias is a route
+
+
 class AgentSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[agents.<name>]``: an LLM agent. Its spec hashes to its version id."""
 
@@ -45,6 +49,17 @@ class AgentSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     timeout_s: float = 300.0
     max_tokens: int = 1024
     replicas: int = 1
+    # Spend: checked before every model call (0 = no limit).
+    team: str = ""
+    budget_usd: float = 0.0  # per task
+    budget_tokens: int = 0  # per task, input + output
+    usd_per_day: float = 0.0  # this agent, all tasks, shared by every replica
+    on_budget: Literal["fail", "degrade"] = "fail"
+    degrade_model: str = ""  # the cheaper alias used when on_budget = "degrade"
+    max_repeated_calls: int = 3  # the same tool with the same arguments: a runaway loop
+    allow_cached: bool = False  # may a route serve a cached answer when every provider fails?
+    # Context: warn at 70% of the model's window, act at 85%.
+    on_context_full: Literal["truncate", "summarize"] = "truncate"
 
 
 class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -66,41 +81,6 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     replicas: int = 1
 
 
-class ScriptRule(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One rule of a ``scripted`` model: the first rule that matches answers.
-
-    Matches on the owning ``agent``, a regex over the task's first user
-    message (``when_user``, whose named groups become template variables), and
-    what just happened (``after``: ``start`` | ``handoff`` | ``tool`` |
-    ``tool_failed`` | ``any``, optionally narrowed by ``after_tool``). Answers
-    with ``reply`` text, a tool ``call`` with ``arguments``, or ``handoff_to``.
-    Templates: ``{order_id}`` (regex group), ``{results.<tool>.<field>}`` (the
-    latest JSON result of a tool), ``{error}`` (the latest tool error).
-    """
-
-    agent: str = ""
-    when_user: str = ""
-    after: Literal["start", "handoff", "tool", "tool_failed", "any"] = "any"
-    after_tool: str = ""
-    reply: str = ""
-    call: str = ""
-    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
-    handoff_to: str = ""
-    reason: str = ""
-
-
-class ModelSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``[models.<alias>]``: what an agent's ``model`` alias resolves to."""
-
-    provider: Literal["scripted", "anthropic", "openai"]
-    model: str = ""
-    base_url: str = ""
-    api_key_env: str = ""
-    rules: list[ScriptRule] = msgspec.field(default_factory=list)
-    latency_ms: float = 0.0
-    replicas: int = 1
-
-
 class RuntimeSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[runtime]``: delivery and shutdown knobs shared by the fleet."""
 
@@ -118,6 +98,8 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     models: dict[str, ModelSpec]
     tools: dict[str, ToolSpec] = msgspec.field(default_factory=dict)
     runtime: RuntimeSpec = msgspec.field(default_factory=RuntimeSpec)
+    prices: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
+    teams: dict[str, TeamSpec] = msgspec.field(default_factory=dict)
     name: str = "fleet"
     source: str = ""
 
@@ -198,6 +180,16 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                 raise ConfigError("must be at least 1", file=source, table=table, key=key)
         if a.timeout_s <= 0:
             raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
+        for key in ("budget_usd", "budget_tokens", "usd_per_day"):
+            if getattr(a, key) < 0:
+                raise ConfigError("must be 0 (no limit) or positive", file=source,
+                                  table=table, key=key)
+        if a.team and a.team not in fleet.teams:
+            raise ConfigError(f"unknown team {a.team!r}; define [teams.{a.team}]",
+                              file=source, table=table, key="team")
+        if a.on_budget == "degrade" and a.degrade_model not in fleet.models:
+            raise ConfigError("on_budget = 'degrade' needs degrade_model naming a model alias",
+                              file=source, table=table, key="degrade_model")
     for name, tspec in fleet.tools.items():
         table = f"tools.{name}"
         if ":" not in tspec.function:
@@ -210,6 +202,25 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                 raise ConfigError(f"unknown agent {agent!r}",
                                   file=source, table=table, key="allowed_agents")
     for alias, m in fleet.models.items():
+        if not m.entries():
+            raise ConfigError("set provider = ... or add [[models." + alias + ".chain]] entries",
+                              file=source, table=f"models.{alias}", key="provider")
+        if m.provider is not None and m.chain:
+            raise ConfigError("use either the provider shorthand or a chain, not both",
+                              file=source, table=f"models.{alias}", key="chain")
+        for i, entry in enumerate(m.entries()):
+            table = f"models.{alias}.chain[{i}]" if m.chain else f"models.{alias}"
+            if entry.provider != "scripted" and not entry.model:
+                raise ConfigError("name the provider's model", file=source, table=table,
+                                  key="model")
+            if entry.timeout_s <= 0:
+                raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
+            if entry.max_retries < 0:
+                raise ConfigError("must be 0 or more", file=source, table=table,
+                                  key="max_retries")
+        if m.breaker_failures < 1:
+            raise ConfigError("must be at least 1", file=source, table=f"models.{alias}",
+                              key="breaker_failures")
         for i, rule in enumerate(m.rules):
             table = f"models.{alias}.rules[{i}]"
             answers = sum(bool(x) for x in (rule.reply, rule.call, rule.handoff_to))
@@ -248,7 +259,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     if unknown:
         raise ConfigError("unknown key", file=source, table="fleet", key=sorted(unknown)[0])
     name = fleet_table.get("name", "fleet")
-    known = {"fleet", "runtime", "agents", "tools", "models"}
+    known = {"fleet", "runtime", "agents", "tools", "models", "prices", "teams"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}",
@@ -259,7 +270,8 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
                               file=source, table=required)
     sections: dict[str, Any] = {}
     for section, spec_type in (("agents", AgentSpec), ("tools", ToolSpec),
-                               ("models", ModelSpec)):
+                               ("models", ModelSpec), ("prices", PriceSpec),
+                               ("teams", TeamSpec)):
         tables = raw.get(section, {})
         if not isinstance(tables, dict):
             raise ConfigError("must be a table of tables", file=source, table=section)

@@ -20,8 +20,9 @@ field on the error (``retryable``), not a guess at the catch site.
     │   ├── ToolTimeout             the tool ran past its timeout
     │   └── OutcomeUnknown          an interrupted side effect: not re-run
     ├── ModelError                  the model gateway failed
-    │   ├── BudgetExceeded
-    │   └── ProviderUnavailable
+    │   ├── BudgetExceeded          a task, agent or team is over its budget
+    │   ├── ProviderError           one provider call failed (status, retry_after_s)
+    │   └── ProviderUnavailable     every entry of the route failed
     └── SupervisorError
         └── RestartIntensityExceeded
 """
@@ -40,6 +41,7 @@ __all__ = [
     "ModelError",
     "NoResponders",
     "OutcomeUnknown",
+    "ProviderError",
     "ProviderUnavailable",
     "RestartIntensityExceeded",
     "SchemaError",
@@ -163,6 +165,28 @@ class ModelError(CorralError):
 
 class BudgetExceeded(ModelError):
     """A task, agent or team is over its budget."""
+
+    def __init__(self, message: str, *, scope: str = "", spent: float = 0.0,
+                 limit: float = 0.0) -> None:
+        super().__init__(message, retryable=False)
+        self.scope = scope
+        self.spent = spent
+        self.limit = limit
+
+
+class ProviderError(ModelError):
+    """One call to one provider failed.
+
+    ``status`` is the HTTP status (0 for a connection failure or timeout);
+    ``retry_after_s`` is what the server asked for, if anything.
+    """
+
+    def __init__(self, message: str, *, provider: str = "", status: int = 0,
+                 retry_after_s: float | None = None, retryable: bool = False) -> None:
+        super().__init__(message, retryable=retryable)
+        self.provider = provider
+        self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class ProviderUnavailable(ModelError):

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from schemas.messages import Message, ModelResponse, ToolCall
+from schemas.messages import Message, ModelResponse, ToolCall, Usage
 
 __all__ = [
     "EVENT_TYPES",
@@ -21,6 +21,8 @@ __all__ = [
     "TERMINAL_EVENTS",
     "ActorRef",
     "BudgetExceededEvent",
+    "ContextTruncated",
+    "ContextWarned",
     "Event",
     "EventBase",
     "Handoff",
@@ -85,11 +87,17 @@ class TurnStarted(EventBase, frozen=True, kw_only=True, tag="turn.started"):
 
 
 class LlmResponded(EventBase, frozen=True, kw_only=True, tag="llm.responded"):
-    """The full model response of a turn: replay never calls the model again."""
+    """The full model response of a turn: replay never calls the model again.
+
+    ``alias`` is the route asked, ``team`` the agent's team: with the
+    response's model, usage and cost they attribute spend.
+    """
 
     agent: str
     turn: int
     response: ModelResponse
+    alias: str = ""
+    team: str = ""
 
 
 class ToolRequested(EventBase, frozen=True, kw_only=True, tag="tool.requested"):
@@ -138,6 +146,29 @@ class BudgetExceededEvent(EventBase, frozen=True, kw_only=True, tag="budget.exce
     value: float
     maximum: float
     detail: str = ""
+    degraded_to: str = ""  # the cheaper route the task continues on, if any
+
+
+class ContextWarned(EventBase, frozen=True, kw_only=True, tag="context.warned"):
+    """The conversation passed 70% of the model's context window."""
+
+    tokens: int
+    window: int
+
+
+class ContextTruncated(EventBase, frozen=True, kw_only=True, tag="context.truncated"):
+    """The conversation passed 85% of the model's context window and was cut.
+
+    Its oldest ``dropped`` messages after the first user message were removed,
+    or replaced by ``summary``. The fold applies the same cut, so a replay sees what the model saw.
+    """
+
+    tokens: int
+    window: int
+    dropped: int
+    summary: str = ""
+    usage: Usage = msgspec.field(default_factory=Usage)
+    cost_usd: float = 0.0
 
 
 class TaskCompleted(EventBase, frozen=True, kw_only=True, tag="task.completed"):
@@ -191,6 +222,8 @@ Event = (
     | ToolFailed
     | Handoff
     | BudgetExceededEvent
+    | ContextWarned
+    | ContextTruncated
     | TaskCompleted
     | TaskFailed
     | TaskCanceled
@@ -203,8 +236,8 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
     str(cls.__struct_config__.tag): cls
     for cls in (
         TaskSubmitted, TurnStarted, LlmResponded, ToolRequested, ToolCompleted, ToolFailed,
-        Handoff, BudgetExceededEvent, TaskCompleted, TaskFailed, TaskCanceled, TaskRejected,
-        TaskPaused, TaskResumed,
+        Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
+        TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed,
     )
 }
 TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})

@@ -13,9 +13,12 @@ from typing import Any, Literal
 
 import msgspec
 
+from schemas.context import apply_cut
 from schemas.events import (
     GENESIS_HASH,
     BudgetExceededEvent,
+    ContextTruncated,
+    ContextWarned,
     EventBase,
     Handoff,
     LlmResponded,
@@ -33,7 +36,15 @@ from schemas.events import (
 )
 from schemas.messages import ChatMessage, ModelResponse, ToolCall, Usage
 
-__all__ = ["HANDOFF_TOOL", "CallState", "Phase", "TaskState", "apply", "fold"]
+__all__ = [
+    "HANDOFF_TOOL",
+    "CallState",
+    "Phase",
+    "TaskState",
+    "apply",
+    "call_signature",
+    "fold",
+]
 
 HANDOFF_TOOL = "handoff"
 
@@ -83,6 +94,9 @@ class TaskState(msgspec.Struct, kw_only=True):
     handoffs: list[str] = msgspec.field(default_factory=list)
     answer: str = ""
     error: str = ""
+    call_counts: dict[str, int] = msgspec.field(default_factory=dict)  # tool+arguments → times
+    context_warned: bool = False
+    degraded_to: str = ""  # the cheaper model alias the task continues on
     seq: int = 0  # events folded
     last_hash: str = GENESIS_HASH
     paused_phase: Phase = "new"
@@ -99,6 +113,11 @@ class TaskState(msgspec.Struct, kw_only=True):
     def unrequested_calls(self) -> list[CallState]:
         """Calls of the last response not yet dispatched."""
         return [c for c in self.calls.values() if not c.requested and not c.outcome]
+
+
+def call_signature(call: ToolCall) -> str:
+    """A tool call's name and arguments, canonically: repeats of it are a loop."""
+    return call.name + json.dumps(call.arguments, sort_keys=True, default=str)
 
 
 def _result_text(result: Any) -> str:
@@ -142,13 +161,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 return state  # a zombie's late answer: already superseded
             r = event.response
             state.last_response = r
-            u = state.usage
-            state.usage = Usage(
-                input_tokens=u.input_tokens + r.usage.input_tokens,
-                output_tokens=u.output_tokens + r.usage.output_tokens,
-                cache_read_tokens=u.cache_read_tokens + r.usage.cache_read_tokens,
-                cache_write_tokens=u.cache_write_tokens + r.usage.cache_write_tokens,
-            )
+            state.usage = state.usage + r.usage
             state.cost_usd += r.cost_usd
             state.conversation.append(
                 ChatMessage(role="assistant", content=r.text, tool_calls=list(r.tool_calls))
@@ -161,6 +174,8 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 cs.requested = True
                 cs.idempotency_key = event.idempotency_key
                 state.tool_calls += 1
+                sig = call_signature(event.call)
+                state.call_counts[sig] = state.call_counts.get(sig, 0) + 1
         case ToolCompleted() | ToolFailed():
             cs = state.calls.get(event.call_id)
             if cs is None or cs.outcome:
@@ -198,6 +213,15 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.phase = "ready"
         case BudgetExceededEvent():
             state.error = f"{event.limit} budget exceeded ({event.value:g} > {event.maximum:g})"
+            if event.degraded_to:
+                state.degraded_to = event.degraded_to
+        case ContextWarned():
+            state.context_warned = True
+        case ContextTruncated():
+            state.conversation = apply_cut(state.conversation, event.dropped, event.summary)
+            state.usage = state.usage + event.usage
+            state.cost_usd += event.cost_usd
+            state.context_warned = False
         case TaskCompleted():
             state.status, state.phase = "completed", "done"
             state.answer = event.message.text()

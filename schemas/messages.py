@@ -111,10 +111,26 @@ class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
     """Token counts of one model call."""
 
-    input_tokens: int = 0
-    output_tokens: int = 0
+    input_tokens: int = 0  # uncached input
+    output_tokens: int = 0  # includes reasoning tokens
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    reasoning_tokens: int = 0  # already counted in output_tokens
+
+    @property
+    def total(self) -> int:
+        """Every token of the call (what a token budget counts)."""
+        return (self.input_tokens + self.output_tokens + self.cache_read_tokens
+                + self.cache_write_tokens)
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_read_tokens=self.cache_read_tokens + other.cache_read_tokens,
+            cache_write_tokens=self.cache_write_tokens + other.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens + other.reasoning_tokens,
+        )
 
 
 class ToolSchema(msgspec.Struct, frozen=True, kw_only=True):
@@ -153,6 +169,7 @@ class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
     task_id: str = ""
     turn: int = 0
     max_tokens: int = 1024
+    allow_cached: bool = False
 
 
 class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
@@ -166,6 +183,12 @@ class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
     provider: str = ""
     cost_usd: float = 0.0
     error: str = ""
+    error_type: str = ""  # e.g. BudgetExceeded, ProviderUnavailable
+    cached: bool = False  # served from the response cache after every provider failed
+    budget_scope: str = ""  # with error_type BudgetExceeded: which counter, its spend and limit
+    budget_spent_usd: float = 0.0
+    budget_limit_usd: float = 0.0
+    fallbacks: list[str] = msgspec.field(default_factory=list)  # why earlier entries were skipped
 
 
 class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,9 +11,11 @@ import json
 import re
 from typing import Any
 
-from schemas.config import ModelSpec, ScriptRule
+import anyio
+
 from schemas.fold import HANDOFF_TOOL
 from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
+from schemas.routing import RouteEntry, RouteSpec, ScriptRule
 
 __all__ = ["ScriptedProvider"]
 
@@ -88,9 +90,10 @@ class ScriptedProvider:
 
     name = "scripted"
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: RouteSpec) -> None:
         self.rules = spec.rules
         self.model = spec.model or "scripted"
+        self.latency_s = spec.latency_ms / 1000
 
     def answer(self, req: ModelRequest) -> ModelResponse:
         """The response to ``req`` (pure: same request, same response)."""
@@ -127,6 +130,11 @@ class ScriptedProvider:
                 f"after {after!r})")
         return ModelResponse(text=text, model=self.model, provider=self.name, usage=usage)
 
-    async def complete(self, req: ModelRequest) -> ModelResponse:
-        """Answer ``req``."""
+    async def complete(self, req: ModelRequest, entry: RouteEntry) -> ModelResponse:
+        """Answer ``req`` (after the configured pretend latency)."""
+        if self.latency_s:
+            await anyio.sleep(self.latency_s)
         return self.answer(req)
+
+    async def aclose(self) -> None:
+        """Nothing to release."""

@@ -1,0 +1,95 @@
+"""Anthropic Messages API through the official SDK (``AsyncAnthropic``).
+
+The SDK's own retries are off (``max_retries=0``): the gateway retries,
+so that backoff, ``retry-after`` and the circuit breaker see every attempt.
+Its OpenTelemetry spans are off too, so a call is not traced twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+
+from actors.providers._http import RETRYABLE_STATUS, retry_after_s
+from schemas.errors import ProviderError
+from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
+from schemas.routing import RouteEntry
+
+__all__ = ["AnthropicProvider", "to_anthropic_messages"]
+
+
+def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Normalized conversation → Anthropic ``messages`` (tool results grouped per turn)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if m.role == "assistant":
+            blocks: list[dict[str, Any]] = []
+            if m.content:
+                blocks.append({"type": "text", "text": m.content})
+            blocks += [{"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments}
+                       for c in m.tool_calls]
+            out.append({"role": "assistant", "content": blocks or [{"type": "text", "text": ""}]})
+        elif m.role == "tool":
+            block = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content,
+                     "is_error": m.is_error}
+            last = out[-1] if out else None
+            if last and last["role"] == "user" and isinstance(last["content"], list) and all(
+                    b.get("type") == "tool_result" for b in last["content"]):
+                last["content"].append(block)  # every result of one turn in one user message
+            else:
+                out.append({"role": "user", "content": [block]})
+        else:
+            out.append({"role": "user", "content": m.content})
+    return out
+
+
+class AnthropicProvider:
+    """Calls ``messages.create`` on an Anthropic (or compatible) endpoint."""
+
+    name = "anthropic"
+
+    def __init__(self, entry: RouteEntry, key: str | None) -> None:
+        self.client = anthropic.AsyncAnthropic(
+            api_key=key, base_url=entry.base_url or None, max_retries=0,
+            timeout=entry.timeout_s, open_telemetry=False,
+        )
+
+    async def complete(self, req: ModelRequest, entry: RouteEntry) -> ModelResponse:
+        """One Messages API call."""
+        kwargs: dict[str, Any] = {
+            "model": entry.model, "max_tokens": req.max_tokens,
+            "messages": to_anthropic_messages(req.messages),
+        }
+        if req.system:
+            kwargs["system"] = req.system
+        if req.tools:
+            kwargs["tools"] = [{"name": t.name, "description": t.description,
+                                "input_schema": t.parameters or {"type": "object"}}
+                               for t in req.tools]
+        try:
+            msg = await self.client.messages.create(**kwargs)
+        except anthropic.APIStatusError as exc:
+            status = exc.status_code
+            raise ProviderError(
+                f"anthropic {entry.model}: HTTP {status}: {exc.message}", provider=self.name,
+                status=status, retry_after_s=retry_after_s(exc.response.headers),
+                retryable=status in RETRYABLE_STATUS) from exc
+        except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
+            raise ProviderError(f"anthropic {entry.model}: {type(exc).__name__}: {exc}",
+                                provider=self.name, retryable=True) from exc
+        text = "".join(b.text for b in msg.content if b.type == "text")
+        calls = [ToolCall(id=b.id, name=b.name, arguments=dict(b.input or {}))
+                 for b in msg.content if b.type == "tool_use"]
+        u = msg.usage
+        usage = Usage(
+            input_tokens=u.input_tokens or 0, output_tokens=u.output_tokens or 0,
+            cache_read_tokens=getattr(u, "cache_read_input_tokens", None) or 0,
+            cache_write_tokens=getattr(u, "cache_creation_input_tokens", None) or 0,
+        )
+        return ModelResponse(text=text, tool_calls=calls, stop_reason=msg.stop_reason or "",
+                             usage=usage, model=msg.model or entry.model, provider=self.name)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self.client.close()

@@ -1,0 +1,108 @@
+"""OpenAI Chat Completions through the official SDK (``AsyncOpenAI``).
+
+Any OpenAI-compatible ``base_url`` works (vLLM, Ollama, llama.cpp). The
+SDK's own retries are off: the gateway retries with the breaker watching.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+
+from actors.providers._http import RETRYABLE_STATUS, retry_after_s
+from schemas.errors import ProviderError
+from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
+from schemas.routing import RouteEntry
+
+__all__ = ["OpenAIProvider", "to_openai_messages"]
+
+
+def to_openai_messages(system: str, messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Normalized conversation → Chat Completions ``messages``."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for m in messages:
+        if m.role == "assistant":
+            item: dict[str, Any] = {"role": "assistant", "content": m.content or None}
+            if m.tool_calls:
+                item["tool_calls"] = [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                    for c in m.tool_calls]
+            out.append(item)
+        elif m.role == "tool":
+            out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+        else:
+            out.append({"role": "user", "content": m.content})
+    return out
+
+
+def _arguments(raw: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(raw or "{}")
+    except ValueError:
+        # The model wrote broken JSON: pass it on so the tool's schema check
+        # fails visibly (tool.failed) instead of guessing.
+        return {"_unparsed_arguments": raw}
+    return value if isinstance(value, dict) else {"_unparsed_arguments": raw}
+
+
+class OpenAIProvider:
+    """Calls ``chat.completions.create`` on OpenAI or a compatible server."""
+
+    name = "openai"
+
+    def __init__(self, entry: RouteEntry, key: str | None) -> None:
+        # A local OpenAI-compatible server usually needs no key, but the SDK insists on one.
+        self.client = openai.AsyncOpenAI(
+            api_key=key or ("unused" if entry.base_url else None),
+            base_url=entry.base_url or None, max_retries=0, timeout=entry.timeout_s,
+        )
+
+    async def complete(self, req: ModelRequest, entry: RouteEntry) -> ModelResponse:
+        """One Chat Completions call."""
+        kwargs: dict[str, Any] = {
+            "model": entry.model, "max_tokens": req.max_tokens,
+            "messages": to_openai_messages(req.system, req.messages),
+        }
+        if req.tools:
+            kwargs["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description,
+                "parameters": t.parameters or {"type": "object"}}} for t in req.tools]
+        try:
+            completion = await self.client.chat.completions.create(**kwargs)
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            raise ProviderError(
+                f"openai {entry.model}: HTTP {status}: {exc.message}", provider=self.name,
+                status=status, retry_after_s=retry_after_s(exc.response.headers),
+                retryable=status in RETRYABLE_STATUS) from exc
+        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+            raise ProviderError(f"openai {entry.model}: {type(exc).__name__}: {exc}",
+                                provider=self.name, retryable=True) from exc
+        if not completion.choices:
+            raise ProviderError(f"openai {entry.model}: response has no choices",
+                                provider=self.name, retryable=True)
+        choice = completion.choices[0]
+        msg = choice.message
+        calls = [ToolCall(id=c.id, name=c.function.name, arguments=_arguments(c.function.arguments))
+                 for c in (msg.tool_calls or []) if getattr(c, "function", None) is not None]
+        usage = Usage()
+        if completion.usage is not None:
+            u = completion.usage
+            cached = (u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0
+            reasoning = ((u.completion_tokens_details.reasoning_tokens or 0)
+                         if u.completion_tokens_details else 0)
+            usage = Usage(input_tokens=(u.prompt_tokens or 0) - cached,
+                          output_tokens=u.completion_tokens or 0, cache_read_tokens=cached,
+                          reasoning_tokens=reasoning)
+        stop = {"tool_calls": "tool_use", "stop": "end_turn", "length": "max_tokens"}.get(
+            choice.finish_reason or "", choice.finish_reason or "")
+        return ModelResponse(text=msg.content or "", tool_calls=calls, stop_reason=stop,
+                             usage=usage, model=completion.model or entry.model,
+                             provider=self.name)
+
+    async def aclose(self) -> None:
+        """Close the HTTP client."""
+        await self.client.close()

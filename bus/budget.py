@@ -1,0 +1,127 @@
+"""Spend counters shared by every replica: KV entries updated with compare-and-set.
+
+Before a model call the gateway *reserves* the call's worst-case cost on
+each counter that has a limit (team per day, agent per day); a reservation
+that would pass the limit is refused. After the call the reservation is
+settled to the real cost. Two replicas racing for the last dollars both go
+through compare-and-set, so the counter never passes its limit by more
+than the error in one call's estimate. A process that dies mid-call leaves
+its reservation counted: spend is over-counted, never under-counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+import nats.js.errors
+from nats.js.kv import KeyValue
+
+from bus import subjects
+from bus.connection import Bus
+from schemas.errors import BudgetExceeded, BusError
+
+__all__ = ["BudgetCounters", "Reservation", "day_key"]
+
+MAX_CAS_RETRIES = 64
+
+
+class Spend(msgspec.Struct):
+    """One counter's value."""
+
+    usd: float = 0.0
+    calls: int = 0
+
+
+_enc = msgspec.json.Encoder()
+_dec = msgspec.json.Decoder(Spend)
+
+
+def day_key(scope: str, name: str, when: dt.datetime | None = None) -> str:
+    """``<scope>.<name>.<YYYYMMDD>`` (UTC day) — the counter of one day."""
+    day = (when or dt.datetime.now(dt.UTC)).strftime("%Y%m%d")
+    return f"{scope}.{name}.{day}"
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    """What was reserved, on which counters."""
+
+    keys: tuple[str, ...]
+    usd: float
+
+
+class BudgetCounters:
+    """Reserve and settle spend on shared counters."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._kv: KeyValue | None = None
+
+    async def _bucket(self) -> KeyValue:
+        if self._kv is None:
+            try:
+                self._kv = await self.bus.js.key_value(subjects.BUDGET_BUCKET)
+            except nats.js.errors.Error as exc:
+                raise BusError(f"KV bucket {subjects.BUDGET_BUCKET} missing: {exc}") from exc
+        return self._kv
+
+    async def spent(self, key: str) -> Spend:
+        """A counter's current value."""
+        kv = await self._bucket()
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return Spend()
+        return _dec.decode(entry.value) if entry.value else Spend()
+
+    async def _add(self, key: str, usd: float, calls: int, limit: float) -> bool:
+        """CAS-add to one counter; False (and nothing written) if ``limit`` would be passed."""
+        kv = await self._bucket()
+        for _ in range(MAX_CAS_RETRIES):
+            try:
+                entry = await kv.get(key)
+                current, revision = (_dec.decode(entry.value) if entry.value else Spend(),
+                                     entry.revision)
+            except nats.js.errors.KeyNotFoundError:
+                current, revision = Spend(), None
+            if limit > 0 and usd > 0 and current.usd + usd > limit:
+                return False
+            new = Spend(usd=max(0.0, current.usd + usd), calls=current.calls + calls)
+            try:
+                if revision is None:
+                    await kv.create(key, _enc.encode(new))
+                else:
+                    await kv.update(key, _enc.encode(new), last=revision)
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another replica moved it: read again
+            except nats.js.errors.Error as exc:
+                raise BusError(f"budget counter {key}: {exc}") from exc
+        raise BusError(f"budget counter {key}: too much contention")
+
+    async def reserve(self, limits: dict[str, float], usd: float) -> Reservation:
+        """Reserve ``usd`` on every counter in ``limits`` (key → limit, 0 = none).
+
+        Raises:
+            BudgetExceeded: one counter would pass its limit (nothing stays reserved).
+        """
+        done: list[str] = []
+        for key, limit in limits.items():
+            if not await self._add(key, usd, 1, limit):
+                for k in done:  # roll back what this call already reserved
+                    await self._add(k, -usd, -1, 0)
+                current = await self.spent(key)
+                raise BudgetExceeded(
+                    f"{key} would pass its limit: ${current.usd:.4f} spent of ${limit:g}, "
+                    f"this call may cost up to ${usd:.4f}", scope=key, spent=current.usd,
+                    limit=limit)
+            done.append(key)
+        return Reservation(tuple(done), usd)
+
+    async def settle(self, reservation: Reservation, actual_usd: float) -> None:
+        """Replace the reserved amount with the real cost."""
+        delta = actual_usd - reservation.usd
+        if delta == 0:
+            return
+        for key in reservation.keys:
+            await self._add(key, delta, 0, 0)
