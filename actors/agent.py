@@ -168,6 +168,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def handle(self, msg: TaskSubmit | Wake, delivery: Delivery) -> None:
         """Fold, decide, append, act — until there is nothing to do right now."""
+        if isinstance(msg, TaskSubmit) and not msg.id:
+            msg = msgspec.structs.replace(msg, id=f"task-{delivery.stream_seq}")
         task_id = msg.id if isinstance(msg, TaskSubmit) else msg.task_id
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:

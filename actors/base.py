@@ -220,7 +220,11 @@ class Actor(ABC, Generic[T]):
 
                 async def intake() -> None:
                     async for delivery in box:
-                        await limiter.acquire_on_behalf_of(delivery)
+                        try:
+                            await limiter.acquire_on_behalf_of(delivery)
+                        except anyio.get_cancelled_exc_class():
+                            await self._hand_back(delivery)  # stopping: another replica takes it
+                            raise
                         work.start_soon(self._run_limited, limiter, delivery)
 
                 async with anyio.create_task_group() as intake_tg:

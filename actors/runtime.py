@@ -12,7 +12,9 @@ import anyio.abc
 
 from actors.agent import AgentActor
 from actors.model import ModelGateway
+from actors.providers import api_key
 from actors.tool import ToolActor
+from actors.tooling import load_callable, tool_parameters
 from bus.connection import Bus
 from bus.provision import ensure_streams
 from schemas.config import FleetConfig, parse_fleet
@@ -22,6 +24,7 @@ __all__ = [
     "ActorKind",
     "AnyActor",
     "build_actor",
+    "check_fleet",
     "fleet_actors",
     "load_fleet",
     "run_actors",
@@ -46,6 +49,24 @@ def load_fleet(path: str | Path) -> FleetConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read fleet file: {exc.strerror}", file=str(p)) from exc
     return parse_fleet(text, str(p))
+
+
+def check_fleet(fleet: FleetConfig) -> None:
+    """Fail fast, in the parent, on what would make actor processes crash-loop.
+
+    Imports every tool callable and derives its schema, and checks that every
+    model entry's API key variable is set.
+
+    Raises:
+        ConfigError: naming the file, table and key.
+    """
+    for name, spec in fleet.tools.items():
+        tool_parameters(spec, load_callable(spec, name=name, source=fleet.source))
+    for alias, route in fleet.models.items():
+        for i, entry in enumerate(route.entries()):
+            table = f"models.{alias}.chain[{i}]" if route.chain else f"models.{alias}"
+            if entry.provider != "scripted":
+                api_key(entry, "", source=fleet.source, table=table)
 
 
 def build_actor(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> AnyActor:

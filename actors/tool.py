@@ -134,7 +134,10 @@ class ToolActor(Actor[ToolInvocation]):
         started = time.monotonic()
         try:
             self._check(inv)
-            await self.ledger.mark_running(key, self.instance)
+            if not await self.ledger.claim(key, self.instance, entry):
+                # Another live attempt claimed it since we looked: let it finish, look again.
+                raise ActorError(f"{self.name}: call {key} is being run by another attempt",
+                                 retryable=True)
             crash_point("tool.before_run", self.name)
             self.runs += 1
             result = await self._run(inv, attempt)
@@ -158,6 +161,15 @@ class ToolActor(Actor[ToolInvocation]):
     async def handle(self, msg: ToolInvocation, delivery: Delivery) -> None:
         """Run (or replay) one call, record it in the task log, wake the agent."""
         entry, replayed = await self._outcome(msg, delivery)
+        await self._finish(msg, entry, replayed)
+
+    async def on_poison(self, msg: ToolInvocation, reason: str) -> None:
+        """A call that could not be handled still gets an outcome, so the task moves on."""
+        await self._finish(msg, LedgerEntry(state="done", ok=False,
+                                            error=f"tool {self.name} gave up: {reason}",
+                                            error_type="ActorError"), False)
+
+    async def _finish(self, msg: ToolInvocation, entry: LedgerEntry, replayed: bool) -> None:
         common: dict[str, Any] = {
             "task_id": msg.task_id, "seq": 0, "time": time.time(), "actor": self.ref,
             "agent_version": msg.agent_version, "causation_id": msg.idempotency_key,

@@ -70,9 +70,28 @@ class Ledger:
             raise BusError(f"ledger read {key} failed: {exc}") from exc
         return _dec.decode(entry.value) if entry.value else None
 
-    async def mark_running(self, key: str, instance: str) -> None:
-        """Record that a call is about to run."""
-        await self._put(key, LedgerEntry(state="running", instance=instance, started=time.time()))
+    async def claim(self, key: str, instance: str, seen: LedgerEntry | None) -> bool:
+        """Mark a call ``running`` by ``instance`` if the entry is still what we ``seen``.
+
+        Compare-and-set: of two live attempts at one call (a zombie after a
+        pause, say) exactly one gets True; the other must not run the tool.
+        """
+        kv = await self._bucket()
+        entry = _enc.encode(LedgerEntry(state="running", instance=instance, started=time.time()))
+        k = ledger_key(key)
+        try:
+            if seen is None:
+                await kv.create(k, entry)
+            else:
+                current = await kv.get(k)
+                if current.value is None or _dec.decode(current.value) != seen:
+                    return False
+                await kv.update(k, entry, last=current.revision)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            return False
+        except nats.js.errors.Error as exc:
+            raise BusError(f"ledger claim {key} failed: {exc}") from exc
+        return True
 
     async def record(self, key: str, entry: LedgerEntry) -> None:
         """Record a call's outcome."""

@@ -12,7 +12,7 @@ from nats.js.api import DeliverPolicy
 from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog
-from schemas.errors import BusError, BusTimeout, DecodeError
+from schemas.errors import BusError, BusTimeout, DecodeError, SchemaError
 from schemas.events import TERMINAL_EVENTS, Event, decode_event, event_type
 from schemas.fold import TaskState, fold
 from schemas.messages import Message, TaskSubmit, TextPart, is_task_id, new_id
@@ -41,7 +41,7 @@ class Client:
         """Publish a task for ``agent``; resubmitting the same id is a no-op."""
         task_id = task_id or new_id()
         if not is_task_id(task_id):
-            raise ValueError(f"task id {task_id!r} must be 1-128 letters, digits, - or _")
+            raise SchemaError(f"task id {task_id!r} must be 1-128 letters, digits, - or _")
         task = TaskSubmit(id=task_id, context_id=context_id,
                           message=Message(role="user", parts=[TextPart(text=text)]),
                           metadata=dict(metadata or {}))

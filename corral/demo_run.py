@@ -102,6 +102,7 @@ async def run_demo(args: argparse.Namespace) -> int:
               f"{len(effects)} side effects recorded in {home / 'outbox.jsonl'}")
         if scope.cancelled_caught:
             print(f"  timed out after {args.timeout:g}s", file=sys.stderr)
-        print("  audit trail: corral events (with CORRAL_HOME=" + str(home) + " while up)")
+        print(f"  audit trail: the log is kept in {home / 'nats'}; to read it later run "
+              f"`CORRAL_HOME={home} corral up` and `CORRAL_HOME={home} corral events`")
         print("\nstopping the fleet …", flush=True)
     return 0 if ok == len(labels) else 1

@@ -12,13 +12,13 @@ import anyio
 import nats.errors
 
 from actors.model import PING_HEADER
-from actors.runtime import fleet_actors
+from actors.runtime import check_fleet, fleet_actors
 from bus import subjects
 from bus.connection import Bus, connect
 from bus.provision import ensure_agent_consumer, ensure_streams, ensure_tool_consumer
 from bus.server import EmbeddedServer, corral_home
 from schemas.config import FleetConfig
-from schemas.errors import BusError
+from schemas.errors import ActorError, BusError
 from supervisors.launcher import Child, Launcher
 
 __all__ = ["FleetHandle", "nats_url", "provision_fleet", "running_fleet", "wait_ready"]
@@ -104,6 +104,7 @@ async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
     On exit the processes get SIGTERM (then SIGKILL after the grace period)
     and an embedded server this call started is stopped.
     """
+    check_fleet(fleet)
     server: EmbeddedServer | None = None
     url = os.environ.get("NATS_URL", "")
     if not url:
@@ -120,7 +121,14 @@ async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
             async with anyio.create_task_group() as tg:
                 await tg.start(launcher.run)
                 try:
-                    await wait_ready(bus, fleet, ready_timeout_s)
+                    try:
+                        await wait_ready(bus, fleet, ready_timeout_s)
+                    except TimeoutError as exc:
+                        exits = ", ".join(f"{c.id} exited {c.last_exit}"
+                                          for c in launcher.children if c.last_exit is not None)
+                        raise ActorError(
+                            f"the fleet was not ready within {ready_timeout_s:g}s "
+                            f"({exits or 'no process exited'}); see {home / 'logs'}") from exc
                     yield FleetHandle(bus, launcher, url, server, home)
                 finally:
                     launcher.stop()

@@ -227,16 +227,24 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             if answers != 1:
                 raise ConfigError("a rule answers with exactly one of reply, call, handoff_to",
                                   file=source, table=table)
-            if rule.when_user:
+            for key in ("when_user", "when_system"):
                 try:
-                    re.compile(rule.when_user)
+                    re.compile(getattr(rule, key))
                 except re.error as exc:
                     raise ConfigError(f"bad regex: {exc}", file=source, table=table,
-                                      key="when_user") from exc
+                                      key=key) from exc
     rt = fleet.runtime
     for key in ("ack_wait_s", "grace_s", "model_timeout_s"):
         if getattr(rt, key) <= 0:
             raise ConfigError("must be positive", file=source, table="runtime", key=key)
+    for key in ("max_deliver", "max_inflight"):
+        if getattr(rt, key) < 1:
+            raise ConfigError("must be at least 1", file=source, table="runtime", key=key)
+    for section, specs in (("tools", fleet.tools), ("models", fleet.models)):
+        for name, spec in specs.items():
+            if spec.replicas < 1:
+                raise ConfigError("must be at least 1", file=source, table=f"{section}.{name}",
+                                  key="replicas")
 
 
 def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:

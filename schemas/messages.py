@@ -83,11 +83,20 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
         return "\n".join(p.text for p in self.parts if isinstance(p, TextPart))
 
 
+OptionalTaskId = Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_-]{1,128})?$")]
+
+
 class TaskSubmit(msgspec.Struct, frozen=True, kw_only=True):
-    """Published to ``corral.tasks.<agent>`` to start (or hand over) a task."""
+    """Published to ``corral.tasks.<agent>`` to start (or hand over) a task.
+
+    A client that wants to follow its task sends an ``id`` (``corral submit``
+    always does). Without one, the agent names the task after the message's
+    stream sequence (``task-<seq>``), so a redelivery is the same task, not a
+    second one.
+    """
 
     message: Message
-    id: TaskId = msgspec.field(default_factory=new_id)
+    id: OptionalTaskId = ""
     context_id: str = ""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
 

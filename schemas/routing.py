@@ -29,9 +29,10 @@ Provider = Literal["scripted", "anthropic", "openai"]
 class ScriptRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One rule of a ``scripted`` model: the first rule that matches answers.
 
-    Matches on the owning ``agent``, a regex over the task's first user
-    message (``when_user``, whose named groups become template variables), and
-    what just happened (``after``: ``start`` | ``handoff`` | ``tool`` |
+    Matches on the owning ``agent``, a regex over the system prompt
+    (``when_system``), a regex over the task's first user message
+    (``when_user``, whose named groups become template variables), and what
+    just happened (``after``: ``start`` | ``handoff`` | ``tool`` |
     ``tool_failed`` | ``any``, optionally narrowed by ``after_tool``). Answers
     with ``reply`` text, a tool ``call`` with ``arguments``, or ``handoff_to``.
     Templates: ``{order_id}`` (regex group), ``{results.<tool>.<field>}`` (the
@@ -39,6 +40,7 @@ class ScriptRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """
 
     agent: str = ""
+    when_system: str = ""
     when_user: str = ""
     after: Literal["start", "handoff", "tool", "tool_failed", "any"] = "any"
     after_tool: str = ""

@@ -102,10 +102,10 @@ class Launcher:
                 return
             if self.on_exit:
                 self.on_exit(child, code)
-            log.warning("%s (pid %d) exited with %s; restarting in %.1fs", child.id,
-                        proc.pid, code, backoff)
             if time.monotonic() - child.started_at > self.quiet_s:
                 backoff = self.min_backoff_s  # it ran fine for a while: not a crash loop
+            log.warning("%s (pid %d) exited with %s; restarting in %.1fs", child.id,
+                        proc.pid, code, backoff)
             with anyio.move_on_after(backoff):
                 await self._stopping.wait()
             if self._stopping.is_set():

@@ -88,3 +88,14 @@ async def test_finished_task_log_verifies_and_replays_to_the_same_state(bus: Bus
     replayed = fold(e.event for e in logged)
     assert replayed.status == state.status and replayed.answer == state.answer
     assert replayed.conversation == state.conversation
+
+
+async def test_a_submission_without_id_is_named_by_its_stream_sequence(bus: Bus) -> None:
+    from corral.client import Client as _Client
+
+    async with fleet_in_process(bus, demo_fleet()):
+        ack = await bus.js_publish(subjects.task("triage"),
+                                   b'{"message":{"role":"user","parts":[{"kind":"text",'
+                                   b'"text":"Where is order 5678?"}]}}')
+        state = await _Client(bus).wait(f"task-{ack.seq}", timeout_s=20)
+    assert state.status == "completed" and "in transit" in state.answer

@@ -38,7 +38,7 @@ OLD_EVENT = (b'{"type":"task.submitted","task_id":"t","seq":1,"time":1.0,"actor"
 
 def test_old_payloads_still_decode() -> None:
     t = msgspec.json.decode(OLD_SUBMIT, type=TaskSubmit)
-    assert t.id and t.message.text() == "hi"
+    assert t.id == "" and t.message.text() == "hi"  # the agent names it task-<stream seq>
     full = msgspec.json.decode(OLD_SUBMIT_FULL, type=TaskSubmit)
     assert full.id == "abc-1" and full.metadata == {"k": "v"}
     ev = decode_event(OLD_EVENT)

@@ -28,7 +28,7 @@ def _situation(messages: list[ChatMessage]) -> tuple[str, str]:
     if last is None or last.role == "user":
         return "start", ""
     if last.role == "tool":
-        if last.name == HANDOFF_TOOL:
+        if last.name == HANDOFF_TOOL and not last.is_error:
             return "handoff", ""
         return ("tool_failed" if last.is_error else "tool"), last.name
     return "any", ""
@@ -44,10 +44,12 @@ def _variables(messages: list[ChatMessage], rule: ScriptRule) -> dict[str, Any] 
         variables.update({k: v for k, v in m.groupdict().items() if v is not None})
     results: dict[str, Any] = {}
     for msg in messages:
-        if msg.role != "tool" or msg.name == HANDOFF_TOOL:
+        if msg.role != "tool":
             continue
         if msg.is_error:
             variables["error"] = msg.content
+            continue
+        if msg.name == HANDOFF_TOOL:
             continue
         try:
             results[msg.name] = json.loads(msg.content)
@@ -106,6 +108,8 @@ class ScriptedProvider:
             if rule.after != "any" and rule.after != after:
                 continue
             if rule.after_tool and rule.after_tool != tool:
+                continue
+            if rule.when_system and not re.search(rule.when_system, req.system):
                 continue
             variables = _variables(req.messages, rule)
             if variables is None:

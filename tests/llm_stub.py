@@ -1,0 +1,145 @@
+"""A local HTTP server that speaks the Anthropic Messages and OpenAI Chat Completions
+wire formats, so the real SDKs can be tested with no network.
+
+Each test queues replies (status, JSON body, headers); every request is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+class Stub:
+    """Replies in order; when the queue is empty the ``default`` reply repeats."""
+
+    def __init__(self) -> None:
+        self.replies: deque[Reply] = deque()
+        self.default: Reply | None = None
+        self.seen: list[Seen] = []
+        self.lock = threading.Lock()
+        self.url = ""
+
+    def queue(self, *replies: Reply) -> None:
+        with self.lock:
+            self.replies.extend(replies)
+
+    def next_reply(self) -> Reply:
+        with self.lock:
+            if self.replies:
+                return self.replies.popleft()
+        if self.default is None:
+            return Reply(500, {"error": {"type": "api_error", "message": "stub: no reply queued"}})
+        return self.default
+
+
+def anthropic_text(text: str, *, model: str = "claude-test", input_tokens: int = 100,
+                   output_tokens: int = 20, cache_read: int = 0, cache_write: int = 0) -> Reply:
+    return Reply(200, {
+        "id": "msg_test", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
+                  "cache_read_input_tokens": cache_read,
+                  "cache_creation_input_tokens": cache_write},
+    })
+
+
+def anthropic_tool(name: str, arguments: dict[str, Any], *, call_id: str = "toolu_1",
+                   model: str = "claude-test", input_tokens: int = 100,
+                   output_tokens: int = 20) -> Reply:
+    return Reply(200, {
+        "id": "msg_test", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "Let me check."},
+                    {"type": "tool_use", "id": call_id, "name": name, "input": arguments}],
+        "stop_reason": "tool_use", "stop_sequence": None,
+        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+    })
+
+
+def openai_text(text: str, *, model: str = "gpt-test", prompt: int = 100, completion: int = 20,
+                cached: int = 0, reasoning: int = 0) -> Reply:
+    return Reply(200, {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion,
+                  "prompt_tokens_details": {"cached_tokens": cached},
+                  "completion_tokens_details": {"reasoning_tokens": reasoning}},
+    })
+
+
+def openai_tool(name: str, arguments: dict[str, Any], *, call_id: str = "call_1",
+                model: str = "gpt-test", prompt: int = 100, completion: int = 20) -> Reply:
+    return Reply(200, {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": 1, "model": model,
+        "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": None,
+            "tool_calls": [{"id": call_id, "type": "function", "function": {
+                "name": name, "arguments": json.dumps(arguments)}}]}}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                  "total_tokens": prompt + completion},
+    })
+
+
+def error(status: int, message: str = "stub error", **headers: str) -> Reply:
+    kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(status, "api_error")
+    return Reply(status, {"type": "error", "error": {"type": kind, "message": message}},
+                 {k.replace("_", "-"): v for k, v in headers.items()})
+
+
+@contextmanager
+def serve_stub() -> Iterator[Stub]:
+    stub = Stub()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            body = json.loads(self.rfile.read(length) or b"{}")
+            stub.seen.append(Seen(self.path, {k.lower(): v for k, v in self.headers.items()},
+                                  body))
+            reply = stub.next_reply()
+            data = json.dumps(reply.body).encode()
+            self.send_response(reply.status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.send_header("request-id", "req_stub")
+            for k, v in reply.headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    stub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield stub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
