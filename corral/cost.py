@@ -1,0 +1,135 @@
+"""``corral cost``: spend attribution from the event log (the log is the ledger)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import AsyncIterator
+from typing import Literal
+
+import msgspec
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from bus import subjects
+from bus.connection import Bus
+from schemas.errors import BusError, SchemaError
+from schemas.events import ContextTruncated, LlmResponded, decode_event
+from schemas.messages import Usage
+
+__all__ = ["CostRow", "GroupBy", "collect_costs", "format_table", "parse_duration"]
+
+GroupBy = Literal["agent", "team", "model", "task"]
+_COSTED = {"llm.responded", "context.truncated"}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+class CostRow(msgspec.Struct, kw_only=True):
+    """Spend of one group."""
+
+    key: str
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    usd: float = 0.0
+
+    def add(self, usage: Usage, usd: float) -> None:
+        """Count one call."""
+        self.calls += 1
+        self.input_tokens += usage.input_tokens
+        self.output_tokens += usage.output_tokens
+        self.cache_read_tokens += usage.cache_read_tokens
+        self.cache_write_tokens += usage.cache_write_tokens
+        self.usd += usd
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``1d``, ``1w`` → seconds.
+
+    Raises:
+        SchemaError: anything else, with the accepted forms.
+    """
+    m = _DURATION.match(text)
+    if not m:
+        raise SchemaError(f"duration {text!r}: use a number and a unit, e.g. 90s, 30m, 2h, 1d")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+async def _costed_events(bus: Bus, since_s: float | None
+                         ) -> AsyncIterator[LlmResponded | ContextTruncated]:
+    info = await bus.js.stream_info(subjects.EVENTS_STREAM)
+    if not info.state.messages:
+        return
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    if since_s is not None:
+        start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=since_s)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                opt_start_time=start)
+    sub = await bus.js.subscribe(subjects.EVENTS_ALL, ordered_consumer=True, config=config)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                return  # nothing (more) in the window
+            kind = (msg.headers or {}).get(subjects.EVENT_TYPE_HEADER)
+            if kind is None or kind in _COSTED:
+                try:
+                    event = decode_event(msg.data)
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    event = None
+                if isinstance(event, LlmResponded | ContextTruncated):
+                    yield event
+            if msg.metadata.num_pending == 0:
+                return
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot read the event log: {exc}") from exc
+    finally:
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error:
+            pass
+
+
+async def collect_costs(bus: Bus, *, by: GroupBy = "agent",
+                        since_s: float | None = None) -> list[CostRow]:
+    """Spend grouped ``by`` agent, team, model or task, most expensive first."""
+    rows: dict[str, CostRow] = {}
+    async for event in _costed_events(bus, since_s):
+        if isinstance(event, LlmResponded):
+            r = event.response
+            key = {"agent": event.agent, "team": event.team or "(no team)",
+                   "model": f"{r.provider}:{r.model}", "task": event.task_id}[by]
+            usage, usd = r.usage, r.cost_usd
+        else:  # a summary call made to fit the context window
+            key = {"agent": event.actor.name, "team": "(context)", "model": "(summaries)",
+                   "task": event.task_id}[by]
+            usage, usd = event.usage, event.cost_usd
+            if not usage.total and not usd:
+                continue
+        rows.setdefault(key, CostRow(key=key)).add(usage, usd)
+    return sorted(rows.values(), key=lambda r: (-r.usd, r.key))
+
+
+def format_table(rows: list[CostRow], by: str) -> str:
+    """A readable table with a total line."""
+    head = (f"{by:<34} {'calls':>6} {'input':>10} {'output':>9} {'cache rd':>9} "
+            f"{'cache wr':>9} {'USD':>11}")
+    lines = [head, "-" * len(head)]
+    total = CostRow(key="total")
+    for r in rows:
+        lines.append(f"{r.key[:34]:<34} {r.calls:>6} {r.input_tokens:>10} {r.output_tokens:>9} "
+                     f"{r.cache_read_tokens:>9} {r.cache_write_tokens:>9} {r.usd:>11.6f}")
+        total.calls += r.calls
+        total.input_tokens += r.input_tokens
+        total.output_tokens += r.output_tokens
+        total.cache_read_tokens += r.cache_read_tokens
+        total.cache_write_tokens += r.cache_write_tokens
+        total.usd += r.usd
+    lines += ["-" * len(head),
+              f"{'total':<34} {total.calls:>6} {total.input_tokens:>10} {total.output_tokens:>9} "
+              f"{total.cache_read_tokens:>9} {total.cache_write_tokens:>9} {total.usd:>11.6f}"]
+    return "\n".join(lines)
