@@ -15,6 +15,7 @@ import sys
 
 import anyio
 
+from actors.metrics import serve_metrics
 from actors.runtime import load_fleet, serve_one
 from bus.connection import connect
 from schemas.errors import CorralError
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run() -> None:
         fleet = load_fleet(args.config)
+        serve_metrics()
         bus = await connect(name=f"corral-{args.kind}-{args.name}")
         try:
             await serve_one(bus, fleet, args.kind, args.name)

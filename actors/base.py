@@ -27,6 +27,7 @@ import anyio
 import anyio.abc
 import msgspec
 
+from actors.metrics import DEAD_LETTERS, MESSAGES
 from bus import subjects
 from bus.connection import Bus
 from bus.mailbox import Delivery, Mailbox
@@ -125,6 +126,7 @@ class Actor(ABC, Generic[T]):
         )
         await self.bus.js_publish(subjects.dlq(self.actor_name), _dlq_encoder.encode(letter))
         self.stats.dead_lettered += 1
+        DEAD_LETTERS.labels(self.actor_name).inc()
         log.warning("%s: dead-lettered message from %s: %s", self.actor_name,
                     delivery.subject, reason)
 
@@ -160,6 +162,7 @@ class Actor(ABC, Generic[T]):
             return
         except Exception as exc:
             self.stats.failed += 1
+            MESSAGES.labels(self.actor_name, "failed").inc()
             retryable = exc.retryable if isinstance(exc, CorralError) else True
             log.error("%s: handling %s (delivery %d) failed: %s: %s", self.actor_name,
                       delivery.subject, delivery.deliveries, type(exc).__name__, exc,
@@ -172,6 +175,7 @@ class Actor(ABC, Generic[T]):
                 await self._call_on_poison(msg, reason)
             return
         self.stats.handled += 1
+        MESSAGES.labels(self.actor_name, "handled").inc()
         await delivery.ack()
 
     async def _call_on_poison(self, msg: T, reason: str) -> None:

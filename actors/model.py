@@ -22,6 +22,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from actors.base import instance_id
+from actors.metrics import BREAKER_CODES, BREAKER_STATE, MODEL_CALLS, MODEL_COST, MODEL_TOKENS
 from actors.providers import Provider, make_provider
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
 from bus import subjects
@@ -76,6 +77,8 @@ class ModelGateway:
             for i, e in enumerate(self.entries)
         }
         self._changes: list[tuple[str, BreakerState, BreakerState]] = []
+        for e in self.entries:
+            BREAKER_STATE.labels(alias, e.key).set(0)
         self.breakers = {
             e.key: CircuitBreaker(e.key, failures=self.route.breaker_failures,
                                   cooldown_s=self.route.breaker_cooldown_s, clock=clock,
@@ -144,6 +147,22 @@ class ModelGateway:
 
     async def call(self, req: ModelRequest) -> ModelResponse:
         """Answer one request under the route's policy (never raises for provider trouble)."""
+        response = await self._call(req)
+        MODEL_CALLS.labels(self.name, response.error_type or
+                           ("cached" if response.cached else "ok")).inc()
+        if not response.error:
+            u = response.usage
+            for kind, n in (("input", u.input_tokens), ("output", u.output_tokens),
+                            ("cache_read", u.cache_read_tokens),
+                            ("cache_write", u.cache_write_tokens)):
+                if n:
+                    MODEL_TOKENS.labels(self.name, response.model, req.agent, kind).inc(n)
+            agent = self.fleet.agents.get(req.agent)
+            MODEL_COST.labels(self.name, response.model, req.agent,
+                              agent.team if agent else "").inc(response.cost_usd)
+        return response
+
+    async def _call(self, req: ModelRequest) -> ModelResponse:
         limits = self._limits(req)
         reservation: Reservation | None = None
         if limits:
@@ -189,6 +208,7 @@ class ModelGateway:
         changes, self._changes = self._changes, []
         for key, old, new in changes:
             log.warning("%s: circuit %s: %s → %s", self.actor_name, key, old, new)
+            BREAKER_STATE.labels(self.name, key).set(BREAKER_CODES[new])
             note = {"alias": self.name, "entry": key, "from": old, "to": new,
                     "instance": self.instance, "time": time.time()}
             try:

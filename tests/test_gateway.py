@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import msgspec
 import pytest
+from prometheus_client import REGISTRY
 
 from actors.model import ModelGateway
 from actors.resilience import CircuitBreaker
@@ -221,6 +222,9 @@ async def test_repeated_5xx_opens_the_breaker_and_the_chain_falls_back(
         note = json.loads((await notices.next_msg(timeout=2)).data)
         assert (note["entry"], note["from"], note["to"]) == ("anthropic:claude-test", "closed",
                                                              "open")
+        gauge = REGISTRY.get_sample_value("corral_breaker_state",
+                                          {"alias": "smart", "entry": "anthropic:claude-test"})
+        assert gauge == 2  # open, as the metric shows it
 
         # Half-open after the cool-down: one probe goes through; it succeeds; closed again.
         primary.default = anthropic_text("primary is back")
@@ -229,6 +233,8 @@ async def test_repeated_5xx_opens_the_breaker_and_the_chain_falls_back(
         r4 = await gateway.call(request())
         assert r4.text == "primary is back" and r4.provider == "anthropic"
         assert breaker.state == "closed"
+        assert REGISTRY.get_sample_value(
+            "corral_breaker_state", {"alias": "smart", "entry": "anthropic:claude-test"}) == 0
         await notices.unsubscribe()
 
 
