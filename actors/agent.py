@@ -30,7 +30,7 @@ from bus.mailbox import Delivery
 from bus.provision import ensure_agent_consumer
 from schemas.config import AgentSpec, FleetConfig
 from schemas.context import ACT_AT, WARN_AT, estimate_tokens, plan_cut
-from schemas.errors import ActorError, FencedWrite, ModelError
+from schemas.errors import ActorError, BusError, FencedWrite, ModelError
 from schemas.events import (
     ActorRef,
     BudgetExceededEvent,
@@ -215,6 +215,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 if breach is not None:
                     await self._fail_budget(task_id, state, head, *breach)
                     return
+                if state.agent_turns == 0:  # first turn here: arm this agent's deadline
+                    await self._arm_deadline(task_id, state)
                 head = await self._append(task_id, state, head, TurnStarted(
                     **self._envelope(task_id), agent=self.name, turn=state.turn + 1))
                 crash_point("agent.after_claim", self.name)
@@ -235,6 +237,22 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 return
             else:
                 return
+
+    async def _arm_deadline(self, task_id: str, state: TaskState) -> None:
+        """A scheduled wake at the wall-clock limit, so a task stuck waiting still ends."""
+        wake = Wake(task_id=task_id, reason="deadline")
+        await self.bus.schedule(subjects.timer(task_id, self.name), _encoder.encode(wake),
+                                at=state.submitted_at + self.spec.timeout_s + 1,
+                                target=subjects.wake(self.name))
+
+    async def _disarm_deadlines(self, task_id: str, state: TaskState) -> None:
+        """A finished task needs no deadline wakes (best effort: a late one is harmless)."""
+        for agent in {state.origin, *state.handoffs}:
+            try:
+                await self.bus.purge_subject(subjects.TASKS_STREAM,
+                                             subjects.timer(task_id, agent))
+            except BusError as exc:
+                log.info("%s: task %s: deadline not disarmed: %s", self.actor_name, task_id, exc)
 
     def _task_budget_breach(self, state: TaskState) -> tuple[str, float, float] | None:
         """The first per-task limit the next turn would pass: (limit, value, maximum)."""
@@ -419,6 +437,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def _announce(self, task_id: str) -> None:
         state, _ = self._cache[task_id]
+        await self._disarm_deadlines(task_id, state)
         note = {"task_id": task_id, "status": state.status, "answer": state.answer,
                 "error": state.error}
         await self.bus.publish(subjects.results(task_id), _encoder.encode(note))

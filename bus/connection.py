@@ -7,7 +7,9 @@ only ``BusError`` and its children.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import math
 import os
 from typing import Any
 
@@ -97,6 +99,24 @@ class Bus:
         except nats.errors.Error as exc:
             raise BusError(f"publish to {subject} failed: {exc}", subject=subject) from exc
         return PubResult(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def schedule(self, subject: str, data: bytes, *, at: float, target: str) -> None:
+        """Have the server publish ``data`` to ``target`` at unix time ``at`` (2.12+).
+
+        The schedule is stored on ``subject`` (a newer one on the same subject
+        replaces it) in a stream that allows message schedules; the server's
+        clock fires it, so it survives every process of ours dying.
+        """
+        when = dt.datetime.fromtimestamp(math.ceil(at), dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await self.js_publish(subject, data, headers={"Nats-Schedule": f"@at {when}",
+                                                      "Nats-Schedule-Target": target})
+
+    async def purge_subject(self, stream: str, subject: str) -> None:
+        """Remove every message on ``subject`` from ``stream`` (e.g. a pending schedule)."""
+        try:
+            await self.js.purge_stream(stream, subject=subject)
+        except nats.errors.Error as exc:
+            raise BusError(f"purge of {subject} failed: {exc}", subject=subject) from exc
 
     async def request(self, subject: str, data: bytes, timeout_s: float | None = None,
                       headers: dict[str, str] | None = None) -> Msg:

@@ -32,10 +32,11 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     return [
         # Mailboxes: a message leaves the stream once an actor acked it.
         StreamConfig(
-            name=subjects.TASKS_STREAM, subjects=[subjects.TASKS_ALL, subjects.WAKE_ALL],
+            name=subjects.TASKS_STREAM,
+            subjects=[subjects.TASKS_ALL, subjects.WAKE_ALL, subjects.TIMERS_ALL],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
-            allow_direct=True,
+            allow_direct=True, allow_msg_schedules=True,  # deadlines are scheduled wakes
         ),
         StreamConfig(
             name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_ALL],

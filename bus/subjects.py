@@ -21,6 +21,7 @@ __all__ = [
     "model",
     "results",
     "task",
+    "timer",
     "tool",
     "tool_consumer",
     "wake",
@@ -38,6 +39,7 @@ CACHE_BUCKET = "CORRAL_MODEL_CACHE"  # responses for a route's cached fallback
 
 TASKS_ALL = f"{PREFIX}.tasks.>"
 WAKE_ALL = f"{PREFIX}.wake.>"
+TIMERS_ALL = f"{PREFIX}.timers.>"
 TOOLS_ALL = f"{PREFIX}.tools.>"
 EVENTS_ALL = f"{PREFIX}.events.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
@@ -54,6 +56,11 @@ def task(agent: str) -> str:
 def wake(agent: str) -> str:
     """Where an agent is told a task log has news for it."""
     return f"{PREFIX}.wake.{agent}"
+
+
+def timer(task_id: str, agent: str) -> str:
+    """Where an agent's deadline for a task is scheduled (one schedule per subject)."""
+    return f"{PREFIX}.timers.{task_id}.{agent}"
 
 
 def tool(name: str) -> str:

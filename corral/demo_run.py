@@ -91,7 +91,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         print(f"  {'task':<7} {'status':<10} {'path':<24} {'turns':>5} {'tools':>5}  answer")
         for task_id, label in labels.items():
             st = states[task_id]
-            path = " → ".join(["triage", *st.handoffs])
+            path = " → ".join([st.origin, *st.handoffs])
             answer = (st.answer or st.error or "(unfinished)")[:70]
             print(f"  {label:<7} {st.status:<10} {path:<24} {st.turn:>5} {st.tool_calls:>5}"
                   f"  {answer}")

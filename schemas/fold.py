@@ -81,6 +81,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     status: TaskStatus = "submitted"
     phase: Phase = "new"
     agent: str = ""
+    origin: str = ""  # the agent the task was submitted to
     submitted_at: float = 0.0
     turn: int = 0  # the latest turn claimed (across agents)
     turn_attempt: int = 0
@@ -143,7 +144,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 return state
             state.task_id = event.task_id
             state.context_id = event.context_id
-            state.agent = event.agent
+            state.agent = state.origin = event.agent
             state.submitted_at = event.time
             state.phase = "ready"
             state.conversation.append(ChatMessage(role="user", content=event.message.text()))

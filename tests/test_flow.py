@@ -18,6 +18,14 @@ async def test_refund_goes_triage_handoff_billing_tools_completed(bus: Bus, home
         client = Client(bus)
         task_id = await client.submit("triage", "Please refund order 1234")
         state = await client.wait(task_id, timeout_s=20)
+        # Each agent armed a deadline when it took the task; finishing disarmed them.
+        with anyio.fail_after(5):
+            while True:
+                info = await bus.js.stream_info(subjects.TASKS_STREAM,
+                                                subjects_filter="corral.timers.>")
+                if not info.state.subjects:
+                    break
+                await anyio.sleep(0.05)
 
     assert state.status == "completed"
     assert state.handoffs == ["billing"]

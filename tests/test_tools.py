@@ -88,3 +88,34 @@ arguments = { order_id = "5678" }
     events = await task_events(bus, task_id)
     budget = [e for e in events if isinstance(e, BudgetExceededEvent)]
     assert len(budget) == 1 and budget[0].limit == "turns" and budget[0].maximum == 3
+
+
+async def test_a_task_stuck_waiting_on_a_tool_ends_at_its_deadline(bus: Bus) -> None:
+    text = '''
+[agents.waiter]
+model = "m"
+tools = ["slow"]
+timeout_s = 1.0
+
+[tools.slow]
+function = "tests.slow_tools:slow"
+side_effect = "none"
+timeout_s = 60
+
+[models.m]
+provider = "scripted"
+
+[[models.m.rules]]
+call = "slow"
+arguments = { seconds = 30 }
+'''
+    fleet = fleet_variant(text)
+    async with fleet_in_process(bus, fleet):
+        client = Client(bus)
+        task_id = await client.submit("waiter", "wait for it")
+        # Nothing but the server-side timer can wake the agent while the tool sleeps.
+        state = await client.wait(task_id, timeout_s=15)
+    assert state.status == "failed" and "wall_clock_s limit" in state.error
+    events = await task_events(bus, task_id)
+    budget = [e for e in events if isinstance(e, BudgetExceededEvent)]
+    assert len(budget) == 1 and budget[0].limit == "wall_clock_s"
