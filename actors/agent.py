@@ -266,8 +266,12 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         return None
 
     async def _ask(self, req: ModelRequest) -> ModelResponse:
+        # Wait as long as the gateway may legitimately take (every entry, every
+        # retry), so we never give up on a call that is still being paid for.
+        wait_s = max(self.fleet.runtime.model_timeout_s,
+                     self.fleet.models[req.alias].worst_case_s() + 5)
         reply = await self.bus.request(subjects.model(req.alias), _encoder.encode(req),
-                                       timeout_s=self.fleet.runtime.model_timeout_s)
+                                       timeout_s=wait_s)
         self.model_calls += 1
         try:
             return _model_response_decoder.decode(reply.data)
@@ -291,7 +295,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     task_id, state, alias, state.conversation[1:1 + dropped])
             return await self._append(task_id, state, head, ContextTruncated(
                 **self._envelope(task_id), tokens=tokens, window=window, dropped=dropped,
-                summary=summary, usage=usage, cost_usd=cost))
+                summary=summary, usage=usage, cost_usd=cost, team=self.spec.team))
         if tokens > WARN_AT * window and not state.context_warned:
             return await self._append(task_id, state, head, ContextWarned(
                 **self._envelope(task_id), tokens=tokens, window=window))

@@ -41,6 +41,7 @@ log = logging.getLogger("corral.actor")
 T = TypeVar("T")
 
 _dlq_encoder = msgspec.json.Encoder()
+SLOW_HANDLER_S = 0.0002  # a handler slower than this is waiting on I/O: worth more workers
 
 
 def instance_id() -> str:
@@ -90,8 +91,10 @@ class Actor(ABC, Generic[T]):
         self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(self.message_type)
         self._inflight: set[Delivery] = set()
         self._stopping = anyio.Event()
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._workers = 0
+        self._handle_s = SLOW_HANDLER_S  # moving average; start by assuming I/O-bound handlers
+        self._handled = MESSAGES.labels(self.actor_name, "handled")
+        self._failed = MESSAGES.labels(self.actor_name, "failed")
 
     @property
     def actor_name(self) -> str:
@@ -132,13 +135,10 @@ class Actor(ABC, Generic[T]):
 
     async def _process(self, delivery: Delivery) -> None:
         self._inflight.add(delivery)
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
         try:
             await self._process_one(delivery)
         finally:
             self._inflight.discard(delivery)
-            if not self._inflight:
-                self._idle.set()
 
     async def _process_one(self, delivery: Delivery) -> None:
         try:
@@ -162,7 +162,7 @@ class Actor(ABC, Generic[T]):
             return
         except Exception as exc:
             self.stats.failed += 1
-            MESSAGES.labels(self.actor_name, "failed").inc()
+            self._failed.inc()
             retryable = exc.retryable if isinstance(exc, CorralError) else True
             log.error("%s: handling %s (delivery %d) failed: %s: %s", self.actor_name,
                       delivery.subject, delivery.deliveries, type(exc).__name__, exc,
@@ -175,7 +175,7 @@ class Actor(ABC, Generic[T]):
                 await self._call_on_poison(msg, reason)
             return
         self.stats.handled += 1
-        MESSAGES.labels(self.actor_name, "handled").inc()
+        self._handled.inc()
         await delivery.ack()
 
     async def _call_on_poison(self, msg: T, reason: str) -> None:
@@ -209,43 +209,69 @@ class Actor(ABC, Generic[T]):
                 if now - d.received >= interval:
                     await d.in_progress()
 
+    async def _worker(self, box: Mailbox, tg: anyio.abc.TaskGroup) -> None:
+        """Handle deliveries one at a time; grow the pool while handlers wait on I/O.
+
+        A task per message (or a large idle pool, each wakeup a loop turn)
+        costs more than a no-op handler. So the pool is elastic: a worker that
+        sees a backlog while handlers are slow (they await the bus or a tool)
+        starts another, up to ``max_inflight``; an extra worker with nothing
+        queued and fast handlers retires.
+        """
+        try:
+            while True:
+                if (self._workers > 1 and not box.backlog()
+                        and self._handle_s < SLOW_HANDLER_S):
+                    return
+                delivery = await box.get()
+                if delivery is None:
+                    return
+                if (box.backlog() and self._workers < self.max_inflight
+                        and self._handle_s >= SLOW_HANDLER_S):
+                    self._workers += 1
+                    tg.start_soon(self._worker, box, tg)
+                started = time.perf_counter()
+                await self._process(delivery)
+                self._handle_s += (time.perf_counter() - started - self._handle_s) * 0.1
+        finally:
+            self._workers -= 1
+
+    async def _unblock(self, box: Mailbox, tg: anyio.abc.TaskGroup) -> None:
+        """Start another worker when every worker is stuck in a handler and messages wait.
+
+        This keeps one slow message from blocking the rest, whatever the
+        average handler time says.
+        """
+        while True:
+            await anyio.sleep(0.02)
+            if (box.backlog() and len(self._inflight) >= self._workers
+                    and self._workers < self.max_inflight and not self._stopping.is_set()):
+                self._workers += 1
+                tg.start_soon(self._worker, box, tg)
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
-        """Serve the mailbox until ``stop()``; ``task_status.started()`` once subscribed."""
+        """Serve the mailbox until ``stop()``; ``task_status.started()`` once subscribed.
+
+        Up to ``max_inflight`` workers share the mailbox, each handling one
+        message at a time: concurrency without a task per message.
+        """
         await self.setup()
-        limiter = anyio.CapacityLimiter(self.max_inflight)
+        box = Mailbox(self.bus, self.stream, self.consumer, batch=max(8, self.max_inflight * 2))
+        await box.__aenter__()
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._keepalive)
             async with anyio.create_task_group() as work:
-                box = Mailbox(self.bus, self.stream, self.consumer,
-                              batch=max(8, self.max_inflight * 2))
-                await box.__aenter__()
+                self._workers = 1
+                work.start_soon(self._worker, box, work)
+                outer.start_soon(self._unblock, box, work)
                 task_status.started()
-
-                async def intake() -> None:
-                    async for delivery in box:
-                        try:
-                            await limiter.acquire_on_behalf_of(delivery)
-                        except anyio.get_cancelled_exc_class():
-                            await self._hand_back(delivery)  # stopping: another replica takes it
-                            raise
-                        work.start_soon(self._run_limited, limiter, delivery)
-
-                async with anyio.create_task_group() as intake_tg:
-                    intake_tg.start_soon(intake)
-                    await self._stopping.wait()
-                    intake_tg.cancel_scope.cancel()
-                for left in await box.close():  # received but never started
+                await self._stopping.wait()
+                for left in await box.close():  # received, never started: back at once
                     await self._hand_back(left)
-                with anyio.move_on_after(self.grace_s):
-                    await self._idle.wait()
-                work.cancel_scope.cancel()  # past the grace period: hand back the rest
+                # Workers finish what they hold; past the grace period they are
+                # cancelled and hand their deliveries back (nak) for another replica.
+                work.cancel_scope.deadline = anyio.current_time() + self.grace_s
             outer.cancel_scope.cancel()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await self.bus.flush()
-
-    async def _run_limited(self, limiter: anyio.CapacityLimiter, delivery: Delivery) -> None:
-        try:
-            await self._process(delivery)
-        finally:
-            limiter.release_on_behalf_of(delivery)

@@ -6,6 +6,7 @@ conventions (``_total`` counters, base units).
 
 from __future__ import annotations
 
+import logging
 import os
 
 from prometheus_client import Counter, Gauge, start_http_server
@@ -32,13 +33,27 @@ MODEL_COST = Counter("corral_model_cost_usd_total", "Spend in USD",
 BREAKER_STATE = Gauge("corral_breaker_state",
                       "Circuit breaker per provider:model (0 closed, 1 half-open, 2 open)",
                       ["alias", "entry"])
+log = logging.getLogger("corral.metrics")
+
 BREAKER_CODES = {"closed": 0, "half-open": 1, "open": 2}
 
 
-def serve_metrics() -> int | None:
-    """Start the /metrics endpoint on ``$CORRAL_METRICS_PORT`` if set; returns the port."""
-    port = os.environ.get("CORRAL_METRICS_PORT")
-    if not port:
+def serve_metrics(tries: int = 200) -> int | None:
+    """Start /metrics on the first free port from ``$CORRAL_METRICS_PORT``; returns it.
+
+    Every actor process of a fleet is given the same base port, so each takes
+    the next free one (the port is logged, and ``corral up`` prints it).
+    """
+    base = os.environ.get("CORRAL_METRICS_PORT")
+    if not base:
         return None
-    start_http_server(int(port), addr=os.environ.get("CORRAL_METRICS_ADDR", "127.0.0.1"))
-    return int(port)
+    addr = os.environ.get("CORRAL_METRICS_ADDR", "127.0.0.1")
+    for port in range(int(base), int(base) + tries):
+        try:
+            start_http_server(port, addr=addr)
+        except OSError:
+            continue
+        log.warning("metrics on http://%s:%d/metrics", addr, port)
+        return port
+    log.error("no free metrics port in %s..%d", base, int(base) + tries - 1)
+    return None

@@ -129,11 +129,15 @@ class ModelGateway:
             try:
                 self.calls += 1
                 response = await self.providers[i].complete(req, entry)
-            except ProviderError as exc:
+            except Exception as exc:
+                if not isinstance(exc, ProviderError):  # an adapter bug, a broken SDK
+                    log.error("%s: %s raised %s", self.actor_name, entry.key, exc, exc_info=True)
+                    exc = ProviderError(f"{entry.key}: {type(exc).__name__}: {exc}",
+                                        provider=entry.provider, retryable=True)
                 if exc.retryable:
                     breaker.failure()
                 else:
-                    breaker.success()  # the provider answered; the request was wrong
+                    breaker.neutral()  # it answered; the request was at fault, not the provider
                 if not exc.retryable or attempt == entry.max_retries:
                     fallbacks.append(f"{entry.key}: {exc}")
                     return None
@@ -196,7 +200,10 @@ class ModelGateway:
                                  or self.fleet.prices.get(entry.model))
             response = msgspec.structs.replace(response, cost_usd=cost, fallbacks=fallbacks)
             if self.route.cache_fallback:
-                await self.cache.put(req, response)
+                try:
+                    await self.cache.put(req, response)
+                except BusError as exc:  # paid for already: answer anyway
+                    log.warning("%s: response not cached: %s", self.actor_name, exc)
             return response
         finally:
             if reservation is not None:

@@ -63,6 +63,11 @@ class CircuitBreaker:
         self._probing = False
         self._set("closed")
 
+    def neutral(self) -> None:
+        """A call ended in a way that says nothing about the provider's health."""
+        if self._probing:  # the probe got an answer: the provider is up
+            self.success()
+
     def failure(self) -> None:
         """A call failed: count it; open at the threshold, or when a probe fails."""
         self.consecutive_failures += 1

@@ -65,8 +65,7 @@ def check_fleet(fleet: FleetConfig) -> None:
     for alias, route in fleet.models.items():
         for i, entry in enumerate(route.entries()):
             table = f"models.{alias}.chain[{i}]" if route.chain else f"models.{alias}"
-            if entry.provider != "scripted":
-                api_key(entry, "", source=fleet.source, table=table)
+            api_key(entry, source=fleet.source, table=table)
 
 
 def build_actor(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> AnyActor:

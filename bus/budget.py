@@ -3,10 +3,12 @@
 Before a model call the gateway *reserves* the call's worst-case cost on
 each counter that has a limit (team per day, agent per day); a reservation
 that would pass the limit is refused. After the call the reservation is
-settled to the real cost. Two replicas racing for the last dollars both go
-through compare-and-set, so the counter never passes its limit by more
-than the error in one call's estimate. A process that dies mid-call leaves
-its reservation counted: spend is over-counted, never under-counted.
+settled to the real cost. Replicas racing for the last dollars all go
+through compare-and-set, so the counter passes its limit only by what the
+estimates of the calls in flight fell short of their real cost (the
+estimate assumes every ``max_tokens`` is used, so it rarely falls short). A
+process that dies mid-call leaves its reservation counted: spend is
+over-counted, never under-counted.
 """
 
 from __future__ import annotations

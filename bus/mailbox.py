@@ -157,12 +157,12 @@ class Mailbox:
         if want <= 0 or self._closed:
             return
         req = {"batch": want, "expires": int(self.expires_s * 1e9)}
+        self._credit += want  # before the await: a concurrent get() must not pull again
+        self._last_pull = time.monotonic()
         await self.bus.nc.publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}",
             json.dumps(req).encode(), reply=self._inbox,
         )
-        self._credit += want
-        self._last_pull = time.monotonic()
 
     def _on_status(self, msg: Msg) -> None:
         hdrs = msg.headers or {}
@@ -175,21 +175,42 @@ class Mailbox:
         if status == "409":
             log.debug("mailbox %s: %s", self.consumer, hdrs.get("Description", ""))
 
-    async def __aiter__(self) -> AsyncIterator[Delivery]:
+    def backlog(self) -> int:
+        """Messages received and not yet handed out."""
+        return int(self._recv.statistics().current_buffer_used)
+
+    async def get(self) -> Delivery | None:
+        """The next delivery; None once the mailbox is closed.
+
+        Several workers may call this at once. A message already buffered is
+        returned without yielding to the event loop (anyio's ``receive()``
+        always yields first), which is most of a lean loop's speed.
+        """
         while not self._closed:
             if self._credit <= self.batch // 2:
                 await self._pull()
-            msg: Msg | None = None
-            with anyio.move_on_after(self.expires_s + 1.0):
-                try:
-                    msg = await self._recv.receive()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    return
-            if msg is None:  # quiet for a whole pull lifetime: the credit has expired
-                self._credit = 0
-                continue
+            try:
+                msg = self._recv.receive_nowait()
+            except anyio.WouldBlock:
+                waited: Msg | None = None
+                with anyio.move_on_after(self.expires_s + 1.0):
+                    try:
+                        waited = await self._recv.receive()
+                    except (anyio.EndOfStream, anyio.ClosedResourceError):
+                        return None
+                if waited is None:  # quiet for a whole pull lifetime: the credit has expired
+                    self._credit = 0
+                    continue
+                msg = waited
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return None
             if not msg.data and msg.headers and "Status" in msg.headers:
                 self._on_status(msg)
                 continue
             self._credit = max(0, self._credit - 1)
-            yield Delivery(self.bus, msg)
+            return Delivery(self.bus, msg)
+        return None
+
+    async def __aiter__(self) -> AsyncIterator[Delivery]:
+        while (delivery := await self.get()) is not None:
+            yield delivery

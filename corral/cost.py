@@ -105,8 +105,8 @@ async def collect_costs(bus: Bus, *, by: GroupBy = "agent",
                    "model": f"{r.provider}:{r.model}", "task": event.task_id}[by]
             usage, usd = r.usage, r.cost_usd
         else:  # a summary call made to fit the context window
-            key = {"agent": event.actor.name, "team": "(context)", "model": "(summaries)",
-                   "task": event.task_id}[by]
+            key = {"agent": event.actor.name, "team": event.team or "(no team)",
+                   "model": "(context summaries)", "task": event.task_id}[by]
             usage, usd = event.usage, event.cost_usd
             if not usage.total and not usd:
                 continue
@@ -116,12 +116,13 @@ async def collect_costs(bus: Bus, *, by: GroupBy = "agent",
 
 def format_table(rows: list[CostRow], by: str) -> str:
     """A readable table with a total line."""
-    head = (f"{by:<34} {'calls':>6} {'input':>10} {'output':>9} {'cache rd':>9} "
+    width = max([34, *(len(r.key) for r in rows)])
+    head = (f"{by:<{width}} {'calls':>6} {'input':>10} {'output':>9} {'cache rd':>9} "
             f"{'cache wr':>9} {'USD':>11}")
     lines = [head, "-" * len(head)]
     total = CostRow(key="total")
     for r in rows:
-        lines.append(f"{r.key[:34]:<34} {r.calls:>6} {r.input_tokens:>10} {r.output_tokens:>9} "
+        lines.append(f"{r.key:<{width}} {r.calls:>6} {r.input_tokens:>10} {r.output_tokens:>9} "
                      f"{r.cache_read_tokens:>9} {r.cache_write_tokens:>9} {r.usd:>11.6f}")
         total.calls += r.calls
         total.input_tokens += r.input_tokens
@@ -130,6 +131,7 @@ def format_table(rows: list[CostRow], by: str) -> str:
         total.cache_write_tokens += r.cache_write_tokens
         total.usd += r.usd
     lines += ["-" * len(head),
-              f"{'total':<34} {total.calls:>6} {total.input_tokens:>10} {total.output_tokens:>9} "
-              f"{total.cache_read_tokens:>9} {total.cache_write_tokens:>9} {total.usd:>11.6f}"]
+              f"{'total':<{width}} {total.calls:>6} {total.input_tokens:>10} "
+              f"{total.output_tokens:>9} {total.cache_read_tokens:>9} "
+              f"{total.cache_write_tokens:>9} {total.usd:>11.6f}"]
     return "\n".join(lines)

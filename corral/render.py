@@ -8,6 +8,8 @@ from typing import Any
 
 from schemas.events import (
     BudgetExceededEvent,
+    ContextTruncated,
+    ContextWarned,
     Event,
     Handoff,
     LlmResponded,
@@ -63,7 +65,14 @@ def describe(event: Event) -> str:
         case Handoff():
             return f"handoff {event.from_agent} → {event.to_agent} ({event.reason})"
         case BudgetExceededEvent():
-            return f"budget exceeded: {event.limit} {event.value:g} > {event.maximum:g}"
+            then = f"; continuing on {event.degraded_to}" if event.degraded_to else ""
+            return f"budget exceeded: {event.limit} {event.value:g} > {event.maximum:g}{then}"
+        case ContextWarned():
+            return f"context at {event.tokens}/{event.window} tokens (over 70%)"
+        case ContextTruncated():
+            how = "summarized" if event.summary else "dropped"
+            return (f"context at {event.tokens}/{event.window} tokens: {how} "
+                    f"{event.dropped} oldest messages")
         case TaskCompleted():
             return f"completed: {short(event.message.text(), 100)!r}"
         case TaskFailed():

@@ -52,7 +52,7 @@ class AgentSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Spend: checked before every model call (0 = no limit).
     team: str = ""
     budget_usd: float = 0.0  # per task
-    budget_tokens: int = 0  # per task, input + output
+    budget_tokens: int = 0  # per task: every token of every call (input, output, cache)
     usd_per_day: float = 0.0  # this agent, all tasks, shared by every replica
     on_budget: Literal["fail", "degrade"] = "fail"
     degrade_model: str = ""  # the cheaper alias used when on_budget = "degrade"
@@ -157,6 +157,17 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
     _check_names("agents", fleet.agents, source)
     _check_names("tools", fleet.tools, source)
     _check_names("models", fleet.models, source)
+    _check_names("teams", fleet.teams, source)
+    for team, team_spec in fleet.teams.items():
+        if team_spec.usd_per_day < 0:
+            raise ConfigError("must be 0 (no limit) or positive", file=source,
+                              table=f"teams.{team}", key="usd_per_day")
+    for model, price in fleet.prices.items():
+        for key in ("input_per_mtok", "output_per_mtok", "cache_read_per_mtok",
+                    "cache_write_per_mtok"):
+            if getattr(price, key) < 0:
+                raise ConfigError("a price cannot be negative", file=source,
+                                  table=f"prices.{model}", key=key)
     if "handoff" in fleet.tools:
         raise ConfigError("'handoff' is a built-in tool; pick another name",
                           file=source, table="tools.handoff")
@@ -187,6 +198,9 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
         if a.team and a.team not in fleet.teams:
             raise ConfigError(f"unknown team {a.team!r}; define [teams.{a.team}]",
                               file=source, table=table, key="team")
+        if a.max_repeated_calls < 1:
+            raise ConfigError("must be at least 1", file=source, table=table,
+                              key="max_repeated_calls")
         if a.on_budget == "degrade" and a.degrade_model not in fleet.models:
             raise ConfigError("on_budget = 'degrade' needs degrade_model naming a model alias",
                               file=source, table=table, key="degrade_model")
@@ -221,6 +235,17 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
         if m.breaker_failures < 1:
             raise ConfigError("must be at least 1", file=source, table=f"models.{alias}",
                               key="breaker_failures")
+        if m.breaker_cooldown_s <= 0:
+            raise ConfigError("must be positive", file=source, table=f"models.{alias}",
+                              key="breaker_cooldown_s")
+        for i, entry in enumerate(m.entries()):
+            table = f"models.{alias}.chain[{i}]" if m.chain else f"models.{alias}"
+            if entry.context_window < 1:
+                raise ConfigError("must be at least 1", file=source, table=table,
+                                  key="context_window")
+            for key in ("retry_base_s", "retry_max_s"):
+                if getattr(entry, key) < 0:
+                    raise ConfigError("must be 0 or more", file=source, table=table, key=key)
         for i, rule in enumerate(m.rules):
             table = f"models.{alias}.rules[{i}]"
             answers = sum(bool(x) for x in (rule.reply, rule.call, rule.handoff_to))

@@ -169,6 +169,7 @@ class ContextTruncated(EventBase, frozen=True, kw_only=True, tag="context.trunca
     summary: str = ""
     usage: Usage = msgspec.field(default_factory=Usage)
     cost_usd: float = 0.0
+    team: str = ""  # who pays for the summary call
 
 
 class TaskCompleted(EventBase, frozen=True, kw_only=True, tag="task.completed"):

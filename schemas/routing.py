@@ -92,6 +92,8 @@ class RouteSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     api_key_env: str = ""
     timeout_s: float = 60.0
     max_retries: int = 2
+    retry_base_s: float = 0.5
+    retry_max_s: float = 20.0
     context_window: int = 200_000
     chain: list[RouteEntry] = msgspec.field(default_factory=list)
     cache_fallback: bool = False
@@ -109,7 +111,13 @@ class RouteSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             return []
         return [RouteEntry(provider=self.provider, model=self.model, base_url=self.base_url,
                            api_key_env=self.api_key_env, timeout_s=self.timeout_s,
-                           max_retries=self.max_retries, context_window=self.context_window)]
+                           max_retries=self.max_retries, retry_base_s=self.retry_base_s,
+                           retry_max_s=self.retry_max_s, context_window=self.context_window)]
+
+    def worst_case_s(self) -> float:
+        """How long the gateway may take on one request: every entry, every retry."""
+        return sum(e.timeout_s * (e.max_retries + 1) + e.retry_max_s * e.max_retries
+                   for e in self.entries())
 
     def window(self) -> int:
         """The smallest context window of the chain: a fallback must fit it too."""

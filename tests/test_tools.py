@@ -119,3 +119,43 @@ arguments = { seconds = 30 }
     events = await task_events(bus, task_id)
     budget = [e for e in events if isinstance(e, BudgetExceededEvent)]
     assert len(budget) == 1 and budget[0].limit == "wall_clock_s"
+
+
+async def test_one_slow_call_does_not_hold_up_the_others(bus: Bus) -> None:
+    text = '''
+[agents.worker]
+model = "m"
+tools = ["slow"]
+
+[tools.slow]
+function = "tests.slow_tools:slow"
+side_effect = "none"
+
+[models.m]
+provider = "scripted"
+
+[[models.m.rules]]
+after = "tool"
+reply = "done"
+
+[[models.m.rules]]
+when_user = "slow"
+call = "slow"
+arguments = { seconds = 3 }
+
+[[models.m.rules]]
+call = "slow"
+arguments = { seconds = 0 }
+'''
+    async with fleet_in_process(bus, fleet_variant(text)):
+        client = Client(bus)
+        slow = await client.submit("worker", "slow one")
+        quick = [await client.submit("worker", f"quick {i}") for i in range(3)]
+        quick_states = [await client.wait(t, timeout_s=20) for t in quick]
+        slow_state = await client.wait(slow, timeout_s=20)
+    assert all(s.status == "completed" for s in [*quick_states, slow_state])
+    slow_done = next(e for e in await task_events(bus, slow)
+                     if type(e).__name__ == "ToolCompleted").time
+    for t in quick:
+        finished = (await task_events(bus, t))[-1].time
+        assert finished < slow_done  # the quick ones did not queue behind the slow call

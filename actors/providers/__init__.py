@@ -36,22 +36,32 @@ class Provider(Protocol):
         ...
 
 
-def api_key(entry: RouteEntry, default_env: str, *, source: str, table: str) -> str | None:
-    """The key named by ``api_key_env`` (or ``default_env``), read from the environment.
+DEFAULT_KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
 
-    Keys live only in the gateway process's environment: never in config
-    files, requests, events or logs.
+
+def api_key(entry: RouteEntry, *, source: str, table: str) -> str | None:
+    """The entry's API key, read from the environment.
+
+    ``api_key_env`` names the variable. Without it, the provider's usual
+    variable (``ANTHROPIC_API_KEY``, ``OPENAI_API_KEY``) is used — but only
+    for the provider's own endpoint: an entry with a ``base_url`` (a local or
+    third-party server) gets no key unless it names one, so a real key never
+    leaks to a server it was not meant for. Keys live only in the gateway
+    process's environment: never in config files, requests, events or logs.
 
     Raises:
-        ConfigError: ``api_key_env`` names a variable that is not set.
+        ConfigError: the variable the entry needs is not set.
     """
-    if entry.api_key_env:
-        value = os.environ.get(entry.api_key_env)
-        if not value:
-            raise ConfigError(f"environment variable {entry.api_key_env} is not set",
-                              file=source, table=table, key="api_key_env")
-        return value
-    return os.environ.get(default_env)
+    if entry.provider == "scripted":
+        return None
+    env = entry.api_key_env or ("" if entry.base_url else DEFAULT_KEY_ENV[entry.provider])
+    if not env:
+        return None
+    value = os.environ.get(env)
+    if not value:
+        raise ConfigError(f"environment variable {env} is not set (the {entry.provider} key)",
+                          file=source, table=table, key="api_key_env")
+    return value
 
 
 def make_provider(entry: RouteEntry, route: RouteSpec, *, source: str = "",
@@ -64,8 +74,7 @@ def make_provider(entry: RouteEntry, route: RouteSpec, *, source: str = "",
     if entry.provider == "anthropic":
         from actors.providers.anthropic_provider import AnthropicProvider
 
-        return AnthropicProvider(entry, api_key(entry, "ANTHROPIC_API_KEY", source=source,
-                                                table=table))
+        return AnthropicProvider(entry, api_key(entry, source=source, table=table))
     from actors.providers.openai_provider import OpenAIProvider
 
-    return OpenAIProvider(entry, api_key(entry, "OPENAI_API_KEY", source=source, table=table))
+    return OpenAIProvider(entry, api_key(entry, source=source, table=table))

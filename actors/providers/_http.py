@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["RETRYABLE_STATUS", "retry_after_s"]
+__all__ = ["is_retryable", "retry_after_s"]
 
-# 408 request timeout, 409 conflict (Anthropic: retry), 429 rate limited,
-# 5xx server trouble (529 = Anthropic overloaded).
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+# 408 request timeout, 409 conflict (Anthropic: retry), 429 rate limited;
+# and every 5xx (server trouble; 529 = Anthropic overloaded).
+_RETRYABLE_4XX = frozenset({408, 409, 429})
+
+
+def is_retryable(status: int) -> bool:
+    """Whether a call that got HTTP ``status`` may succeed if tried again."""
+    return status >= 500 or status in _RETRYABLE_4XX
 
 
 def retry_after_s(headers: Mapping[str, str] | None) -> float | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import anthropic
 
-from actors.providers._http import RETRYABLE_STATUS, retry_after_s
+from actors.providers._http import is_retryable, retry_after_s
 from schemas.errors import ProviderError
 from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
 from schemas.routing import RouteEntry
@@ -51,7 +51,7 @@ class AnthropicProvider:
 
     def __init__(self, entry: RouteEntry, key: str | None) -> None:
         self.client = anthropic.AsyncAnthropic(
-            api_key=key, base_url=entry.base_url or None, max_retries=0,
+            api_key=key or "unused", base_url=entry.base_url or None, max_retries=0,
             timeout=entry.timeout_s, open_telemetry=False,
         )
 
@@ -74,7 +74,7 @@ class AnthropicProvider:
             raise ProviderError(
                 f"anthropic {entry.model}: HTTP {status}: {exc.message}", provider=self.name,
                 status=status, retry_after_s=retry_after_s(exc.response.headers),
-                retryable=status in RETRYABLE_STATUS) from exc
+                retryable=is_retryable(status)) from exc
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
             raise ProviderError(f"anthropic {entry.model}: {type(exc).__name__}: {exc}",
                                 provider=self.name, retryable=True) from exc

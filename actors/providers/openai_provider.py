@@ -11,7 +11,7 @@ from typing import Any
 
 import openai
 
-from actors.providers._http import RETRYABLE_STATUS, retry_after_s
+from actors.providers._http import is_retryable, retry_after_s
 from schemas.errors import ProviderError
 from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
 from schemas.routing import RouteEntry
@@ -56,14 +56,17 @@ class OpenAIProvider:
     def __init__(self, entry: RouteEntry, key: str | None) -> None:
         # A local OpenAI-compatible server usually needs no key, but the SDK insists on one.
         self.client = openai.AsyncOpenAI(
-            api_key=key or ("unused" if entry.base_url else None),
+            api_key=key or "unused",
             base_url=entry.base_url or None, max_retries=0, timeout=entry.timeout_s,
         )
 
     async def complete(self, req: ModelRequest, entry: RouteEntry) -> ModelResponse:
         """One Chat Completions call."""
+        # OpenAI's own API wants max_completion_tokens (its reasoning models refuse
+        # max_tokens); compatible servers (vLLM, Ollama, llama.cpp) know max_tokens.
+        limit = "max_tokens" if entry.base_url else "max_completion_tokens"
         kwargs: dict[str, Any] = {
-            "model": entry.model, "max_tokens": req.max_tokens,
+            "model": entry.model, limit: req.max_tokens,
             "messages": to_openai_messages(req.system, req.messages),
         }
         if req.tools:
@@ -77,7 +80,7 @@ class OpenAIProvider:
             raise ProviderError(
                 f"openai {entry.model}: HTTP {status}: {exc.message}", provider=self.name,
                 status=status, retry_after_s=retry_after_s(exc.response.headers),
-                retryable=status in RETRYABLE_STATUS) from exc
+                retryable=is_retryable(status)) from exc
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
             raise ProviderError(f"openai {entry.model}: {type(exc).__name__}: {exc}",
                                 provider=self.name, retryable=True) from exc
