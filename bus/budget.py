@@ -16,11 +16,10 @@ from __future__ import annotations
 import datetime as dt
 
 import msgspec
-import nats.js.errors
-from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.connection import Bus
+from bus.kv import Bucket
 from schemas.errors import BudgetExceeded, BusError
 
 __all__ = ["BudgetCounters", "Reservation", "day_key"]
@@ -56,49 +55,26 @@ class BudgetCounters:
     """Reserve and settle spend on shared counters."""
 
     def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-        self._kv: KeyValue | None = None
-
-    async def _bucket(self) -> KeyValue:
-        if self._kv is None:
-            try:
-                self._kv = await self.bus.js.key_value(subjects.BUDGET_BUCKET)
-            except nats.js.errors.Error as exc:
-                raise BusError(f"KV bucket {subjects.BUDGET_BUCKET} missing: {exc}") from exc
-        return self._kv
+        self.bucket = Bucket(bus, subjects.BUDGET_BUCKET)
 
     async def spent(self, key: str) -> Spend:
         """A counter's current value."""
-        kv = await self._bucket()
-        try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return Spend()
-        return _dec.decode(entry.value) if entry.value else Spend()
+        found = await self.bucket.get(key)
+        return _dec.decode(found[0]) if found else Spend()
 
     async def _add(self, key: str, usd: float, calls: int, limit: float) -> bool:
         """CAS-add to one counter; False (and nothing written) if ``limit`` would be passed."""
-        kv = await self._bucket()
         for _ in range(MAX_CAS_RETRIES):
-            try:
-                entry = await kv.get(key)
-                current, revision = (_dec.decode(entry.value) if entry.value else Spend(),
-                                     entry.revision)
-            except nats.js.errors.KeyNotFoundError:
-                current, revision = Spend(), None
+            found = await self.bucket.get(key)
+            current = _dec.decode(found[0]) if found else Spend()
             if limit > 0 and usd > 0 and current.usd + usd > limit:
                 return False
-            new = Spend(usd=max(0.0, current.usd + usd), calls=current.calls + calls)
-            try:
-                if revision is None:
-                    await kv.create(key, _enc.encode(new))
-                else:
-                    await kv.update(key, _enc.encode(new), last=revision)
+            new = _enc.encode(Spend(usd=max(0.0, current.usd + usd), calls=current.calls + calls))
+            written = (await self.bucket.create(key, new) if found is None
+                       else await self.bucket.update(key, new, found[1]))
+            if written:
                 return True
-            except nats.js.errors.KeyWrongLastSequenceError:
-                continue  # another replica moved it: read again
-            except nats.js.errors.Error as exc:
-                raise BusError(f"budget counter {key}: {exc}") from exc
+            # another replica moved it: read again
         raise BusError(f"budget counter {key}: too much contention")
 
     async def reserve(self, limits: dict[str, float], usd: float) -> Reservation:

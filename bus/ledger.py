@@ -12,12 +12,10 @@ import time
 from typing import Any, Literal
 
 import msgspec
-import nats.js.errors
-from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.connection import Bus
-from schemas.errors import BusError
+from bus.kv import Bucket
 
 __all__ = ["Ledger", "LedgerEntry", "ledger_key"]
 
@@ -48,27 +46,12 @@ class Ledger:
     """Read and write ledger entries."""
 
     def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-        self._kv: KeyValue | None = None
-
-    async def _bucket(self) -> KeyValue:
-        if self._kv is None:
-            try:
-                self._kv = await self.bus.js.key_value(subjects.LEDGER_BUCKET)
-            except nats.js.errors.Error as exc:
-                raise BusError(f"KV bucket {subjects.LEDGER_BUCKET} missing: {exc}") from exc
-        return self._kv
+        self.bucket = Bucket(bus, subjects.LEDGER_BUCKET)
 
     async def get(self, key: str) -> LedgerEntry | None:
         """The entry for ``key``, or None."""
-        kv = await self._bucket()
-        try:
-            entry = await kv.get(ledger_key(key))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        except nats.js.errors.Error as exc:
-            raise BusError(f"ledger read {key} failed: {exc}") from exc
-        return _dec.decode(entry.value) if entry.value else None
+        found = await self.bucket.get(ledger_key(key))
+        return _dec.decode(found[0]) if found else None
 
     async def claim(self, key: str, instance: str, seen: LedgerEntry | None) -> bool:
         """Mark a call ``running`` by ``instance`` if the entry is still what we ``seen``.
@@ -76,30 +59,15 @@ class Ledger:
         Compare-and-set: of two live attempts at one call (a zombie after a
         pause, say) exactly one gets True; the other must not run the tool.
         """
-        kv = await self._bucket()
         entry = _enc.encode(LedgerEntry(state="running", instance=instance, started=time.time()))
         k = ledger_key(key)
-        try:
-            if seen is None:
-                await kv.create(k, entry)
-            else:
-                current = await kv.get(k)
-                if current.value is None or _dec.decode(current.value) != seen:
-                    return False
-                await kv.update(k, entry, last=current.revision)
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+        if seen is None:
+            return await self.bucket.create(k, entry)
+        current = await self.bucket.get(k)
+        if current is None or _dec.decode(current[0]) != seen:
             return False
-        except nats.js.errors.Error as exc:
-            raise BusError(f"ledger claim {key} failed: {exc}") from exc
-        return True
+        return await self.bucket.update(k, entry, current[1])
 
     async def record(self, key: str, entry: LedgerEntry) -> None:
         """Record a call's outcome."""
-        await self._put(key, entry)
-
-    async def _put(self, key: str, entry: LedgerEntry) -> None:
-        kv = await self._bucket()
-        try:
-            await kv.put(ledger_key(key), _enc.encode(entry))
-        except nats.js.errors.Error as exc:
-            raise BusError(f"ledger write {key} failed: {exc}") from exc
+        await self.bucket.put(ledger_key(key), _enc.encode(entry))

@@ -5,12 +5,10 @@ from __future__ import annotations
 import hashlib
 
 import msgspec
-import nats.js.errors
-from nats.js.kv import KeyValue
 
 from bus import subjects
 from bus.connection import Bus
-from schemas.errors import BusError
+from bus.kv import Bucket
 from schemas.messages import ModelRequest, ModelResponse
 
 __all__ = ["ResponseCache", "request_key"]
@@ -29,32 +27,13 @@ class ResponseCache:
     """Get and put cached responses (KV bucket with a TTL)."""
 
     def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-        self._kv: KeyValue | None = None
-
-    async def _bucket(self) -> KeyValue:
-        if self._kv is None:
-            try:
-                self._kv = await self.bus.js.key_value(subjects.CACHE_BUCKET)
-            except nats.js.errors.Error as exc:
-                raise BusError(f"KV bucket {subjects.CACHE_BUCKET} missing: {exc}") from exc
-        return self._kv
+        self.bucket = Bucket(bus, subjects.CACHE_BUCKET)
 
     async def get(self, req: ModelRequest) -> ModelResponse | None:
         """The cached response to an identical request, if any."""
-        kv = await self._bucket()
-        try:
-            entry = await kv.get(request_key(req))
-        except nats.js.errors.KeyNotFoundError:
-            return None
-        except nats.js.errors.Error as exc:
-            raise BusError(f"response cache read failed: {exc}") from exc
-        return _dec.decode(entry.value) if entry.value else None
+        found = await self.bucket.get(request_key(req))
+        return _dec.decode(found[0]) if found else None
 
     async def put(self, req: ModelRequest, response: ModelResponse) -> None:
         """Remember ``response`` for ``req``."""
-        kv = await self._bucket()
-        try:
-            await kv.put(request_key(req), _enc.encode(response))
-        except nats.js.errors.Error as exc:
-            raise BusError(f"response cache write failed: {exc}") from exc
+        await self.bucket.put(request_key(req), _enc.encode(response))

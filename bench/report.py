@@ -1,0 +1,212 @@
+"""The results table, ``results.json``, the machine description and README upkeep."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from bench.common import Figure
+from bus.server import find_nats_server
+
+__all__ = [
+    "BENCH_DIR",
+    "README",
+    "RESULTS",
+    "figures",
+    "format_table",
+    "load_results",
+    "machine",
+    "update_readme",
+    "write_results",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "results.json"
+README = BENCH_DIR / "README.md"
+TABLE_START = "<!-- bench:latest:start -->"
+TABLE_END = "<!-- bench:latest:end -->"
+
+# Targets: figure → (comparison, bound). The issue asks for these two.
+TARGETS: dict[str, tuple[str, float]] = {
+    "actor_vs_raw_lean_mem_ratio": (">=", 0.5),
+    "agent_turn_p50_ms": ("<", 5.0),
+    "gateway_added_p50_ms": ("<", 2.0),
+}
+
+# Every figure in table order: key → (label, unit, note).
+LAYOUT: dict[str, tuple[str, str, str]] = {
+    "raw_publish_awaited_msgs_per_s": (
+        "raw js.publish, awaited", "msgs/s", "one synced store per message"),
+    "raw_publish_pipelined_msgs_per_s": (
+        "raw js.publish_async, pipelined", "msgs/s", ""),
+    "raw_consume_fetch_msgs_per_s": (
+        "raw pull_subscribe+fetch(100), file", "msgs/s", "work queue: each ack = synced delete"),
+    "raw_consume_lean_msgs_per_s": (
+        "raw lean pipelined pull, file", "msgs/s", "work queue: each ack = synced delete"),
+    "raw_consume_fetch_mem_msgs_per_s": (
+        "raw pull_subscribe+fetch(100), memory", "msgs/s", "ARCHITECTURE: 3-12k"),
+    "raw_consume_lean_mem_msgs_per_s": (
+        "raw lean pipelined pull, memory", "msgs/s", "ARCHITECTURE: 50-66k"),
+    "actor_noop_msgs_per_s": (
+        "corral Actor, no-op handle, file", "msgs/s", ""),
+    "actor_noop_mem_msgs_per_s": (
+        "corral Actor, no-op handle, memory", "msgs/s", ""),
+    "mailbox_loop_mem_msgs_per_s": (
+        "corral Mailbox loop, inline ack, memory", "msgs/s", "actor minus tasks and decode"),
+    "actor_vs_raw_lean_ratio": (
+        "actor / raw lean, file", "ratio", "disk-bound on both sides"),
+    "actor_vs_raw_lean_mem_ratio": (
+        "actor / raw lean, memory", "ratio", ""),
+    "eventlog_append_p50_ms": (
+        "EventLog.append (fenced, synced), p50", "ms", "one step of a turn"),
+    "model_request_p50_ms": (
+        "model gateway request/reply, p50", "ms", "zero-latency scripted"),
+    "agent_turn_p50_ms": (
+        "agent turn overhead, p50", "ms", ""),
+    "agent_turn_p99_ms": (
+        "agent turn overhead, p99", "ms", "completed.time - submitted.time"),
+    "agent_e2e_p50_ms": (
+        "agent task end to end, p50", "ms", "submit -> result seen"),
+    "agent_e2e_p99_ms": (
+        "agent task end to end, p99", "ms", ""),
+    "agent_e2e_client_wait_p50_ms": (
+        "agent task end to end via Client.wait, p50", "ms", "submit -> wait() returns"),
+    "agent_tasks_per_s": (
+        "agent tasks, many in flight", "tasks/s", ""),
+    "agent_tool_task_p50_ms": (
+        "agent task with one tool call, p50", "ms", "completed.time - submitted.time"),
+    "agent_tool_task_e2e_p50_ms": (
+        "agent task with one tool call, e2e p50", "ms", "submit -> result seen"),
+    "gateway_direct_sdk_p50_ms": (
+        "direct AsyncOpenAI call to the stub, p50", "ms", "the provider alone"),
+    "gateway_direct_sdk_p99_ms": (
+        "direct AsyncOpenAI call to the stub, p99", "ms", ""),
+    "gateway_call_p50_ms": (
+        "same call through the model gateway, p50", "ms", "NATS request + route + SDK"),
+    "gateway_call_p99_ms": (
+        "same call through the model gateway, p99", "ms", ""),
+    "gateway_added_p50_ms": (
+        "gateway overhead per call, p50", "ms", "gateway p50 - direct p50"),
+    "gateway_budgeted_call_p50_ms": (
+        "through the gateway with day budgets, p50", "ms", "+ KV reserve and settle"),
+    "gateway_budgeted_added_p50_ms": (
+        "gateway overhead with day budgets, p50", "ms", ""),
+}
+
+
+def _target_note(key: str, value: float) -> str:
+    if key not in TARGETS:
+        return ""
+    op, bound = TARGETS[key]
+    met = value >= bound if op == ">=" else value < bound
+    return f"target {op} {bound:g}: {'met' if met else 'MISSED'}"
+
+
+def figures(results: Mapping[str, float]) -> list[Figure]:
+    """The rows of the table for ``results``, with targets checked."""
+    rows: list[Figure] = []
+    for key, (label, unit, note) in LAYOUT.items():
+        if key not in results:
+            continue
+        value = results[key]
+        extra = _target_note(key, value)
+        if key == "raw_publish_pipelined_msgs_per_s" and results.get(
+                "raw_publish_awaited_msgs_per_s"):
+            extra = f"{value / results['raw_publish_awaited_msgs_per_s']:.1f}x awaited"
+        rows.append(Figure(key, label, value, unit, "; ".join(x for x in (extra, note) if x)))
+    return rows
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "ratio":
+        return f"{value:.2f}"
+    if unit == "ms":
+        return f"{value:.2f}"
+    return f"{value:,.0f}"
+
+
+def format_table(rows: list[Figure]) -> str:
+    """A Markdown table: readable in a terminal and in the README alike."""
+    header = ("figure", "value", "unit", "target / compare")
+    body = [(r.label, _fmt(r.value, r.unit), r.unit, r.note) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h)
+              for i, h in enumerate(header)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        padded = [c.rjust(w) if i == 1 else c.ljust(w)
+                  for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "| " + " | ".join(padded) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if i == 1 else "-" * (w + 2)
+                         for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), sep, *(line(b) for b in body)])
+
+
+def _run(cmd: list[str]) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=10,
+                              cwd=BENCH_DIR.parent).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def _commit() -> str:
+    head = _run(["git", "rev-parse", "--short", "HEAD"])
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    return f"{head}+dirty" if dirty and dirty != "?" else head
+
+
+def machine() -> dict[str, str]:
+    """Where and when the figures were taken."""
+    uname = platform.uname()
+    return {
+        "cpus": _run(["nproc"]) if os.name == "posix" else str(os.cpu_count()),
+        "kernel": _run(["uname", "-srm"]) or f"{uname.system} {uname.release} {uname.machine}",
+        "python": platform.python_version(),
+        "nats_server": _run([find_nats_server(), "--version"]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "commit": _commit(),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg")
+        else "?",
+    }
+
+
+def write_results(results: Mapping[str, float], path: Path = RESULTS) -> None:
+    """``results.json``: a flat object, figure name (unit included) → number."""
+    rounded = {k: round(v, 3) for k, v in results.items()}
+    path.write_text(json.dumps(rounded, indent=2) + "\n")
+
+
+def load_results(path: Path = RESULTS) -> dict[str, float]:
+    """A results file written by an earlier run (empty when there is none)."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): float(v) for k, v in raw.items() if isinstance(v, int | float)}
+
+
+def update_readme(table: str, where: Mapping[str, str], path: Path = README) -> bool:
+    """Replace the README's latest-results section; False if its markers are missing."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return False
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    if start < 0 or end < start:
+        return False
+    section = (
+        f"{TABLE_START}\n"
+        f"Measured {where['date']} at commit {where['commit']} on {where['cpus']} CPUs, "
+        f"{where['kernel']}, "
+        f"Python {where['python']}, {where['nats_server']} (`sync_interval: always`); "
+        f"load average before the run {where['load']}.\n\n"
+        f"{table}\n"
+    )
+    path.write_text(text[:start] + section + text[end:])
+    return True
