@@ -18,8 +18,6 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 import msgspec
-import nats.errors
-from nats.aio.msg import Msg
 
 from actors.base import instance_id
 from actors.metrics import BREAKER_CODES, BREAKER_STATE, MODEL_CALLS, MODEL_COST, MODEL_TOKENS
@@ -27,7 +25,7 @@ from actors.providers import Provider, make_provider
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
 from bus import subjects
 from bus.budget import BudgetCounters, Reservation, day_key
-from bus.connection import Bus
+from bus.connection import Bus, Request
 from bus.respcache import ResponseCache
 from schemas.config import FleetConfig
 from schemas.errors import BudgetExceeded, BusError, ProviderError
@@ -223,27 +221,20 @@ class ModelGateway:
             except BusError as exc:
                 log.warning("%s: breaker notice not published: %s", self.actor_name, exc)
 
-    async def _reply(self, msg: Msg, data: bytes) -> None:
-        try:
-            await self.bus.nc.publish(msg.reply, data)
-        except nats.errors.Error as exc:  # the caller times out and retries
-            log.warning("%s: reply failed: %s", self.actor_name, exc)
-
-    async def _serve(self, msg: Msg) -> None:
-        if msg.headers and msg.headers.get(PING_HEADER):  # readiness probe: no provider call
-            if msg.reply:
-                await self._reply(msg, b"{}")
+    async def _serve(self, req_msg: Request) -> None:
+        if req_msg.headers.get(PING_HEADER):  # readiness probe: no provider call
+            await req_msg.respond(b"{}")
             return
         try:
-            req = _req_decoder.decode(msg.data)
+            req = _req_decoder.decode(req_msg.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             reason = f"invalid ModelRequest: {exc}"
-            letter = DeadLetter(actor=self.actor_name, subject=msg.subject, reason=reason,
-                                payload=msg.data.decode("utf-8", "replace"), time=time.time())
+            letter = DeadLetter(actor=self.actor_name, subject=req_msg.subject, reason=reason,
+                                payload=req_msg.data.decode("utf-8", "replace"),
+                                time=time.time())
             await self.bus.js_publish(subjects.dlq(self.actor_name), _encoder.encode(letter))
-            if msg.reply:
-                await self._reply(msg, _encoder.encode(
-                    ModelResponse(error=reason, error_type="SchemaError", stop_reason="error")))
+            await req_msg.respond(_encoder.encode(
+                ModelResponse(error=reason, error_type="SchemaError", stop_reason="error")))
             return
         try:
             response = await self.call(req)
@@ -252,33 +243,31 @@ class ModelGateway:
                       exc_info=True)
             response = ModelResponse(error=f"{type(exc).__name__}: {exc}",
                                      error_type=type(exc).__name__, stop_reason="error")
-        if msg.reply:
-            await self._reply(msg, _encoder.encode(response))
+        await req_msg.respond(_encoder.encode(response))
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         """Serve until ``stop()``."""
-        sub = await self.bus.nc.subscribe(subjects.model(self.name), queue=f"model_{self.name}")
-        await self.bus.flush()
+        service = await self.bus.serve(subjects.model(self.name), queue=f"model_{self.name}")
         task_status.started()
         limiter = anyio.CapacityLimiter(self.max_inflight)
 
-        async def serve_limited(msg: Msg) -> None:
+        async def serve_limited(req: Request) -> None:
             async with limiter:
-                await self._serve(msg)
+                await self._serve(req)
 
         try:
             async with anyio.create_task_group() as tg:
                 async def intake() -> None:
-                    async for msg in sub.messages:
-                        tg.start_soon(serve_limited, msg)
+                    async for req in service:
+                        tg.start_soon(serve_limited, req)
 
                 async with anyio.create_task_group() as intake_tg:
                     intake_tg.start_soon(intake)
                     await self._stopping.wait()
                     intake_tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
-                    await sub.unsubscribe()
+                    await service.close()
         finally:
             with anyio.CancelScope(shield=True):
                 for provider in self.providers.values():

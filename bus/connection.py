@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 import math
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
@@ -18,11 +19,12 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
 from schemas.errors import BusError, BusTimeout, FencedWrite, NoResponders
 
-__all__ = ["Bus", "PubResult", "connect"]
+__all__ = ["Bus", "PubResult", "Request", "Service", "connect"]
 
 log = logging.getLogger("corral.bus")
 
@@ -37,6 +39,47 @@ class PubResult:
 
     def __init__(self, stream: str, seq: int, duplicate: bool) -> None:
         self.stream, self.seq, self.duplicate = stream, seq, duplicate
+
+
+class Request:
+    """A request received on a service subject, answerable once."""
+
+    __slots__ = ("_bus", "data", "headers", "reply", "subject")
+
+    def __init__(self, bus: Bus, msg: Msg) -> None:
+        self._bus = bus
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: dict[str, str] = dict(msg.headers or {})
+        self.reply: str = msg.reply
+
+    async def respond(self, data: bytes) -> None:
+        """Answer (a no-op for a publish that wanted no answer)."""
+        if not self.reply:
+            return
+        try:
+            await self._bus.nc.publish(self.reply, data)
+        except nats.errors.Error as exc:  # the caller times out and retries
+            log.warning("reply on %s failed: %s", self.subject, exc)
+
+
+class Service:
+    """A queue-group subscription serving requests (see ``Bus.serve``)."""
+
+    def __init__(self, bus: Bus, sub: Subscription) -> None:
+        self._bus = bus
+        self._sub = sub
+
+    async def __aiter__(self) -> AsyncIterator[Request]:
+        async for msg in self._sub.messages:
+            yield Request(self._bus, msg)
+
+    async def close(self) -> None:
+        """Stop receiving (requests already received are still answerable)."""
+        try:
+            await self._sub.unsubscribe()
+        except nats.errors.Error as exc:
+            log.debug("unsubscribe %s: %s", self._sub.subject, exc)
 
 
 class Bus:
@@ -117,6 +160,15 @@ class Bus:
             await self.js.purge_stream(stream, subject=subject)
         except nats.errors.Error as exc:
             raise BusError(f"purge of {subject} failed: {exc}", subject=subject) from exc
+
+    async def serve(self, subject: str, queue: str) -> Service:
+        """Receive requests on ``subject``, load-balanced across the ``queue`` group."""
+        try:
+            sub = await self.nc.subscribe(subject, queue=queue)
+            await self.nc.flush(timeout=int(max(1, self.timeout_s)))
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot serve {subject}: {exc}", subject=subject) from exc
+        return Service(self, sub)
 
     async def request(self, subject: str, data: bytes, timeout_s: float | None = None,
                       headers: dict[str, str] | None = None) -> Msg:

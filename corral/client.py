@@ -6,12 +6,11 @@ from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
-import nats.errors
-from nats.js.api import DeliverPolicy
 
 from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog
+from bus.reader import read_stream
 from schemas.errors import BusError, BusTimeout, DecodeError, SchemaError
 from schemas.events import TERMINAL_EVENTS, Event, decode_event, event_type
 from schemas.fold import TaskState, fold
@@ -58,43 +57,13 @@ class Client:
         With ``follow=False`` it stops once it has caught up with the log.
         """
         subject = subjects.events(task_id) if task_id else subjects.EVENTS_ALL
-        try:
-            sub = await self.bus.js.subscribe(subject, ordered_consumer=True,
-                                              deliver_policy=DeliverPolicy.ALL)
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot follow {subject}: {exc}", subject=subject) from exc
-        try:
-            if not follow and not await self._has_events(subject):
-                return
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=idle_s if not follow else 3600)
-                except nats.errors.TimeoutError:
-                    if follow:
-                        continue
-                    return
-                try:
-                    event = decode_event(msg.data)
-                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                    raise DecodeError(f"undecodable event on {msg.subject}: {exc}",
-                                      subject=msg.subject) from exc
-                yield event
-                if not follow and msg.metadata.num_pending == 0:
-                    return
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    await sub.unsubscribe()
-                except nats.errors.Error:
-                    pass
-
-    async def _has_events(self, subject: str) -> bool:
-        try:
-            info = await self.bus.js.stream_info(subjects.EVENTS_STREAM,
-                                                 subjects_filter=subject)
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot read stream info: {exc}") from exc
-        return bool(info.state.subjects)
+        async for msg in read_stream(self.bus, subjects.EVENTS_STREAM, subject, follow=follow,
+                                     idle_s=idle_s):
+            try:
+                yield decode_event(msg.data)
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                raise DecodeError(f"undecodable event on {msg.subject}: {exc}",
+                                  subject=msg.subject) from exc
 
     async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
         """Follow a task until it ends; returns its folded state.

@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator
 from typing import Literal
 
 import msgspec
-import nats.errors
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bus import subjects
 from bus.connection import Bus
-from schemas.errors import BusError, SchemaError
+from bus.reader import read_stream
+from schemas.errors import SchemaError
 from schemas.events import ContextTruncated, LlmResponded, decode_event
 from schemas.messages import Usage
 
@@ -60,38 +59,18 @@ def parse_duration(text: str) -> float:
 
 async def _costed_events(bus: Bus, since_s: float | None
                          ) -> AsyncIterator[LlmResponded | ContextTruncated]:
-    info = await bus.js.stream_info(subjects.EVENTS_STREAM)
-    if not info.state.messages:
-        return
-    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    if since_s is not None:
-        start = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=since_s)
-        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
-                                opt_start_time=start)
-    sub = await bus.js.subscribe(subjects.EVENTS_ALL, ordered_consumer=True, config=config)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1.0)
-            except nats.errors.TimeoutError:
-                return  # nothing (more) in the window
-            kind = (msg.headers or {}).get(subjects.EVENT_TYPE_HEADER)
-            if kind is None or kind in _COSTED:
-                try:
-                    event = decode_event(msg.data)
-                except (msgspec.ValidationError, msgspec.DecodeError):
-                    event = None
-                if isinstance(event, LlmResponded | ContextTruncated):
-                    yield event
-            if msg.metadata.num_pending == 0:
-                return
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot read the event log: {exc}") from exc
-    finally:
+    since = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=since_s)
+             if since_s is not None else None)
+    async for msg in read_stream(bus, subjects.EVENTS_STREAM, subjects.EVENTS_ALL, since=since):
+        kind = msg.headers.get(subjects.EVENT_TYPE_HEADER)
+        if kind is not None and kind not in _COSTED:
+            continue  # the header says enough: no need to decode
         try:
-            await sub.unsubscribe()
-        except nats.errors.Error:
-            pass
+            event = decode_event(msg.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            continue
+        if isinstance(event, LlmResponded | ContextTruncated):
+            yield event
 
 
 async def collect_costs(bus: Bus, *, by: GroupBy = "agent",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 import time
@@ -10,10 +11,10 @@ import uuid
 from pathlib import Path
 
 import anyio
-from nats.js.api import DeliverPolicy
 
 from actors.runtime import load_fleet
 from bus import subjects
+from bus.reader import read_stream
 from bus.server import corral_home
 from corral.client import Client
 from corral.fleetrun import running_fleet
@@ -60,8 +61,8 @@ async def run_demo(args: argparse.Namespace) -> int:
         run = uuid.uuid4().hex[:6]
         labels: dict[str, str] = {}
         states: dict[str, TaskState] = {}
-        sub = await handle.bus.js.subscribe(subjects.EVENTS_ALL, ordered_consumer=True,
-                                            deliver_policy=DeliverPolicy.NEW)
+        # Follow from just before the first submission (the demo home may hold older runs).
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
         t0 = time.monotonic()
         for i, (agent, text) in enumerate(DEMO_TASKS, start=1):
             task_id = f"demo-{run}-{i}"
@@ -72,8 +73,8 @@ async def run_demo(args: argparse.Namespace) -> int:
         print()
         done: set[str] = set()
         with anyio.move_on_after(args.timeout) as scope:
-            while len(done) < len(labels):
-                msg = await sub.next_msg(timeout=args.timeout)
+            async for msg in read_stream(handle.bus, subjects.EVENTS_STREAM, subjects.EVENTS_ALL,
+                                         follow=True, since=since):
                 event: Event = decode_event(msg.data)
                 if event.task_id not in labels:
                     continue
@@ -84,7 +85,8 @@ async def run_demo(args: argparse.Namespace) -> int:
                 out.flush()
                 if event_type(event) in TERMINAL_EVENTS:
                     done.add(event.task_id)
-        await sub.unsubscribe()
+                    if len(done) == len(labels):
+                        break
         elapsed = time.monotonic() - t0
         effects = _outbox_lines(home, set(labels))
         print("\nsummary")

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import nats.errors
 
 from actors.model import PING_HEADER
 from actors.runtime import check_fleet, fleet_actors
 from bus import subjects
 from bus.connection import Bus, connect
 from bus.provision import ensure_agent_consumer, ensure_streams, ensure_tool_consumer
+from bus.reader import consumer_waiting
 from bus.server import EmbeddedServer, corral_home
 from schemas.config import FleetConfig
 from schemas.errors import ActorError, BusError
@@ -56,13 +56,9 @@ async def wait_ready(bus: Bus, fleet: FleetConfig, timeout_s: float = 30.0) -> N
     consumers += [(subjects.TOOLS_STREAM, subjects.tool_consumer(t)) for t in fleet.tools]
     with anyio.fail_after(timeout_s):
         for stream, consumer in consumers:
-            while True:
-                try:
-                    info = await bus.js.consumer_info(stream, consumer)
-                    if (info.num_waiting or 0) > 0:
-                        break
-                except nats.errors.Error:
-                    pass
+            while True:  # polling the server: nothing local to wait on
+                if await consumer_waiting(bus, stream, consumer):
+                    break
                 await anyio.sleep(0.05)
         for alias in fleet.models:
             while True:

@@ -1,0 +1,89 @@
+"""Reading a stream in order (replays, audits, live follows) and asking about it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+
+import anyio
+import msgspec
+import nats.errors
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from bus.connection import Bus
+from schemas.errors import BusError
+
+__all__ = ["StreamMessage", "consumer_waiting", "read_stream", "stream_subjects"]
+
+
+class StreamMessage(msgspec.Struct, frozen=True):
+    """One stored message as a reader sees it."""
+
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    stream_seq: int
+    pending: int  # messages after this one, when it was delivered
+
+
+async def stream_subjects(bus: Bus, stream: str, subject_filter: str) -> dict[str, int]:
+    """Subjects of ``stream`` matching ``subject_filter`` with their message counts."""
+    try:
+        info = await bus.js.stream_info(stream, subjects_filter=subject_filter)
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot read stream {stream}: {exc}") from exc
+    return dict(info.state.subjects or {})
+
+
+async def consumer_waiting(bus: Bus, stream: str, consumer: str) -> int:
+    """Pull requests waiting on ``consumer`` (0 if it does not exist): is anyone serving?"""
+    try:
+        info = await bus.js.consumer_info(stream, consumer)
+    except nats.errors.Error:
+        return 0
+    return int(info.num_waiting or 0)
+
+
+async def read_stream(bus: Bus, stream: str, subject: str, *, follow: bool = False,
+                      new_only: bool = False, since: dt.datetime | None = None,
+                      idle_s: float = 1.0) -> AsyncIterator[StreamMessage]:
+    """Messages of ``subject`` in stream order, through an ordered consumer.
+
+    From the start (or ``since`` a time, or only ``new_only`` ones). Without
+    ``follow`` it stops once it has caught up; with it, it waits for more.
+    """
+    if not follow and not new_only and not await stream_subjects(bus, stream, subject):
+        return
+    if new_only:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+    elif since is not None:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,
+                                opt_start_time=since)
+    else:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
+    try:
+        sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True,
+                                     config=config)
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot read {subject}: {exc}", subject=subject) from exc
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=3600 if follow else idle_s)
+            except nats.errors.TimeoutError:
+                if follow:
+                    continue
+                return  # nothing (more) to catch up with
+            except nats.errors.Error as exc:
+                raise BusError(f"reading {subject} failed: {exc}", subject=subject) from exc
+            meta = msg.metadata
+            yield StreamMessage(msg.subject, msg.data, dict(msg.headers or {}),
+                                int(meta.sequence.stream), int(meta.num_pending))
+            if not follow and meta.num_pending == 0:
+                return
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
