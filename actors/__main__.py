@@ -17,6 +17,7 @@ import anyio
 
 from actors.metrics import serve_metrics
 from actors.runtime import load_fleet, serve_one
+from actors.tracing import setup_tracing
 from bus.connection import connect
 from schemas.errors import CorralError
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         fleet = load_fleet(args.config)
         serve_metrics()
+        setup_tracing(f"corral-{args.kind}-{args.name}")
         bus = await connect(name=f"corral-{args.kind}-{args.name}")
         try:
             await serve_one(bus, fleet, args.kind, args.name)

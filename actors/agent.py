@@ -23,6 +23,7 @@ import msgspec
 from actors.base import Actor
 from actors.faults import crash_point
 from actors.tooling import handoff_schema, load_callable, tool_schema
+from actors.tracing import TRACEPARENT, parent_context, traceparent, tracer
 from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog, LogHead
@@ -162,7 +163,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     def _envelope(self, task_id: str, causation_id: str = "") -> dict[str, Any]:
         return {"task_id": task_id, "seq": 0, "time": self.clock(), "actor": self.ref,
-                "agent_version": self.version, "causation_id": causation_id}
+                "agent_version": self.version, "causation_id": causation_id,
+                "traceparent": traceparent()}
 
     # -- the loop ------------------------------------------------------------
 
@@ -189,6 +191,19 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def _step(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery) -> None:
         state, head = await self._load(task_id)
+        # One task, one trace: every step is a child of the task's first span
+        # (itself a child of the submitter's, when it sent a traceparent).
+        parent = parent_context(state.traceparent or delivery.headers.get(TRACEPARENT, ""))
+        with tracer.start_as_current_span(
+                f"invoke_agent {self.name}", context=parent,
+                attributes={"gen_ai.operation.name": "invoke_agent",
+                            "gen_ai.agent.name": self.name, "gen_ai.agent.id": self.version,
+                            "gen_ai.conversation.id": state.context_id or task_id,
+                            "corral.task.id": task_id, "corral.phase": state.phase}):
+            await self._advance(task_id, msg, delivery, state, head)
+
+    async def _advance(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery,
+                       state: TaskState, head: LogHead) -> None:
         redelivered = delivery.deliveries > 1
         if state.phase == "new":
             if not isinstance(msg, TaskSubmit):
@@ -325,7 +340,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         req = ModelRequest(alias=alias, messages=list(state.conversation),
                            system=self.spec.system, tools=self.tools, agent=self.name,
                            task_id=task_id, turn=state.turn, max_tokens=self.spec.max_tokens,
-                           allow_cached=self.spec.allow_cached)
+                           allow_cached=self.spec.allow_cached, traceparent=traceparent())
         response = await self._ask(req)
         if response.error_type == "BudgetExceeded":
             spec = self.spec
@@ -396,7 +411,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         for cs in to_send:
             inv = ToolInvocation(task_id=task_id, call_id=cs.call.id, tool=cs.call.name,
                                  arguments=cs.call.arguments, idempotency_key=cs.idempotency_key,
-                                 agent=self.name, turn=cs.turn, agent_version=self.version)
+                                 agent=self.name, turn=cs.turn, agent_version=self.version,
+                                 traceparent=traceparent())
             # Nats-Msg-Id = idempotency key: a republish inside the window is dropped.
             await self.bus.js_publish(subjects.tool(cs.call.name), _encoder.encode(inv),
                                       msg_id=cs.idempotency_key)
@@ -406,11 +422,15 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                        cs: CallState) -> LogHead:
         target = str(cs.call.arguments["to"])
         reason = str(cs.call.arguments.get("reason", ""))
-        head = await self._append(task_id, state, head, Handoff(
-            **self._envelope(task_id), call_id=cs.call.id, from_agent=self.name,
-            to_agent=target, reason=reason))
-        crash_point("agent.after_handoff", self.name)
-        await self._send_transfer(task_id, state, reason)
+        with tracer.start_as_current_span(
+                f"handoff {self.name} -> {target}",
+                attributes={"corral.handoff.from": self.name, "corral.handoff.to": target,
+                            "corral.handoff.reason": reason, "corral.task.id": task_id}):
+            head = await self._append(task_id, state, head, Handoff(
+                **self._envelope(task_id), call_id=cs.call.id, from_agent=self.name,
+                to_agent=target, reason=reason))
+            crash_point("agent.after_handoff", self.name)
+            await self._send_transfer(task_id, state, reason)
         return head
 
     async def _send_transfer(self, task_id: str, state: TaskState, reason: str = "") -> None:

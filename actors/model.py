@@ -18,11 +18,13 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 import msgspec
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from actors.base import instance_id
 from actors.metrics import BREAKER_CODES, BREAKER_STATE, MODEL_CALLS, MODEL_COST, MODEL_TOKENS
 from actors.providers import Provider, make_provider
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
+from actors.tracing import parent_context, tracer
 from bus import subjects
 from bus.budget import BudgetCounters, Reservation, day_key
 from bus.connection import Bus, Request
@@ -237,7 +239,27 @@ class ModelGateway:
                 ModelResponse(error=reason, error_type="SchemaError", stop_reason="error")))
             return
         try:
-            response = await self.call(req)
+            with tracer.start_as_current_span(
+                    f"chat {self.entries[0].model or self.name}", kind=SpanKind.CLIENT,
+                    context=parent_context(req.traceparent),
+                    attributes={"gen_ai.operation.name": "chat", "corral.model.alias": self.name,
+                                "gen_ai.request.model": self.entries[0].model,
+                                "gen_ai.request.max_tokens": req.max_tokens,
+                                "gen_ai.agent.name": req.agent, "corral.task.id": req.task_id,
+                                }) as span:
+                response = await self.call(req)
+                span.set_attributes({
+                    "gen_ai.provider.name": response.provider,
+                    "gen_ai.response.model": response.model,
+                    "gen_ai.response.finish_reasons": [response.stop_reason],
+                    "gen_ai.usage.input_tokens": response.usage.input_tokens,
+                    "gen_ai.usage.output_tokens": response.usage.output_tokens,
+                    "corral.cost_usd": response.cost_usd, "corral.cached": response.cached,
+                    "corral.fallbacks": len(response.fallbacks),
+                })
+                if response.error:
+                    span.set_attribute("error.type", response.error_type)
+                    span.set_status(Status(StatusCode.ERROR, response.error[:200]))
         except Exception as exc:  # a bug or the bus: the agent retries, the log says why
             log.error("%s: request for task %s failed: %s", self.actor_name, req.task_id, exc,
                       exc_info=True)

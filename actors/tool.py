@@ -19,10 +19,12 @@ from typing import Any
 import anyio
 import jsonschema
 import msgspec
+from opentelemetry.trace import Status, StatusCode
 
 from actors.base import Actor
 from actors.faults import crash_point
 from actors.tooling import ToolContext, load_callable, tool_parameters
+from actors.tracing import parent_context, traceparent, tracer
 from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog
@@ -160,8 +162,18 @@ class ToolActor(Actor[ToolInvocation]):
 
     async def handle(self, msg: ToolInvocation, delivery: Delivery) -> None:
         """Run (or replay) one call, record it in the task log, wake the agent."""
-        entry, replayed = await self._outcome(msg, delivery)
-        await self._finish(msg, entry, replayed)
+        with tracer.start_as_current_span(
+                f"execute_tool {self.name}", context=parent_context(msg.traceparent),
+                attributes={"gen_ai.operation.name": "execute_tool",
+                            "gen_ai.tool.name": self.name, "gen_ai.tool.call.id": msg.call_id,
+                            "corral.task.id": msg.task_id, "corral.delivery": delivery.deliveries,
+                            "corral.idempotency_key": msg.idempotency_key}) as span:
+            entry, replayed = await self._outcome(msg, delivery)
+            span.set_attribute("corral.replayed", replayed)
+            if not entry.ok:
+                span.set_attribute("error.type", entry.error_type)
+                span.set_status(Status(StatusCode.ERROR, entry.error[:200]))
+            await self._finish(msg, entry, replayed)
 
     async def on_poison(self, msg: ToolInvocation, reason: str) -> None:
         """A call that could not be handled still gets an outcome, so the task moves on."""
@@ -173,6 +185,7 @@ class ToolActor(Actor[ToolInvocation]):
         common: dict[str, Any] = {
             "task_id": msg.task_id, "seq": 0, "time": time.time(), "actor": self.ref,
             "agent_version": msg.agent_version, "causation_id": msg.idempotency_key,
+            "traceparent": traceparent() or msg.traceparent,
             "call_id": msg.call_id, "tool": self.name, "idempotency_key": msg.idempotency_key,
         }
         event: ToolCompleted | ToolFailed

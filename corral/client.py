@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import anyio
 import msgspec
 
+from actors.tracing import TRACEPARENT, traceparent
 from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog
@@ -44,8 +45,11 @@ class Client:
         task = TaskSubmit(id=task_id, context_id=context_id,
                           message=Message(role="user", parts=[TextPart(text=text)]),
                           metadata=dict(metadata or {}))
+        # Submitting inside a span of yours? The task's trace continues it.
+        parent = traceparent()
         ack = await self.bus.js_publish(subjects.task(agent), _encoder.encode(task),
-                                        msg_id=task_id)
+                                        msg_id=task_id,
+                                        headers={TRACEPARENT: parent} if parent else None)
         if ack.stream != subjects.TASKS_STREAM:
             raise BusError(f"{subjects.task(agent)} is captured by stream {ack.stream}")
         return task_id

@@ -82,6 +82,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     phase: Phase = "new"
     agent: str = ""
     origin: str = ""  # the agent the task was submitted to
+    traceparent: str = ""  # the task's trace: every step's span is its child
     submitted_at: float = 0.0
     turn: int = 0  # the latest turn claimed (across agents)
     turn_attempt: int = 0
@@ -146,6 +147,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.context_id = event.context_id
             state.agent = state.origin = event.agent
             state.submitted_at = event.time
+            state.traceparent = event.traceparent
             state.phase = "ready"
             state.conversation.append(ChatMessage(role="user", content=event.message.text()))
         case TurnStarted():

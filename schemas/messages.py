@@ -179,6 +179,7 @@ class ModelRequest(msgspec.Struct, frozen=True, kw_only=True):
     turn: int = 0
     max_tokens: int = 1024
     allow_cached: bool = False
+    traceparent: str = ""  # W3C trace context of the asking turn
 
 
 class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
@@ -211,6 +212,7 @@ class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):
     agent: str
     turn: int
     agent_version: str = ""
+    traceparent: str = ""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -63,7 +63,8 @@ def test_config_error_names_file_table_and_key(home: Path, tmp_path: Path) -> No
 
 
 def test_up_submit_events_and_graceful_stop(home: Path) -> None:
-    up = subprocess.Popen([*CORRAL, "up", "--config", str(DEMO_CONFIG)], env=env_for(home),
+    env = {**env_for(home), "CORRAL_TRACES_FILE": str(home / "traces.jsonl")}
+    up = subprocess.Popen([*CORRAL, "up", "--config", str(DEMO_CONFIG)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert up.stdout is not None
@@ -101,3 +102,10 @@ def test_up_submit_events_and_graceful_stop(home: Path) -> None:
     for pid in pids:  # no actor outlives `corral up`
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    # Each actor process exported its spans; the task's spans form one trace across them.
+    spans = [json.loads(x) for x in (home / "traces.jsonl").read_text().splitlines()]
+    mine = [x for x in spans if x["attributes"].get("corral.task.id") == "cli-1"]
+    services = {x["resource"]["attributes"]["service.name"] for x in mine}
+    assert {"corral-agent-triage", "corral-agent-support", "corral-tool-lookup_order",
+            "corral-model-support-model"} <= services
+    assert len({x["context"]["trace_id"] for x in mine}) == 1
