@@ -117,6 +117,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             self.tools.append(handoff_schema(self.spec.handoffs))
         self._cache: OrderedDict[str, tuple[TaskState, LogHead]] = OrderedDict()
         self._locks: dict[str, anyio.Lock] = {}
+        self._thinking: set[str] = set()  # tasks whose model call is in flight here
         self.model_calls = 0
 
     async def setup(self) -> None:
@@ -213,11 +214,12 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 context_id=msg.context_id or task_id, metadata=msg.metadata))
             crash_point("agent.after_submit", self.name)
         while True:
-            if (redelivered and not state.terminal and state.handoffs
-                    and state.agent != self.name and state.handoffs[-1] == state.agent
-                    and state.agent_turns == 0):
-                # We may have died between appending the handoff and sending it on.
-                await self._send_transfer(task_id, state, "redelivered handoff")
+            if (not state.terminal and state.handoffs and state.agent != self.name
+                    and state.agent_turns == 0 and state.phase == "ready"):
+                # The new owner has not taken a turn: we may have died between appending
+                # the handoff and sending it on. Sending again is harmless (Nats-Msg-Id
+                # dedupes it; after the window the owner folds and finds its turn).
+                await self._send_transfer(task_id, state, "handoff resent")
                 return
             if state.terminal or state.phase == "paused" or state.agent != self.name:
                 return
@@ -233,18 +235,21 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 if state.agent_turns == 0:  # first turn here: arm this agent's deadline
                     await self._arm_deadline(task_id, state)
                 head = await self._append(task_id, state, head, TurnStarted(
-                    **self._envelope(task_id), agent=self.name, turn=state.turn + 1))
+                    **self._envelope(task_id), agent=self.name, turn=state.turn + 1,
+                    lease_until=self._lease_until()))
                 crash_point("agent.after_claim", self.name)
                 head = await self._think(task_id, state, head)
             elif state.phase == "thinking":
-                if not redelivered:
-                    return  # another delivery holds this turn; its own redelivery covers a crash
+                if not self._may_reclaim(task_id, state, redelivered):
+                    # Another holder's lease is live: look again when it runs out.
+                    await delivery.nak(min(30.0, max(0.5, state.lease_until - self.clock())))
+                    return
                 head = await self._append(task_id, state, head, TurnStarted(
                     **self._envelope(task_id), agent=self.name, turn=state.turn,
-                    attempt=state.turn_attempt + 1))
+                    attempt=state.turn_attempt + 1, lease_until=self._lease_until()))
                 head = await self._think(task_id, state, head)
             elif state.phase == "acting":
-                head, go_on = await self._act(task_id, state, head, redelivered)
+                head, go_on = await self._act(task_id, state, head)
                 if not go_on:  # waiting for tools (or handed off)
                     return
             elif state.phase == "answering":
@@ -252,6 +257,25 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 return
             else:
                 return
+
+    def _lease_until(self) -> float:
+        """How long a claimed turn is ours: the longest the model call may take."""
+        route = self.fleet.models[self.spec.model]
+        return self.clock() + max(self.fleet.runtime.model_timeout_s,
+                                  route.worst_case_s() + 5) + 5
+
+    def _may_reclaim(self, task_id: str, state: TaskState, redelivered: bool) -> bool:
+        """Whether a turn claimed but unanswered is abandoned, so we may take it over.
+
+        Yes when JetStream redelivered (the holder stopped acking), when the
+        holder is this very process and no call for the task is in flight here
+        (our own attempt failed), or when the holder's lease has run out.
+        Delivery counts alone cannot be trusted: a restarted server may
+        redeliver with the count reset.
+        """
+        if redelivered or self.clock() >= state.lease_until:
+            return True
+        return state.turn_holder == self.instance and task_id not in self._thinking
 
     async def _arm_deadline(self, task_id: str, state: TaskState) -> None:
         """A scheduled wake at the wall-clock limit, so a task stuck waiting still ends."""
@@ -341,7 +365,11 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                            system=self.spec.system, tools=self.tools, agent=self.name,
                            task_id=task_id, turn=state.turn, max_tokens=self.spec.max_tokens,
                            allow_cached=self.spec.allow_cached, traceparent=traceparent())
-        response = await self._ask(req)
+        self._thinking.add(task_id)
+        try:
+            response = await self._ask(req)
+        finally:
+            self._thinking.discard(task_id)
         if response.error_type == "BudgetExceeded":
             spec = self.spec
             degrade = spec.on_budget == "degrade" and alias != spec.degrade_model
@@ -377,14 +405,13 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     f"{', '.join(self.spec.tools) or 'none'}")
         return ""
 
-    async def _act(self, task_id: str, state: TaskState, head: LogHead,
-                   redelivered: bool) -> tuple[LogHead, bool]:
+    async def _act(self, task_id: str, state: TaskState, head: LogHead
+                   ) -> tuple[LogHead, bool]:
         """Dispatch the last response's tool calls (a handoff ends the turn).
 
         Returns the new head and whether to keep stepping (every call was
         refused, so the model should see why at once).
         """
-        to_send: list[CallState] = []
         for cs in state.unrequested_calls():
             refusal = self._refusal(cs)
             if refusal:
@@ -404,11 +431,14 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             key = f"{task_id}:{cs.turn}:{cs.call.id}"
             head = await self._append(task_id, state, head, ToolRequested(
                 **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key))
-            to_send.append(cs)
         crash_point("agent.after_tool_requested", self.name)
-        if redelivered:  # we may have died between appending and publishing: send again
-            to_send = [c for c in state.pending_calls() if c.requested]
-        for cs in to_send:
+        # Every call still waiting is (re)sent on every look: we may have died between
+        # appending and publishing, or the server may have lost the message. The
+        # Nats-Msg-Id (= idempotency key) drops a resend inside the dedupe window;
+        # past it, the tool's ledger answers from its record or its running claim.
+        for cs in state.pending_calls():
+            if not cs.requested:
+                continue
             inv = ToolInvocation(task_id=task_id, call_id=cs.call.id, tool=cs.call.name,
                                  arguments=cs.call.arguments, idempotency_key=cs.idempotency_key,
                                  agent=self.name, turn=cs.turn, agent_version=self.version,

@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import nats
 import nats.errors
 import nats.js.errors
@@ -90,6 +91,7 @@ class Bus:
         self.js: JetStreamContext = nc.jetstream(timeout=timeout_s)
         self.url = url
         self.timeout_s = timeout_s
+        self._lost = anyio.Event()
 
     async def publish(self, subject: str, data: bytes,
                       headers: dict[str, str] | None = None) -> None:
@@ -170,18 +172,46 @@ class Bus:
             raise BusError(f"cannot serve {subject}: {exc}", subject=subject) from exc
         return Service(self, sub)
 
+    def connection_lost(self) -> None:
+        """Called on disconnect: requests in flight will never see their replies."""
+        self._lost.set()
+        self._lost = anyio.Event()
+
     async def request(self, subject: str, data: bytes, timeout_s: float | None = None,
                       headers: dict[str, str] | None = None) -> Msg:
-        """Core request/reply with a timeout."""
-        try:
-            return await self.nc.request(subject, data, timeout=timeout_s or self.timeout_s,
-                                         headers=headers)
-        except nats.errors.NoRespondersError as exc:
+        """Core request/reply with a timeout.
+
+        A request in flight when the connection drops fails at once
+        (retryable) instead of waiting out its timeout: its reply, if any,
+        went to a connection that no longer exists.
+        """
+        lost = self._lost
+        replies: list[Msg] = []
+        errors: list[nats.errors.Error] = []
+        async with anyio.create_task_group() as tg:
+            async def call() -> None:
+                try:
+                    replies.append(await self.nc.request(
+                        subject, data, timeout=timeout_s or self.timeout_s, headers=headers))
+                except nats.errors.Error as exc:
+                    errors.append(exc)
+                finally:
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(call)
+            await lost.wait()  # returns only if the connection drops first
+            tg.cancel_scope.cancel()
+        if replies:
+            return replies[0]
+        if not errors:
+            raise BusError(f"connection lost while waiting for a reply on {subject}",
+                           subject=subject)
+        exc = errors[0]
+        if isinstance(exc, nats.errors.NoRespondersError):
             raise NoResponders(f"nobody serves {subject}", subject=subject) from exc
-        except nats.errors.TimeoutError as exc:
+        if isinstance(exc, nats.errors.TimeoutError):
             raise BusTimeout(f"no reply on {subject} in time", subject=subject) from exc
-        except nats.errors.Error as exc:
-            raise BusError(f"request to {subject} failed: {exc}", subject=subject) from exc
+        raise BusError(f"request to {subject} failed: {exc}", subject=subject) from exc
 
     async def flush(self) -> None:
         """Make sure everything published so far reached the server."""
@@ -214,6 +244,7 @@ async def connect(url: str | None = None, *, name: str = "corral",
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
+        bus.connection_lost()
         if not nc.is_closed and not nc.is_draining:
             log.warning("nats: disconnected from %s", url)
 
@@ -221,6 +252,7 @@ async def connect(url: str | None = None, *, name: str = "corral",
         log.info("nats: reconnected to %s", url)
 
     nc = Client()
+    bus = Bus(nc, url, timeout_s)
     try:
         await nc.connect(
             url, name=name, connect_timeout=int(max(1, timeout_s)),
@@ -230,4 +262,4 @@ async def connect(url: str | None = None, *, name: str = "corral",
         )
     except (nats.errors.Error, OSError) as exc:
         raise BusError(f"cannot connect to NATS at {url}: {exc}") from exc
-    return Bus(nc, url, timeout_s)
+    return bus

@@ -84,6 +84,7 @@ class TurnStarted(EventBase, frozen=True, kw_only=True, tag="turn.started"):
     agent: str
     turn: int
     attempt: int = 1
+    lease_until: float = 0.0  # unix time: past it, another replica may take the turn over
 
 
 class LlmResponded(EventBase, frozen=True, kw_only=True, tag="llm.responded"):

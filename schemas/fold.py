@@ -86,6 +86,8 @@ class TaskState(msgspec.Struct, kw_only=True):
     submitted_at: float = 0.0
     turn: int = 0  # the latest turn claimed (across agents)
     turn_attempt: int = 0
+    turn_holder: str = ""  # the instance that claimed the open turn
+    lease_until: float = 0.0
     agent_turns: int = 0  # turns taken by the current owner
     conversation: list[ChatMessage] = msgspec.field(default_factory=list)
     calls: dict[str, CallState] = msgspec.field(default_factory=dict)
@@ -159,6 +161,8 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.phase = "ready"
             state.conversation.append(ChatMessage(role="user", content=event.message.text()))
         case TurnStarted():
+            state.turn_holder = event.actor.instance
+            state.lease_until = event.lease_until
             if event.turn == state.turn:
                 state.turn_attempt = event.attempt
             else:

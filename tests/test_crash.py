@@ -154,3 +154,30 @@ async def test_kill_9_agent_and_tool_processes_under_load(home: Path) -> None:
     assert all(v == 1 for v in keys.values()), keys  # no side effect twice
     refunded = Counter(e["task_id"] for e in effects if e["tool"] == "issue_refund")
     assert refunded == dict.fromkeys(ids, 1)  # every task refunded exactly once
+
+
+async def test_nats_server_killed_and_restarted_mid_load(home: Path) -> None:
+    config = fast_config(home, latency_ms=100)
+    fleet = load_fleet(config)
+    async with running_fleet(config, fleet, home=home) as handle:
+        assert handle.server is not None
+        client = Client(handle.bus)
+        ids = [await client.submit("triage", f"Please refund order {o}")
+               for o in ["1234", "4242"] * 3]
+        await anyio.sleep(0.3)
+        port = int(handle.url.rsplit(":", 1)[1])
+        proc = handle.server.proc
+        assert proc is not None
+        proc.kill()  # kill -9 the server itself: acknowledged writes must survive
+        proc.wait()
+        await anyio.sleep(1.0)
+        handle.server.port = port
+        handle.server.start()  # same port, same store
+        states = [await client.wait(t, timeout_s=60) for t in ids]
+        for t in ids:
+            await check_log(handle.bus, t)
+    assert all(s.status == "completed" for s in states), [s.error for s in states]
+    keys = Counter(e["idempotency_key"] for e in outbox(home))
+    assert all(v == 1 for v in keys.values()), keys
+    refunded = Counter(e["task_id"] for e in outbox(home) if e["tool"] == "issue_refund")
+    assert refunded == dict.fromkeys(ids, 1)
