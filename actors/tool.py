@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +76,7 @@ class ToolActor(Actor[ToolInvocation]):
         self.log = EventLog(bus)
         self.ref = ActorRef(kind="tool", name=name, instance=self.instance)
         self.runs = 0  # real executions by this replica
+        self._running: set[str] = set()  # idempotency keys being run here
 
     async def setup(self) -> None:
         """Make sure the shared durable consumer exists."""
@@ -116,12 +119,42 @@ class ToolActor(Actor[ToolInvocation]):
     def _may_rerun(self) -> bool:
         return self.spec.side_effect != "side-effecting" or self.spec.accepts_idempotency_key
 
-    async def _outcome(self, inv: ToolInvocation, delivery: Delivery) -> tuple[LedgerEntry, bool]:
-        """The call's outcome and whether it came from the ledger."""
+    def _attempt_alive(self, entry: LedgerEntry, key: str) -> bool:
+        """Whether the attempt that marked a call ``running`` may still be running it.
+
+        This process knows its own calls; a process on this host is alive or
+        not (instance ids carry host and pid); for another host, the attempt
+        is presumed alive until the tool's timeout (plus a margin) has passed.
+        """
+        if entry.instance == self.instance:
+            return key in self._running
+        host, _, rest = entry.instance.rpartition("-")[0].rpartition("-")
+        if host == socket.gethostname() and rest.isdigit():
+            try:
+                os.kill(int(rest), 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+        return time.time() < entry.started + self.spec.timeout_s + 5
+
+    async def _outcome(self, inv: ToolInvocation, delivery: Delivery
+                       ) -> tuple[LedgerEntry, bool] | None:
+        """The call's outcome and whether it came from the ledger; None: not ours to finish.
+
+        A duplicate delivery of a call that another live attempt is running
+        returns None: that attempt will record the outcome and wake the agent
+        (and if it dies unacked, its own delivery comes back here).
+        """
         key = inv.idempotency_key
         entry = await self.ledger.get(key)
         if entry is not None and entry.state == "done":
             return entry, True
+        if entry is not None and entry.state == "running" and self._attempt_alive(entry, key):
+            log.info("%s: call %s is being run by %s: duplicate dropped", self.actor_name, key,
+                     entry.instance)
+            return None
         attempt = delivery.deliveries
         if entry is not None and entry.state == "running" and not self._may_rerun():
             err = OutcomeUnknown(
@@ -137,12 +170,14 @@ class ToolActor(Actor[ToolInvocation]):
         try:
             self._check(inv)
             if not await self.ledger.claim(key, self.instance, entry):
-                # Another live attempt claimed it since we looked: let it finish, look again.
-                raise ActorError(f"{self.name}: call {key} is being run by another attempt",
-                                 retryable=True)
+                return None  # another attempt claimed it since we looked: it finishes it
             crash_point("tool.before_run", self.name)
             self.runs += 1
-            result = await self._run(inv, attempt)
+            self._running.add(key)
+            try:
+                result = await self._run(inv, attempt)
+            finally:
+                self._running.discard(key)
             crash_point("tool.after_run", self.name)
             done = LedgerEntry(state="done", ok=True, result=result,
                                duration_ms=(time.monotonic() - started) * 1000)
@@ -168,7 +203,11 @@ class ToolActor(Actor[ToolInvocation]):
                             "gen_ai.tool.name": self.name, "gen_ai.tool.call.id": msg.call_id,
                             "corral.task.id": msg.task_id, "corral.delivery": delivery.deliveries,
                             "corral.idempotency_key": msg.idempotency_key}) as span:
-            entry, replayed = await self._outcome(msg, delivery)
+            outcome = await self._outcome(msg, delivery)
+            if outcome is None:
+                span.set_attribute("corral.duplicate", True)
+                return
+            entry, replayed = outcome
             span.set_attribute("corral.replayed", replayed)
             if not entry.ok:
                 span.set_attribute("error.type", entry.error_type)

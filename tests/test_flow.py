@@ -107,3 +107,44 @@ async def test_a_submission_without_id_is_named_by_its_stream_sequence(bus: Bus)
                                    b'"text":"Where is order 5678?"}]}}')
         state = await _Client(bus).wait(f"task-{ack.seq}", timeout_s=20)
     assert state.status == "completed" and "in transit" in state.answer
+
+
+async def test_every_message_delivered_twice_changes_nothing(bus: Bus, home: Path) -> None:
+    """At-least-once everywhere: each submission, wake, handoff and tool call is
+    published a second time (a new Nats-Msg-Id, so JetStream cannot dedupe it)."""
+    from collections import Counter
+
+    from schemas.events import LlmResponded
+
+    dup = "Corral-Test-Duplicate"
+    seen = 0
+
+    async def duplicate(msg: object) -> None:
+        nonlocal seen
+        headers = dict(getattr(msg, "headers", None) or {})
+        if dup in headers:
+            return
+        seen += 1
+        headers.pop("Nats-Msg-Id", None)
+        headers[dup] = "1"
+        await bus.nc.publish(msg.subject, msg.data, headers=headers)  # type: ignore[attr-defined]
+
+    subs = [await bus.nc.subscribe(s, cb=duplicate)
+            for s in ("corral.tasks.>", "corral.wake.>", "corral.tools.>")]
+    async with fleet_in_process(bus, demo_fleet()):
+        client = Client(bus)
+        ids = [await client.submit("triage", f"Please refund order {o}") for o in ("1234", "4242")]
+        ids.append(await client.submit("triage", "Where is order 5678?"))
+        states = [await client.wait(t, timeout_s=20) for t in ids]
+        await anyio.sleep(0.5)  # let the duplicates arrive and be handled
+        logs = [await task_events(bus, t) for t in ids]
+    for sub in subs:
+        await sub.unsubscribe()
+    assert seen > 20  # the duplicator really doubled the traffic
+    assert all(s.status == "completed" for s in states)
+    for events in logs:
+        turns = Counter(e.turn for e in events if isinstance(e, LlmResponded))
+        assert all(n == 1 for n in turns.values())  # no turn paid twice
+        assert types(events).count("task.completed") == 1
+    keys = Counter(e["idempotency_key"] for e in outbox(home))
+    assert len(keys) == 4 and all(n == 1 for n in keys.values())  # 2 refunds, 2 emails, once
