@@ -96,14 +96,14 @@ def fleet_actors(fleet: FleetConfig) -> list[tuple[ActorKind, str, int]]:
     return out
 
 
-async def run_actors(bus: Bus, actors: list[AnyActor], *,
+async def run_actors(bus: Bus, actors: list[AnyActor], *, stream_replicas: int = 1,
                      task_status: anyio.abc.TaskStatus[list[AnyActor]] = anyio.TASK_STATUS_IGNORED
                      ) -> None:
     """Run ``actors`` in this process until each is stopped.
 
     ``task_status.started(actors)`` fires once every mailbox is subscribed.
     """
-    await ensure_streams(bus)
+    await ensure_streams(bus, stream_replicas)
     async with anyio.create_task_group() as tg:
         for actor in actors:
             await tg.start(actor.run)
@@ -113,7 +113,7 @@ async def run_actors(bus: Bus, actors: list[AnyActor], *,
 async def serve_one(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> None:
     """Process entry: run one actor until SIGTERM/SIGINT, then drain gracefully."""
     actor = build_actor(bus, fleet, kind, name)
-    await ensure_streams(bus)
+    await ensure_streams(bus, fleet.runtime.stream_replicas)
     async with anyio.create_task_group() as tg:
         async def on_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

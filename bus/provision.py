@@ -59,7 +59,12 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
 
 
 async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
-    """Create or update every stream and KV bucket corral uses."""
+    """Create or update every stream and KV bucket corral uses.
+
+    ``replicas`` is 1 on a single server and 3 (or 5) in a cluster, where the
+    truth should survive losing a server: Jepsen's 2025 analysis of NATS is
+    why the embedded server also syncs every write (``sync_interval: always``).
+    """
     for cfg in stream_configs(replicas):
         try:
             await bus.js.add_stream(cfg)

@@ -43,7 +43,7 @@ def nats_url(home: Path | None = None) -> str:
 
 async def provision_fleet(bus: Bus, fleet: FleetConfig) -> None:
     """Streams, KV and every actor's durable consumer, before any process starts."""
-    await ensure_streams(bus)
+    await ensure_streams(bus, fleet.runtime.stream_replicas)
     for name in fleet.agents:
         await ensure_agent_consumer(bus, name, ack_wait_s=fleet.runtime.ack_wait_s)
     for name in fleet.tools:

@@ -89,6 +89,7 @@ class RuntimeSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     grace_s: float = 30.0
     model_timeout_s: float = 120.0
     max_inflight: int = 64
+    stream_replicas: int = 1  # 3 in a NATS cluster: every stream and bucket R3
 
 
 class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -262,6 +263,9 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
     for key in ("ack_wait_s", "grace_s", "model_timeout_s"):
         if getattr(rt, key) <= 0:
             raise ConfigError("must be positive", file=source, table="runtime", key=key)
+    if rt.stream_replicas not in (1, 3, 5):
+        raise ConfigError("must be 1, 3 or 5 (an odd number of replicas)", file=source,
+                          table="runtime", key="stream_replicas")
     for key in ("max_deliver", "max_inflight"):
         if getattr(rt, key) < 1:
             raise ConfigError("must be at least 1", file=source, table="runtime", key=key)
