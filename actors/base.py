@@ -11,6 +11,11 @@ The loop is decode → handle → ack, and what can go wrong has one answer each
 - long work: ``in_progress`` is sent so the server does not redeliver it;
 - SIGTERM: intake stops, in-flight work gets ``grace_s`` to finish, anything
   unfinished is handed back (``nak``) for another replica at once.
+
+Every actor heartbeats (``actors.heartbeat``) and, when a supervisor started
+it, reports each delivery it holds over its link (``actors.link``), so a
+``kill -9`` costs milliseconds, not ``ack_wait``: the supervisor hands the
+dead process's messages back itself.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import anyio
 import anyio.abc
 import msgspec
 
+from actors.heartbeat import Heartbeat
+from actors.link import SupervisorLink
 from bus import subjects
 from bus.connection import Bus
 from bus.mailbox import Delivery, Mailbox
@@ -91,6 +98,10 @@ class Actor(ABC, Generic[T]):
         self._stopping = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
+        self.link = SupervisorLink.from_env()
+        self.heartbeat = Heartbeat(bus, kind=self.kind, name=name, instance=self.instance,
+                                   stats=lambda: (self.stats.handled, len(self._inflight)),
+                                   link=self.link)
 
     @property
     def actor_name(self) -> str:
@@ -212,11 +223,14 @@ class Actor(ABC, Generic[T]):
         limiter = anyio.CapacityLimiter(self.max_inflight)
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._keepalive)
+            outer.start_soon(self.heartbeat.run)
             async with anyio.create_task_group() as work:
                 box = Mailbox(self.bus, self.stream, self.consumer,
-                              batch=max(8, self.max_inflight * 2))
+                              batch=max(8, self.max_inflight * 2),
+                              tracker=self.link if self.link.active else None)
                 await box.__aenter__()
                 task_status.started()
+                self.link.ready()
 
                 async def intake() -> None:
                     async for delivery in box:
@@ -233,6 +247,7 @@ class Actor(ABC, Generic[T]):
                     await self._idle.wait()
                 work.cancel_scope.cancel()  # past the grace period: hand back the rest
             outer.cancel_scope.cancel()
+        await self.heartbeat.clear()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await self.bus.flush()
 

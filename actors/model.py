@@ -17,6 +17,8 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from actors.base import instance_id
+from actors.heartbeat import Heartbeat
+from actors.link import SupervisorLink
 from actors.scripted import ScriptedProvider
 from bus import subjects
 from bus.connection import Bus
@@ -71,7 +73,11 @@ class ModelGateway:
         self.max_inflight = max_inflight
         self.instance = instance_id()
         self.calls = 0
+        self.inflight = 0
         self._stopping = anyio.Event()
+        self.link = SupervisorLink.from_env()
+        self.heartbeat = Heartbeat(bus, kind=self.kind, name=alias, instance=self.instance,
+                                   stats=lambda: (self.calls, self.inflight), link=self.link)
 
     @property
     def actor_name(self) -> str:
@@ -124,17 +130,26 @@ class ModelGateway:
         limiter = anyio.CapacityLimiter(self.max_inflight)
 
         async def serve_limited(msg: Msg) -> None:
-            async with limiter:
-                await self._serve(msg)
+            self.inflight += 1
+            try:
+                async with limiter:
+                    await self._serve(msg)
+            finally:
+                self.inflight -= 1
 
-        async with anyio.create_task_group() as tg:
-            async def intake() -> None:
-                async for msg in sub.messages:
-                    tg.start_soon(serve_limited, msg)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self.heartbeat.run)
+            self.link.ready()
+            async with anyio.create_task_group() as tg:  # exits once in-flight requests end
+                async def intake() -> None:
+                    async for msg in sub.messages:
+                        tg.start_soon(serve_limited, msg)
 
-            async with anyio.create_task_group() as intake_tg:
-                intake_tg.start_soon(intake)
-                await self._stopping.wait()
-                intake_tg.cancel_scope.cancel()
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
+                async with anyio.create_task_group() as intake_tg:
+                    intake_tg.start_soon(intake)
+                    await self._stopping.wait()
+                    intake_tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await sub.unsubscribe()
+            outer.cancel_scope.cancel()
+        await self.heartbeat.clear()

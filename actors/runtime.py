@@ -11,6 +11,7 @@ import anyio
 import anyio.abc
 
 from actors.agent import AgentActor
+from actors.link import orphaned
 from actors.model import ModelGateway, make_provider
 from actors.tool import ToolActor
 from bus.connection import Bus
@@ -29,6 +30,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("corral.runtime")
+
+# Drain time when the supervisor died (PR_SET_PDEATHSIG): a new supervisor is
+# already starting replacements, so hand work back quickly instead of lingering.
+ORPHAN_GRACE_S = 1.0
 
 ActorKind = Literal["agent", "tool", "model"]
 AnyActor = AgentActor | ToolActor | ModelGateway
@@ -100,6 +105,8 @@ async def serve_one(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) ->
         async def on_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
+                    if orphaned() and isinstance(actor, AgentActor | ToolActor):
+                        actor.grace_s = min(actor.grace_s, ORPHAN_GRACE_S)
                     log.info("%s: %s: draining", actor.actor_name, signal.Signals(signum).name)
                     actor.stop()
                     return

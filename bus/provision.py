@@ -12,6 +12,7 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -24,6 +25,7 @@ from schemas.errors import BusError
 __all__ = ["ensure_agent_consumer", "ensure_streams", "ensure_tool_consumer", "stream_configs"]
 
 DAY_S = 86400.0
+LIVENESS_MAX_AGE_S = 3600.0  # backstop; each key carries its own, much shorter, TTL
 STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
 
 
@@ -49,6 +51,13 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             deny_delete=True, deny_purge=True, allow_direct=True,
             duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
         ),
+        # Lifecycle events of supervision: an audit trail, kept a while.
+        StreamConfig(
+            name=subjects.SYSTEM_STREAM, subjects=[subjects.SYSTEM_ALL],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            num_replicas=replicas, max_age=30 * DAY_S, max_msgs=1_000_000,
+            discard=DiscardPolicy.OLD,
+        ),
         StreamConfig(
             name=subjects.DLQ_STREAM, subjects=[subjects.DLQ_ALL],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
@@ -70,12 +79,23 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
             except nats.js.errors.APIError as exc2:
                 raise BusError(f"stream {cfg.name} exists with a config corral cannot "
                                f"update: {exc2.description}") from exc2
-    try:
-        await bus.js.create_key_value(bucket=subjects.LEDGER_BUCKET, history=1,
-                                      replicas=replicas, description="tool idempotency ledger")
-    except nats.js.errors.APIError as exc:
-        raise BusError(f"cannot create KV bucket {subjects.LEDGER_BUCKET}: "
-                       f"{exc.description}") from exc
+    buckets = [
+        KeyValueConfig(bucket=subjects.LEDGER_BUCKET, history=1, replicas=replicas,
+                       description="tool idempotency ledger"),
+        # Liveness: what stops refreshing its key disappears (per-message TTL, and the
+        # bucket's max_age as a backstop), so `corral ps` only shows what is alive.
+        KeyValueConfig(bucket=subjects.HEARTBEATS_BUCKET, history=1, replicas=replicas,
+                       storage=StorageType.MEMORY, ttl=LIVENESS_MAX_AGE_S,
+                       description="actor heartbeats"),
+        KeyValueConfig(bucket=subjects.SUPERVISORS_BUCKET, history=1, replicas=replicas,
+                       storage=StorageType.MEMORY, ttl=LIVENESS_MAX_AGE_S,
+                       description="supervision trees of running `corral up`s"),
+    ]
+    for kv in buckets:
+        try:
+            await bus.js.create_key_value(kv)
+        except nats.js.errors.APIError as exc:
+            raise BusError(f"cannot create KV bucket {kv.bucket}: {exc.description}") from exc
 
 
 async def _ensure_consumer(bus: Bus, stream: str, cfg: ConsumerConfig) -> None:

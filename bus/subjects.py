@@ -9,7 +9,11 @@ from __future__ import annotations
 __all__ = [
     "DLQ_STREAM",
     "EVENTS_STREAM",
+    "HEARTBEATS_BUCKET",
     "LEDGER_BUCKET",
+    "SUPERVISORS_BUCKET",
+    "SYSTEM_ALL",
+    "SYSTEM_STREAM",
     "TASKS_STREAM",
     "TOOLS_STREAM",
     "agent_consumer",
@@ -17,6 +21,7 @@ __all__ = [
     "events",
     "model",
     "results",
+    "system",
     "task",
     "tool",
     "tool_consumer",
@@ -30,12 +35,16 @@ TOOLS_STREAM = "CORRAL_TOOLS"  # tool invocations: tools' mailboxes
 EVENTS_STREAM = "CORRAL_EVENTS"  # every task's append-only log
 DLQ_STREAM = "CORRAL_DLQ"  # what no actor could use, with the reason
 LEDGER_BUCKET = "CORRAL_LEDGER"  # tool idempotency ledger
+SYSTEM_STREAM = "CORRAL_SYSTEM"  # lifecycle events of supervision (audit)
+HEARTBEATS_BUCKET = "CORRAL_HEARTBEATS"  # one live key per actor process (TTL)
+SUPERVISORS_BUCKET = "CORRAL_SUPERVISORS"  # one live key per supervisor: its children (TTL)
 
 TASKS_ALL = f"{PREFIX}.tasks.>"
 WAKE_ALL = f"{PREFIX}.wake.>"
 TOOLS_ALL = f"{PREFIX}.tools.>"
 EVENTS_ALL = f"{PREFIX}.events.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
+SYSTEM_ALL = f"{PREFIX}.system.>"
 
 # Header carrying an event's type, so a reader can filter without decoding.
 EVENT_TYPE_HEADER = "Corral-Event-Type"
@@ -79,6 +88,11 @@ def results(task_id: str) -> str:
 def dlq(actor: str) -> str:
     """Dead letters of ``actor`` (``agent.triage``, ``tool.send_email``...)."""
     return f"{PREFIX}.dlq.{actor}"
+
+
+def system(event_type: str) -> str:
+    """Where lifecycle events of ``event_type`` go (``actor.started`` ...)."""
+    return f"{PREFIX}.system.{event_type}"
 
 
 def agent_consumer(agent: str) -> str:

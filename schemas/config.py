@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from schemas.errors import ConfigError
+from schemas.supervision import RawSupervision, RawSupervisor, SupervisionTree, resolve_tree
 
 __all__ = [
     "AgentSpec",
@@ -22,6 +23,7 @@ __all__ = [
     "ScriptRule",
     "ToolSpec",
     "parse_fleet",
+    "supervision_tree",
 ]
 
 _S = TypeVar("_S", bound=msgspec.Struct)
@@ -118,8 +120,24 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     models: dict[str, ModelSpec]
     tools: dict[str, ToolSpec] = msgspec.field(default_factory=dict)
     runtime: RuntimeSpec = msgspec.field(default_factory=RuntimeSpec)
+    supervision: RawSupervision | None = None
+    supervisors: dict[str, RawSupervisor] = msgspec.field(default_factory=dict)
     name: str = "fleet"
     source: str = ""
+
+
+def supervision_tree(fleet: FleetConfig) -> SupervisionTree:
+    """The fleet's supervision tree (the default one when the file has none).
+
+    Raises:
+        ConfigError: the ``[supervision]``/``[supervisors.*]`` tables are wrong.
+    """
+    actors: dict[str, int] = {}
+    actors.update({f"model.{n}": s.replicas for n, s in fleet.models.items()})
+    actors.update({f"tool.{n}": s.replicas for n, s in fleet.tools.items()})
+    actors.update({f"agent.{n}": s.replicas for n, s in fleet.agents.items()})
+    return resolve_tree(fleet.supervision, fleet.supervisors, actors,
+                        grace_s=fleet.runtime.grace_s, source=fleet.source)
 
 
 _PATH_RE = re.compile(r"- at `\$(?P<path>[^`]*)`")
@@ -205,11 +223,16 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                               file=source, table=table, key="function")
         if tspec.timeout_s <= 0:
             raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
+        if tspec.replicas < 1:
+            raise ConfigError("must be at least 1", file=source, table=table, key="replicas")
         for agent in tspec.allowed_agents:
             if agent not in fleet.agents:
                 raise ConfigError(f"unknown agent {agent!r}",
                                   file=source, table=table, key="allowed_agents")
     for alias, m in fleet.models.items():
+        if m.replicas < 1:
+            raise ConfigError("must be at least 1", file=source, table=f"models.{alias}",
+                              key="replicas")
         for i, rule in enumerate(m.rules):
             table = f"models.{alias}.rules[{i}]"
             answers = sum(bool(x) for x in (rule.reply, rule.call, rule.handoff_to))
@@ -248,7 +271,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     if unknown:
         raise ConfigError("unknown key", file=source, table="fleet", key=sorted(unknown)[0])
     name = fleet_table.get("name", "fleet")
-    known = {"fleet", "runtime", "agents", "tools", "models"}
+    known = {"fleet", "runtime", "agents", "tools", "models", "supervision", "supervisors"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}",
@@ -268,6 +291,15 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
             for entry, value in tables.items()
         }
     runtime = _convert(raw.get("runtime", {}), RuntimeSpec, source, "runtime")
-    fleet = FleetConfig(name=str(name), source=source, runtime=runtime, **sections)
+    supervision = (_convert(raw["supervision"], RawSupervision, source, "supervision")
+                   if "supervision" in raw else None)
+    sups = raw.get("supervisors", {})
+    if not isinstance(sups, dict):
+        raise ConfigError("must be a table of tables", file=source, table="supervisors")
+    supervisors = {n: _convert(v, RawSupervisor, source, f"supervisors.{n}")
+                   for n, v in sups.items()}
+    fleet = FleetConfig(name=str(name), source=source, runtime=runtime, supervision=supervision,
+                        supervisors=supervisors, **sections)
     _check_refs(fleet, source)
+    supervision_tree(fleet)  # validated now, so a bad tree fails at load, not at start
     return fleet
