@@ -1,27 +1,32 @@
-"""Running a fleet as processes: the shared part of ``corral up`` and ``corral demo``."""
+"""Running a fleet as a supervision tree: the shared part of ``corral up`` and ``corral demo``."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import msgspec
 import nats.errors
 
 from actors.model import PING_HEADER
-from actors.runtime import fleet_actors
 from bus import subjects
 from bus.connection import Bus, connect
 from bus.provision import ensure_agent_consumer, ensure_streams, ensure_tool_consumer
 from bus.server import EmbeddedServer, corral_home
-from schemas.config import FleetConfig
-from schemas.errors import BusError
-from supervisors.launcher import Child, Launcher
+from schemas.config import FleetConfig, supervision_tree
+from schemas.errors import BusError, ConfigError
+from schemas.supervision import SupervisionTree, SupervisorSpec
+from schemas.system import ChildRecord
+from supervisors.supervisor import Supervisor
 
-__all__ = ["FleetHandle", "nats_url", "provision_fleet", "running_fleet", "wait_ready"]
+__all__ = ["FleetHandle", "default_node", "nats_url", "provision_fleet", "root_spec",
+           "running_fleet", "wait_ready"]
 
 
 def nats_url(home: Path | None = None) -> str:
@@ -74,56 +79,94 @@ async def wait_ready(bus: Bus, fleet: FleetConfig, timeout_s: float = 30.0) -> N
                     await anyio.sleep(0.05)
 
 
+def default_node() -> str:
+    """This `corral up`'s name on the bus: ``<host>-<pid>`` (a KV key token)."""
+    return re.sub(r"[^-_a-zA-Z0-9]", "-", f"{socket.gethostname()}-{os.getpid()}")
+
+
+def root_spec(tree: SupervisionTree, domain: str | None, source: str) -> SupervisorSpec:
+    """The root supervisor, narrowed to one domain for ``corral up --domain``.
+
+    Raises:
+        ConfigError: no such domain.
+    """
+    if domain is None:
+        return tree.root
+    children = [c for c in tree.root.children if c.id == domain]
+    if not children:
+        raise ConfigError(f"no failure domain {domain!r}; the domains are: "
+                          f"{', '.join(tree.domains())}", file=source, table="supervision",
+                          key="children")
+    return msgspec.structs.replace(tree.root, children=children)
+
+
 @dataclass
 class FleetHandle:
-    """A running fleet: its bus, launcher and where NATS is."""
+    """A running fleet: its bus, the root supervisor and where NATS is."""
 
     bus: Bus
-    launcher: Launcher
+    root: Supervisor
     url: str
     server: EmbeddedServer | None
     home: Path
+    node: str
 
+    def actors(self) -> list[ChildRecord]:
+        """Every actor process of the tree right now (``id``, ``pid``, ``restarts``...)."""
+        out: list[ChildRecord] = []
 
-def fleet_children(config: Path, fleet: FleetConfig, only: set[str] | None = None
-                   ) -> list[Child]:
-    """One child per actor replica (models, then tools, then agents)."""
-    return [
-        Child(kind, name, r, Launcher.actor_argv(config, kind, name))
-        for kind, name, replicas in fleet_actors(fleet)
-        if only is None or f"{kind}.{name}" in only or name in only
-        for r in range(replicas)
-    ]
+        def walk(records: list[ChildRecord]) -> None:
+            for r in records:
+                if r.kind == "actor":
+                    out.append(r)
+                else:
+                    walk(r.children)
+
+        walk(self.root.records())
+        return out
 
 
 @contextlib.asynccontextmanager
 async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
-                        ready_timeout_s: float = 60.0) -> AsyncIterator[FleetHandle]:
-    """Start NATS (unless ``NATS_URL``), provision, launch every actor process.
+                        domain: str | None = None, node: str | None = None
+                        ) -> AsyncIterator[FleetHandle]:
+    """Start NATS (unless ``NATS_URL``), provision, run the supervision tree.
 
-    On exit the processes get SIGTERM (then SIGKILL after the grace period)
-    and an embedded server this call started is stopped.
+    The root supervisor runs in this process; every failure domain is a
+    supervisor process with its actors as child processes. The body runs
+    once every child has started (or failed to: the supervisors deal with
+    it). On exit the tree is stopped in reverse start order (each actor
+    drains within its grace period) and an embedded server this call
+    started is stopped.
+
+    Raises:
+        RestartIntensityExceeded: the root gave up (after the body ended;
+            ``handle.root.finished`` is set the moment it happens).
     """
+    tree = supervision_tree(fleet)
+    spec = root_spec(tree, domain, fleet.source)
     server: EmbeddedServer | None = None
     url = os.environ.get("NATS_URL", "")
     if not url:
         server = EmbeddedServer(home)
         url = server.start()
+    node = node or default_node()
     try:
         bus = await connect(url, name="corral-up")
         try:
             await provision_fleet(bus, fleet)
             absolute = Path(await anyio.Path(config).absolute())
-            launcher = Launcher(fleet_children(absolute, fleet),
-                                env={"NATS_URL": url, "CORRAL_HOME": str(home)},
-                                log_dir=home / "logs", grace_s=fleet.runtime.grace_s)
+            root = Supervisor(spec, tree, config=absolute, node=node, fleet=fleet.name,
+                              bus=bus, log_dir=home / "logs",
+                              env={"NATS_URL": url, "CORRAL_HOME": str(home)})
             async with anyio.create_task_group() as tg:
-                await tg.start(launcher.run)
+                await tg.start(root.run)
                 try:
-                    await wait_ready(bus, fleet, ready_timeout_s)
-                    yield FleetHandle(bus, launcher, url, server, home)
+                    yield FleetHandle(bus, root, url, server, home, node)
                 finally:
-                    launcher.stop()
+                    root.stop()
+            if root.failure is not None:
+                raise root.failure
         finally:
             with anyio.CancelScope(shield=True):
                 await bus.close()

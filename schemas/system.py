@@ -21,9 +21,11 @@ __all__ = [
     "ActorRestarted",
     "ActorStarted",
     "ChildRecord",
+    "ChildState",
     "Heartbeat",
     "SupervisorGaveUp",
     "SupervisorRecord",
+    "SupervisorState",
     "SystemEvent",
     "decode_system_event",
     "encode_system",
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 ChildState = Literal["starting", "running", "stopping", "backoff", "down", "gave_up"]
+SupervisorState = Literal["starting", "running", "stopping", "gave_up"]
 
 
 class SystemEventBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -142,7 +145,7 @@ class SupervisorRecord(msgspec.Struct, frozen=True, kw_only=True):
     strategy: str
     max_restarts: int
     within_s: float
-    state: Literal["starting", "running", "stopping", "gave_up"]
+    state: SupervisorState
     started_at: float
     updated_at: float
     host: str = ""
