@@ -36,6 +36,7 @@ from actors.heartbeat import Heartbeat
 from actors.link import SupervisorLink
 from bus import subjects
 from bus.connection import Bus
+from bus.liveness import open_probe
 from bus.mailbox import Delivery, Mailbox
 from schemas.errors import BusError, CorralError, DecodeError
 from schemas.messages import DeadLetter
@@ -96,6 +97,7 @@ class Actor(ABC, Generic[T]):
         self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(self.message_type)
         self._inflight: set[Delivery] = set()
         self._stopping = anyio.Event()
+        self._hurry = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
         self.link = SupervisorLink.from_env()
@@ -122,9 +124,16 @@ class Actor(ABC, Generic[T]):
     async def setup(self) -> None:
         """Provision what the actor needs (consumers, buckets) before intake."""
 
-    def stop(self) -> None:
-        """Begin graceful shutdown: stop intake, let in-flight work finish."""
+    def stop(self, *, hurry: bool = False) -> None:
+        """Begin graceful shutdown: stop intake, let in-flight work finish.
+
+        ``hurry`` (the supervisor is gone, a replacement is starting): do not
+        wait out the grace period; hand unfinished work back now. May be
+        called again to hurry a drain already under way.
+        """
         self._stopping.set()
+        if hurry:
+            self._hurry.set()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish the original message and ``reason`` to ``corral.dlq.<actor>``."""
@@ -228,6 +237,8 @@ class Actor(ABC, Generic[T]):
                 box = Mailbox(self.bus, self.stream, self.consumer,
                               batch=max(8, self.max_inflight * 2),
                               tracker=self.link if self.link.active else None)
+                if self.link.active:
+                    self.link.probe(await open_probe(self.bus))
                 await box.__aenter__()
                 task_status.started()
                 self.link.ready()
@@ -244,7 +255,7 @@ class Actor(ABC, Generic[T]):
                 for left in await box.close():  # received but never started
                     await self._hand_back(left)
                 with anyio.move_on_after(self.grace_s):
-                    await self._idle.wait()
+                    await _first(self._idle, self._hurry)
                 work.cancel_scope.cancel()  # past the grace period: hand back the rest
             outer.cancel_scope.cancel()
         await self.heartbeat.clear()
@@ -256,3 +267,16 @@ class Actor(ABC, Generic[T]):
             await self._process(delivery)
         finally:
             limiter.release_on_behalf_of(delivery)
+
+
+async def _first(*events: anyio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    if any(e.is_set() for e in events):
+        return
+    async with anyio.create_task_group() as tg:
+        async def wait(e: anyio.Event) -> None:
+            await e.wait()
+            tg.cancel_scope.cancel()
+
+        for e in events:
+            tg.start_soon(wait, e)

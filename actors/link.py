@@ -6,6 +6,7 @@ the child says, one short line each:
 
     h             heartbeat (its event loop is alive)
     r             ready: serving (its mailbox is subscribed)
+    p<subject>    its NATS connection's probe subject (``bus.liveness.open_probe``)
     +<ack subj>   a delivery arrived          -<ack subj>  it was settled
     s<json>       (a supervisor child) the state of its own children
     x<json>       (a supervisor child) why it gave up, just before exiting
@@ -96,6 +97,10 @@ class SupervisorLink:
     def settled(self, reply: str) -> None:
         """That delivery was settled."""
         self._write(b"-" + reply.encode() + b"\n")
+
+    def probe(self, subject: str) -> None:
+        """The subject that stops being routed once this process's connection is gone."""
+        self._write(b"p" + subject.encode() + b"\n")
 
     def status(self, payload: bytes) -> None:
         """(A supervisor child) the state of its children, as JSON."""

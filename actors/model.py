@@ -84,8 +84,8 @@ class ModelGateway:
         """``model.<alias>``."""
         return f"model.{self.name}"
 
-    def stop(self) -> None:
-        """Stop taking requests; in-flight ones are answered."""
+    def stop(self, *, hurry: bool = False) -> None:
+        """Stop taking requests; in-flight ones are answered (``hurry`` changes nothing)."""
         self._stopping.set()
 
     async def _reply(self, msg: Msg, response: ModelResponse) -> None:

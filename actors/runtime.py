@@ -31,9 +31,7 @@ __all__ = [
 
 log = logging.getLogger("corral.runtime")
 
-# Drain time when the supervisor died (PR_SET_PDEATHSIG): a new supervisor is
-# already starting replacements, so hand work back quickly instead of lingering.
-ORPHAN_GRACE_S = 1.0
+ORPHAN_POLL_S = 0.1  # how often a supervised process checks that its supervisor lives
 
 ActorKind = Literal["agent", "tool", "model"]
 AnyActor = AgentActor | ToolActor | ModelGateway
@@ -98,19 +96,30 @@ async def run_actors(bus: Bus, actors: list[AnyActor], *,
 
 
 async def serve_one(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> None:
-    """Process entry: run one actor until SIGTERM/SIGINT, then drain gracefully."""
+    """Process entry: run one actor until SIGTERM/SIGINT, then drain gracefully.
+
+    Signals are received for the whole life of the process: PR_SET_PDEATHSIG
+    fires once per thread of a dying supervisor, and a second SIGTERM must
+    not kill a drain half-way (unsettled messages would wait for ack_wait).
+    Once the supervisor is gone the drain hurries: its replacement is already
+    starting new replicas, so unfinished work is handed back at once.
+    """
     actor = build_actor(bus, fleet, kind, name)
     await ensure_streams(bus)
     async with anyio.create_task_group() as tg:
         async def on_signals() -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
-                    if orphaned() and isinstance(actor, AgentActor | ToolActor):
-                        actor.grace_s = min(actor.grace_s, ORPHAN_GRACE_S)
                     log.info("%s: %s: draining", actor.actor_name, signal.Signals(signum).name)
-                    actor.stop()
-                    return
+                    actor.stop(hurry=orphaned())
+
+        async def orphan_watch() -> None:
+            while not orphaned():  # noqa: ASYNC110 - a parent's death sets no event here
+                await anyio.sleep(ORPHAN_POLL_S)
+            log.warning("%s: supervisor gone: handing work back", actor.actor_name)
+            actor.stop(hurry=True)
 
         tg.start_soon(on_signals)
+        tg.start_soon(orphan_watch)
         await actor.run()
         tg.cancel_scope.cancel()

@@ -18,9 +18,9 @@ from nats.js.api import DeliverPolicy
 
 from bus import subjects
 from bus.connection import Bus
-from schemas.errors import BusError
+from schemas.errors import BusError, BusTimeout, NoResponders
 
-__all__ = ["Liveness", "follow_system"]
+__all__ = ["Liveness", "follow_system", "open_probe", "wait_disconnected"]
 
 log = logging.getLogger("corral.liveness")
 
@@ -133,3 +133,45 @@ async def follow_system(bus: Bus, *, follow: bool, idle_s: float = 0.5
                 await sub.unsubscribe()
             except nats.errors.Error:
                 pass
+
+
+async def open_probe(bus: Bus) -> str:
+    """Subscribe a private subject that lives exactly as long as this connection.
+
+    A supervisor that saw this process die asks ``wait_disconnected`` on it:
+    only once the server has dropped the connection (and so its pull
+    requests) is it safe to hand the process's deliveries back; a nak sent
+    earlier could be redelivered straight into the dead socket.
+
+    Raises:
+        BusError: the subscription failed.
+    """
+    subject = bus.nc.new_inbox()
+
+    async def ignore(_msg: object) -> None:
+        return None
+
+    try:
+        await bus.nc.subscribe(subject, cb=ignore)
+        await bus.nc.flush()
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot open liveness probe: {exc}") from exc
+    return subject
+
+
+async def wait_disconnected(bus: Bus, probe: str, timeout_s: float = 2.0) -> bool:
+    """Until the server no longer routes to ``probe`` (its connection is gone).
+
+    Returns False if it still does after ``timeout_s``.
+    """
+    with anyio.move_on_after(timeout_s):
+        while True:
+            try:
+                await bus.request(probe, b"", timeout_s=0.05)
+            except NoResponders:
+                return True
+            except BusTimeout:
+                continue  # routed to a socket nobody reads: the server has not noticed yet
+            except BusError:
+                await anyio.sleep(0.05)
+    return False

@@ -6,6 +6,10 @@ same config is left alone, one with an older config is updated.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+import anyio
+import nats.errors
 import nats.js.errors
 from nats.js.api import (
     AckPolicy,
@@ -22,11 +26,18 @@ from bus import subjects
 from bus.connection import Bus
 from schemas.errors import BusError
 
-__all__ = ["ensure_agent_consumer", "ensure_streams", "ensure_tool_consumer", "stream_configs"]
+__all__ = [
+    "ensure_agent_consumer",
+    "ensure_streams",
+    "ensure_tool_consumer",
+    "reclaim_orphaned",
+    "stream_configs",
+]
 
 DAY_S = 86400.0
 LIVENESS_MAX_AGE_S = 3600.0  # backstop; each key carries its own, much shorter, TTL
-STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
+STREAM_IN_USE = 10058
+RECLAIM_ACK_WAIT_S = 1.0  # "stream name already in use with a different configuration"
 
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
@@ -129,3 +140,44 @@ async def ensure_tool_consumer(bus: Bus, tool: str, *, ack_wait_s: float,
         max_ack_pending=max_ack_pending, max_waiting=512,
     ))
     return name
+
+
+async def reclaim_orphaned(bus: Bus, consumers: list[tuple[str, str]],
+                           set_ack_wait: Callable[[str, float], Awaitable[object]],
+                           ack_wait_s: float) -> int:
+    """Make deliveries orphaned by a server restart redeliverable now, not after ack_wait.
+
+    Only for a server that just started with no client connected: every
+    delivery it still counts as unacked then belongs to a process that is
+    gone, and a nak sent before the restart was forgotten (the server keeps
+    a naked delivery pending until someone pulls it, and does not persist
+    that it was naked). So ``ack_wait`` of the consumers that have such
+    deliveries is shortened to ``RECLAIM_ACK_WAIT_S`` for just longer than
+    that (the server then queues them for redelivery, counting the delivery,
+    so an agent sees a redelivery), and restored to ``ack_wait_s`` before
+    any actor pulls. ``consumers`` are ``(stream, consumer)``;
+    ``set_ack_wait(consumer, seconds)`` updates one. Returns how many
+    deliveries were orphaned.
+
+    Raises:
+        BusError: a consumer could not be read or updated.
+    """
+    orphaned: dict[str, int] = {}
+    for stream, consumer in consumers:
+        try:
+            info = await bus.js.consumer_info(stream, consumer)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot read consumer {consumer}: {exc}") from exc
+        if info.num_ack_pending:
+            orphaned[consumer] = info.num_ack_pending
+    if not orphaned:
+        return 0
+    try:
+        for consumer in orphaned:
+            await set_ack_wait(consumer, RECLAIM_ACK_WAIT_S)
+        await anyio.sleep(RECLAIM_ACK_WAIT_S * 1.5)
+    finally:
+        with anyio.CancelScope(shield=True):
+            for consumer in orphaned:
+                await set_ack_wait(consumer, ack_wait_s)
+    return sum(orphaned.values())

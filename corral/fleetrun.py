@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,12 @@ import nats.errors
 from actors.model import PING_HEADER
 from bus import subjects
 from bus.connection import Bus, connect
-from bus.provision import ensure_agent_consumer, ensure_streams, ensure_tool_consumer
+from bus.provision import (
+    ensure_agent_consumer,
+    ensure_streams,
+    ensure_tool_consumer,
+    reclaim_orphaned,
+)
 from bus.server import EmbeddedServer, corral_home
 from schemas.config import FleetConfig, supervision_tree
 from schemas.errors import BusError, ConfigError
@@ -46,13 +52,41 @@ def nats_url(home: Path | None = None) -> str:
                    f"(its embedded server lives in {home})")
 
 
-async def provision_fleet(bus: Bus, fleet: FleetConfig) -> None:
-    """Streams, KV and every actor's durable consumer, before any process starts."""
+async def provision_fleet(bus: Bus, fleet: FleetConfig, *, fresh_server: bool = False) -> int:
+    """Streams, KV and every actor's durable consumer, before any process starts.
+
+    ``fresh_server``: this process just started the (embedded) server, so no
+    actor is connected and every unacked delivery is an orphan of the last
+    run: make it redeliverable at once (``reclaim_orphaned``). Returns how
+    many were.
+    """
+    ack_wait = fleet.runtime.ack_wait_s
     await ensure_streams(bus)
+    kinds: dict[str, Callable[[float], Awaitable[str]]] = {}
+    consumers: list[tuple[str, str]] = []
     for name in fleet.agents:
-        await ensure_agent_consumer(bus, name, ack_wait_s=fleet.runtime.ack_wait_s)
+        await ensure_agent_consumer(bus, name, ack_wait_s=ack_wait)
+        consumers.append((subjects.TASKS_STREAM, subjects.agent_consumer(name)))
+        kinds[subjects.agent_consumer(name)] = functools.partial(_agent_ack_wait, bus, name)
     for name in fleet.tools:
-        await ensure_tool_consumer(bus, name, ack_wait_s=fleet.runtime.ack_wait_s)
+        await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait)
+        consumers.append((subjects.TOOLS_STREAM, subjects.tool_consumer(name)))
+        kinds[subjects.tool_consumer(name)] = functools.partial(_tool_ack_wait, bus, name)
+    if not fresh_server:
+        return 0
+
+    async def set_ack_wait(consumer: str, seconds: float) -> str:
+        return await kinds[consumer](seconds)
+
+    return await reclaim_orphaned(bus, consumers, set_ack_wait, ack_wait)
+
+
+async def _agent_ack_wait(bus: Bus, name: str, ack_wait_s: float) -> str:
+    return await ensure_agent_consumer(bus, name, ack_wait_s=ack_wait_s)
+
+
+async def _tool_ack_wait(bus: Bus, name: str, ack_wait_s: float) -> str:
+    return await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait_s)
 
 
 async def wait_ready(bus: Bus, fleet: FleetConfig, timeout_s: float = 30.0) -> None:
@@ -154,7 +188,8 @@ async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
     try:
         bus = await connect(url, name="corral-up")
         try:
-            await provision_fleet(bus, fleet)
+            await provision_fleet(bus, fleet,
+                                  fresh_server=server is not None and not server.reused)
             absolute = Path(await anyio.Path(config).absolute())
             root = Supervisor(spec, tree, config=absolute, node=node, fleet=fleet.name,
                               bus=bus, log_dir=home / "logs",

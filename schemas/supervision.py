@@ -204,6 +204,8 @@ class _Resolver:
     def child(self, item: str | ChildEntry, table: str, stack: tuple[str, ...]) -> ChildSpec:
         e = self.entry(item, table)
         ref = e.actor or e.supervisor
+        if e.supervisor in stack:
+            raise self.error(f"supervisor {e.supervisor!r} would supervise itself", table)
         if ref in self.placed:
             raise self.error(f"{ref!r} is already supervised by [{self.placed[ref]}]", table)
         self.placed[ref] = table
@@ -215,8 +217,6 @@ class _Resolver:
             shutdown = e.shutdown_s or self.grace_s + 5.0
             return ChildSpec(id=e.actor, kind="actor", replicas=e.replicas or self.actors[e.actor],
                              restart=e.restart, shutdown_s=shutdown)
-        if e.supervisor in stack:
-            raise self.error(f"supervisor {e.supervisor!r} would supervise itself", table)
         if e.supervisor not in self.raw_supervisors:
             known = ", ".join(self.raw_supervisors) or "none"
             raise self.error(f"unknown supervisor {e.supervisor!r}; [supervisors.*] "

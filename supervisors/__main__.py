@@ -21,7 +21,7 @@ import anyio
 import msgspec
 
 from actors.link import SupervisorLink, die_with_parent, orphaned
-from actors.runtime import load_fleet
+from actors.runtime import ORPHAN_POLL_S, load_fleet
 from bus.connection import connect
 from bus.server import corral_home
 from schemas.config import supervision_tree
@@ -44,13 +44,18 @@ async def _run(args: argparse.Namespace) -> int:
         sup = Supervisor(tree.spec(args.supervisor), tree, config=config, node=args.node,
                          fleet=fleet.name, bus=bus, log_dir=corral_home() / "logs", link=link)
         async with anyio.create_task_group() as tg:
-            async def on_signals() -> None:
+            async def on_signals() -> None:  # for the whole life: PDEATHSIG may come twice
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                     async for _ in signals:
                         sup.stop(hurry=orphaned())
-                        return
+
+            async def orphan_watch() -> None:
+                while not orphaned():  # noqa: ASYNC110 - a parent's death sets no event
+                    await anyio.sleep(ORPHAN_POLL_S)
+                sup.stop(hurry=True)
 
             tg.start_soon(on_signals)
+            tg.start_soon(orphan_watch)
             await sup.run()
             tg.cancel_scope.cancel()
     finally:

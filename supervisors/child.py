@@ -101,6 +101,7 @@ class ChildProcess:
         self.killed_for = ""  # set just before the supervisor kills it
         self.stopping = False  # the supervisor is stopping it: its exit is expected
         self.unsettled: set[str] = set()  # ack subjects of deliveries it holds
+        self.probe = ""  # a subject routed to its NATS connection while that lives
         self.subtree: list[ChildRecord] = []  # a supervisor child's own children
         self.gave_up = ""
 
@@ -150,6 +151,7 @@ class ChildProcess:
         self.started_at, self.started_mono = time.time(), time.monotonic()
         self.last_beat = self.started_mono
         self.unsettled.clear()
+        self.probe = ""
         return r
 
     def on_line(self, line: bytes, on_change: Callable[[], None]) -> None:
@@ -161,6 +163,8 @@ class ChildProcess:
             self.unsettled.add(line[1:].decode())
         elif tag == b"-":
             self.unsettled.discard(line[1:].decode())
+        elif tag == b"p":
+            self.probe = line[1:].decode()
         elif tag == b"r":
             self.last_beat = time.monotonic()
             if not self.stopping:

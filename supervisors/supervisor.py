@@ -39,7 +39,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from actors.link import SupervisorLink
 from bus import subjects
 from bus.connection import Bus
-from bus.liveness import Liveness
+from bus.liveness import Liveness, wait_disconnected
 from bus.mailbox import hand_back
 from schemas.errors import BusError, RestartIntensityExceeded
 from schemas.supervision import SupervisionTree, SupervisorSpec
@@ -224,6 +224,11 @@ class Supervisor:
         if child.unsettled and self.tree.hand_back:
             replies, child.unsettled = list(child.unsettled), set()
             try:
+                # A nak is honoured once, by whoever holds the message next: never before
+                # the server has dropped the dead connection's pull requests.
+                if child.probe and not await wait_disconnected(self.bus, child.probe):
+                    log.warning("%s: its connection outlived it; handing back anyway",
+                                child.id)
                 handed = await hand_back(self.bus, replies)
             except BusError as exc:  # ack_wait will bring them back instead
                 log.warning("%s: hand-back of %d messages failed: %s", child.id, len(replies),
