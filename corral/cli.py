@@ -59,9 +59,13 @@ async def cmd_up(args: argparse.Namespace) -> int:
             print(f"  node      {handle.node} (see the tree with `corral ps`)")
             for domain in handle.root.records():
                 if domain.kind == "supervisor":
-                    print(f"  domain    {domain.id:<28} supervisor pid {domain.pid or '-'}")
+                    print(f"  domain    {domain.id:<28} supervisor pid {domain.pid or '-'} "
+                          f"({domain.state})")
             for actor in handle.actors():
-                print(f"  started   {actor.id:<28} pid {actor.pid or '-'}")
+                if actor.state == "running":
+                    print(f"  started   {actor.id:<28} pid {actor.pid}")
+                else:
+                    print(f"  {actor.state:<9} {actor.id:<28} {actor.reason[:80]}")
             print("  ready: submit with `corral submit <agent> <text> --wait`; Ctrl-C to stop")
             sys.stdout.flush()
             async with anyio.create_task_group() as tg:

@@ -20,6 +20,7 @@ children, states, pids, restarts) to the supervisors KV bucket.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -142,7 +143,8 @@ class Supervisor:
         self.hurry = self.hurry or hurry
         if not self._stop_event.is_set():
             self._stop_event.set()
-            self._inbox_send.send_nowait(_STOP)
+            with contextlib.suppress(anyio.ClosedResourceError):  # it already finished
+                self._inbox_send.send_nowait(_STOP)
 
     def records(self) -> list[ChildRecord]:
         """Every child as ``corral ps`` shows it (supervisor children with their own)."""
@@ -151,6 +153,14 @@ class Supervisor:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
         """Start every child in order, then supervise until ``stop()`` or giving up."""
+        try:
+            await self._run(task_status)
+        finally:
+            for stream in (self._inbox_send, self._inbox, self._events_send, self._events):
+                stream.close()
+            self.finished.set()
+
+    async def _run(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._send_events)
@@ -175,9 +185,6 @@ class Supervisor:
                     await self._stop_all(self.children)
                     await self._finish()
                 tg.cancel_scope.cancel()
-        for stream in (self._inbox_send, self._inbox, self._events_send, self._events):
-            stream.close()
-        self.finished.set()
 
     # -- starting and stopping ---------------------------------------------------
 
