@@ -7,37 +7,18 @@ connects to ``$NATS_URL``, provisions what it needs and serves until SIGTERM.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
-import signal
 import sys
 
 import anyio
 
+from actors.link import die_with_parent
 from actors.metrics import serve_metrics
 from actors.runtime import load_fleet, serve_one
 from actors.tracing import setup_tracing
 from bus.connection import connect
 from schemas.errors import CorralError
-
-
-def die_with_parent() -> None:
-    """Exit when the supervising process dies, even by SIGKILL (Linux).
-
-    ``CORRAL_PARENT_PID`` names the supervisor; if it is already gone by the
-    time the signal is armed, exit at once rather than run as an orphan.
-    """
-    parent = os.environ.get("CORRAL_PARENT_PID")
-    if not parent:
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return  # not Linux: an orphan is possible if the supervisor is killed
-    if os.getppid() != int(parent):
-        sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

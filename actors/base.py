@@ -11,6 +11,11 @@ The loop is decode → handle → ack, and what can go wrong has one answer each
 - long work: ``in_progress`` is sent so the server does not redeliver it;
 - SIGTERM: intake stops, in-flight work gets ``grace_s`` to finish, anything
   unfinished is handed back (``nak``) for another replica at once.
+
+Every actor heartbeats (``actors.heartbeat``) and, when a supervisor started
+it, reports each delivery it holds over its link (``actors.link``), so a
+``kill -9`` costs milliseconds, not ``ack_wait``: the supervisor hands the
+dead process's messages back itself.
 """
 
 from __future__ import annotations
@@ -27,9 +32,12 @@ import anyio
 import anyio.abc
 import msgspec
 
+from actors.heartbeat import Heartbeat
+from actors.link import SupervisorLink
 from actors.metrics import DEAD_LETTERS, MESSAGES
 from bus import subjects
 from bus.connection import Bus
+from bus.liveness import open_probe
 from bus.mailbox import Delivery, Mailbox
 from schemas.errors import BusError, CorralError, DecodeError
 from schemas.messages import DeadLetter
@@ -95,6 +103,11 @@ class Actor(ABC, Generic[T]):
         self._handle_s = SLOW_HANDLER_S  # moving average; start by assuming I/O-bound handlers
         self._handled = MESSAGES.labels(self.actor_name, "handled")
         self._failed = MESSAGES.labels(self.actor_name, "failed")
+        self._hurry = anyio.Event()
+        self.link = SupervisorLink.from_env()
+        self.heartbeat = Heartbeat(bus, kind=self.kind, name=name, instance=self.instance,
+                                   stats=lambda: (self.stats.handled, len(self._inflight)),
+                                   link=self.link)
 
     @property
     def actor_name(self) -> str:
@@ -115,9 +128,16 @@ class Actor(ABC, Generic[T]):
     async def setup(self) -> None:
         """Provision what the actor needs (consumers, buckets) before intake."""
 
-    def stop(self) -> None:
-        """Begin graceful shutdown: stop intake, let in-flight work finish."""
+    def stop(self, *, hurry: bool = False) -> None:
+        """Begin graceful shutdown: stop intake, let in-flight work finish.
+
+        ``hurry`` (the supervisor is gone, a replacement is starting): do not
+        wait out the grace period; hand unfinished work back now. May be
+        called again to hurry a drain already under way.
+        """
         self._stopping.set()
+        if hurry:
+            self._hurry.set()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """Publish the original message and ``reason`` to ``corral.dlq.<actor>``."""
@@ -236,6 +256,10 @@ class Actor(ABC, Generic[T]):
         finally:
             self._workers -= 1
 
+    async def _cut_short(self, scope: anyio.CancelScope) -> None:
+        await self._hurry.wait()
+        scope.cancel()
+
     async def _unblock(self, box: Mailbox, tg: anyio.abc.TaskGroup) -> None:
         """Start another worker when every worker is stuck in a handler and messages wait.
 
@@ -257,21 +281,28 @@ class Actor(ABC, Generic[T]):
         message at a time: concurrency without a task per message.
         """
         await self.setup()
-        box = Mailbox(self.bus, self.stream, self.consumer, batch=max(8, self.max_inflight * 2))
+        box = Mailbox(self.bus, self.stream, self.consumer, batch=max(8, self.max_inflight * 2),
+                      tracker=self.link if self.link.active else None)
+        if self.link.active:
+            self.link.probe(await open_probe(self.bus))
         await box.__aenter__()
         async with anyio.create_task_group() as outer:
             outer.start_soon(self._keepalive)
+            outer.start_soon(self.heartbeat.run)
             async with anyio.create_task_group() as work:
                 self._workers = 1
                 work.start_soon(self._worker, box, work)
                 outer.start_soon(self._unblock, box, work)
                 task_status.started()
+                self.link.ready()
                 await self._stopping.wait()
                 for left in await box.close():  # received, never started: back at once
                     await self._hand_back(left)
-                # Workers finish what they hold; past the grace period they are
-                # cancelled and hand their deliveries back (nak) for another replica.
+                # Workers finish what they hold; past the grace period (or at once when
+                # hurried) they are cancelled and hand their deliveries back (nak).
                 work.cancel_scope.deadline = anyio.current_time() + self.grace_s
+                outer.start_soon(self._cut_short, work.cancel_scope)
             outer.cancel_scope.cancel()
+        await self.heartbeat.clear()
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             await self.bus.flush()

@@ -21,6 +21,8 @@ import msgspec
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from actors.base import instance_id
+from actors.heartbeat import Heartbeat
+from actors.link import SupervisorLink
 from actors.metrics import BREAKER_CODES, BREAKER_STATE, MODEL_CALLS, MODEL_COST, MODEL_TOKENS
 from actors.providers import Provider, make_provider
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
@@ -90,16 +92,20 @@ class ModelGateway:
         self.max_inflight = max_inflight
         self.instance = instance_id()
         self.calls = 0  # provider calls made (attempts included)
+        self.inflight = 0
         self._sleep = sleep
         self._stopping = anyio.Event()
+        self.link = SupervisorLink.from_env()
+        self.heartbeat = Heartbeat(bus, kind=self.kind, name=alias, instance=self.instance,
+                                   stats=lambda: (self.calls, self.inflight), link=self.link)
 
     @property
     def actor_name(self) -> str:
         """``model.<alias>``."""
         return f"model.{self.name}"
 
-    def stop(self) -> None:
-        """Stop taking requests; in-flight ones are answered."""
+    def stop(self, *, hurry: bool = False) -> None:
+        """Stop taking requests; in-flight ones are answered (``hurry`` changes nothing)."""
         self._stopping.set()
 
     def _limits(self, req: ModelRequest) -> dict[str, float]:
@@ -275,21 +281,30 @@ class ModelGateway:
         limiter = anyio.CapacityLimiter(self.max_inflight)
 
         async def serve_limited(req: Request) -> None:
-            async with limiter:
-                await self._serve(req)
+            self.inflight += 1
+            try:
+                async with limiter:
+                    await self._serve(req)
+            finally:
+                self.inflight -= 1
 
         try:
-            async with anyio.create_task_group() as tg:
-                async def intake() -> None:
-                    async for req in service:
-                        tg.start_soon(serve_limited, req)
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(self.heartbeat.run)
+                self.link.ready()
+                async with anyio.create_task_group() as tg:  # exits once in-flight requests end
+                    async def intake() -> None:
+                        async for req in service:
+                            tg.start_soon(serve_limited, req)
 
-                async with anyio.create_task_group() as intake_tg:
-                    intake_tg.start_soon(intake)
-                    await self._stopping.wait()
-                    intake_tg.cancel_scope.cancel()
-                with anyio.CancelScope(shield=True):
-                    await service.close()
+                    async with anyio.create_task_group() as intake_tg:
+                        intake_tg.start_soon(intake)
+                        await self._stopping.wait()
+                        intake_tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await service.close()
+                outer.cancel_scope.cancel()
+            await self.heartbeat.clear()
         finally:
             with anyio.CancelScope(shield=True):
                 for provider in self.providers.values():

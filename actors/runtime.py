@@ -11,6 +11,7 @@ import anyio
 import anyio.abc
 
 from actors.agent import AgentActor
+from actors.link import orphaned
 from actors.model import ModelGateway
 from actors.providers import api_key
 from actors.tool import ToolActor
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("corral.runtime")
+
+ORPHAN_POLL_S = 0.1  # how often a supervised process checks that its supervisor lives
 
 ActorKind = Literal["agent", "tool", "model"]
 AnyActor = AgentActor | ToolActor | ModelGateway
@@ -111,7 +114,14 @@ async def run_actors(bus: Bus, actors: list[AnyActor], *, stream_replicas: int =
 
 
 async def serve_one(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> None:
-    """Process entry: run one actor until SIGTERM/SIGINT, then drain gracefully."""
+    """Process entry: run one actor until SIGTERM/SIGINT, then drain gracefully.
+
+    Signals are received for the whole life of the process: PR_SET_PDEATHSIG
+    fires once per thread of a dying supervisor, and a second SIGTERM must
+    not kill a drain half-way (unsettled messages would wait for ack_wait).
+    Once the supervisor is gone the drain hurries: its replacement is already
+    starting new replicas, so unfinished work is handed back at once.
+    """
     actor = build_actor(bus, fleet, kind, name)
     await ensure_streams(bus, fleet.runtime.stream_replicas)
     async with anyio.create_task_group() as tg:
@@ -119,9 +129,15 @@ async def serve_one(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) ->
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for signum in signals:
                     log.info("%s: %s: draining", actor.actor_name, signal.Signals(signum).name)
-                    actor.stop()
-                    return
+                    actor.stop(hurry=orphaned())
+
+        async def orphan_watch() -> None:
+            while not orphaned():  # noqa: ASYNC110 - a parent's death sets no event here
+                await anyio.sleep(ORPHAN_POLL_S)
+            log.warning("%s: supervisor gone: handing work back", actor.actor_name)
+            actor.stop(hurry=True)
 
         tg.start_soon(on_signals)
+        tg.start_soon(orphan_watch)
         await actor.run()
         tg.cancel_scope.cancel()

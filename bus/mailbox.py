@@ -4,6 +4,10 @@ nats-py's ``fetch()`` waits for each batch before asking for the next, which
 caps a consume loop at a few thousand messages per second. Here pull
 requests are kept in flight ahead of consumption (re-requested when half the
 credit is used), so the server streams messages while the actor works.
+
+A ``DeliveryTracker`` hears of every message the moment it arrives and the
+moment it is settled, so a supervisor can hand the unsettled ones of a dead
+process back at once (``hand_back``) instead of waiting for ``ack_wait``.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 
 import anyio
 import nats.errors
@@ -22,9 +27,42 @@ from nats.aio.subscription import Subscription
 from bus.connection import Bus
 from schemas.errors import BusError
 
-__all__ = ["Delivery", "Mailbox"]
+__all__ = ["Delivery", "DeliveryTracker", "Mailbox", "hand_back"]
 
 log = logging.getLogger("corral.mailbox")
+
+
+class DeliveryTracker(Protocol):
+    """Told of each delivery's ack subject when it arrives and when it is settled."""
+
+    def taken(self, reply: str) -> None:
+        """A message arrived; ``reply`` is its ack subject."""
+
+    def settled(self, reply: str) -> None:
+        """That message was acked, naked or terminated."""
+
+
+async def hand_back(bus: Bus, replies: Iterable[str]) -> int:
+    """``-NAK`` each ack subject (of a dead consumer process): redelivered at once.
+
+    JetStream alone gives a dead process's messages back only when ``ack_wait``
+    runs out; a nak published by anyone on the delivery's ack subject does it
+    now. A subject already settled (or redelivered since) is ignored by the
+    server. Returns how many were handed back.
+
+    Raises:
+        BusError: the naks could not be sent.
+    """
+    n = 0
+    try:
+        for reply in replies:
+            await bus.nc.publish(reply, b"-NAK")
+            n += 1
+        if n:
+            await bus.nc.flush(timeout=int(max(1, bus.timeout_s)))
+    except nats.errors.Error as exc:
+        raise BusError(f"handing back {n} messages failed: {exc}") from exc
+    return n
 
 
 class Delivery:
@@ -33,11 +71,12 @@ class Delivery:
     Exactly one of ``ack``/``nak``/``term`` settles it; later calls are no-ops.
     """
 
-    __slots__ = ("_bus", "data", "deliveries", "headers", "received", "reply", "settled",
-                 "stream_seq", "subject")
+    __slots__ = ("_bus", "_tracker", "data", "deliveries", "headers", "received", "reply",
+                 "settled", "stream_seq", "subject")
 
-    def __init__(self, bus: Bus, msg: Msg) -> None:
+    def __init__(self, bus: Bus, msg: Msg, tracker: DeliveryTracker | None = None) -> None:
         self._bus = bus
+        self._tracker = tracker
         self.subject: str = msg.subject
         self.data: bytes = msg.data
         self.headers: dict[str, str] = dict(msg.headers or {})
@@ -63,6 +102,8 @@ class Delivery:
             await self._bus.nc.publish(self.reply, payload)
         except nats.errors.Error as exc:  # the server will redeliver after ack_wait
             log.warning("ack %s on %s failed: %s", payload[:5], self.subject, exc)
+        if self.settled and self._tracker is not None:
+            self._tracker.settled(self.reply)
 
     async def ack(self) -> None:
         """Done: never deliver again."""
@@ -95,8 +136,9 @@ class Mailbox:
     """
 
     def __init__(self, bus: Bus, stream: str, consumer: str, *, batch: int = 128,
-                 expires_s: float = 5.0) -> None:
+                 expires_s: float = 5.0, tracker: DeliveryTracker | None = None) -> None:
         self.bus = bus
+        self.tracker = tracker
         self.stream = stream
         self.consumer = consumer
         self.batch = batch
@@ -114,6 +156,8 @@ class Mailbox:
         async def on_msg(msg: Msg) -> None:
             try:
                 self._send.send_nowait(msg)
+                if self.tracker is not None and msg.reply.startswith("$JS.ACK."):
+                    self.tracker.taken(msg.reply)
             except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
                 # Over capacity or closing: hand it straight back for redelivery.
                 if msg.reply:
@@ -148,7 +192,7 @@ class Mailbox:
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
             if msg.reply and not (msg.headers and "Status" in msg.headers):
-                left.append(Delivery(self.bus, msg))
+                left.append(Delivery(self.bus, msg, self.tracker))
         self._recv.close()
         return left
 
@@ -208,7 +252,7 @@ class Mailbox:
                 self._on_status(msg)
                 continue
             self._credit = max(0, self._credit - 1)
-            return Delivery(self.bus, msg)
+            return Delivery(self.bus, msg, self.tracker)
         return None
 
     async def __aiter__(self) -> AsyncIterator[Delivery]:

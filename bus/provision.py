@@ -6,12 +6,17 @@ same config is left alone, one with an older config is updated.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
+import anyio
+import nats.errors
 import nats.js.errors
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    KeyValueConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -21,10 +26,18 @@ from bus import subjects
 from bus.connection import Bus
 from schemas.errors import BusError
 
-__all__ = ["ensure_agent_consumer", "ensure_streams", "ensure_tool_consumer", "stream_configs"]
+__all__ = [
+    "ensure_agent_consumer",
+    "ensure_streams",
+    "ensure_tool_consumer",
+    "reclaim_orphaned",
+    "stream_configs",
+]
 
 DAY_S = 86400.0
+LIVENESS_MAX_AGE_S = 3600.0  # backstop; each key carries its own, much shorter, TTL
 STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
+RECLAIM_ACK_WAIT_S = 1.0
 
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
@@ -49,6 +62,13 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             deny_delete=True, deny_purge=True, allow_direct=True,
             duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
+        ),
+        # Lifecycle events of supervision: an audit trail, kept a while.
+        StreamConfig(
+            name=subjects.SYSTEM_STREAM, subjects=[subjects.SYSTEM_ALL],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            num_replicas=replicas, max_age=30 * DAY_S, max_msgs=1_000_000,
+            discard=DiscardPolicy.OLD,
         ),
         StreamConfig(
             name=subjects.DLQ_STREAM, subjects=[subjects.DLQ_ALL],
@@ -77,16 +97,26 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
                 raise BusError(f"stream {cfg.name} exists with a config corral cannot "
                                f"update: {exc2.description}") from exc2
     buckets = [
-        (subjects.LEDGER_BUCKET, "tool idempotency ledger", 0.0),
-        (subjects.BUDGET_BUCKET, "spend counters per team/agent per day", 3 * DAY_S),
-        (subjects.CACHE_BUCKET, "model responses for cached fallback", DAY_S),
+        KeyValueConfig(bucket=subjects.LEDGER_BUCKET, history=1, replicas=replicas,
+                       description="tool idempotency ledger"),
+        KeyValueConfig(bucket=subjects.BUDGET_BUCKET, history=1, replicas=replicas,
+                       ttl=3 * DAY_S, description="spend counters per team/agent per day"),
+        KeyValueConfig(bucket=subjects.CACHE_BUCKET, history=1, replicas=replicas,
+                       ttl=DAY_S, description="model responses for cached fallback"),
+        # Liveness: what stops refreshing its key disappears (per-message TTL, and the
+        # bucket's max_age as a backstop), so `corral ps` only shows what is alive.
+        KeyValueConfig(bucket=subjects.HEARTBEATS_BUCKET, history=1, replicas=replicas,
+                       storage=StorageType.MEMORY, ttl=LIVENESS_MAX_AGE_S,
+                       description="actor heartbeats"),
+        KeyValueConfig(bucket=subjects.SUPERVISORS_BUCKET, history=1, replicas=replicas,
+                       storage=StorageType.MEMORY, ttl=LIVENESS_MAX_AGE_S,
+                       description="supervision trees of running `corral up`s"),
     ]
-    for bucket, description, ttl in buckets:
+    for kv in buckets:
         try:
-            await bus.js.create_key_value(bucket=bucket, history=1, replicas=replicas,
-                                          description=description, ttl=ttl or None)
+            await bus.js.create_key_value(kv)
         except nats.js.errors.APIError as exc:
-            raise BusError(f"cannot create KV bucket {bucket}: {exc.description}") from exc
+            raise BusError(f"cannot create KV bucket {kv.bucket}: {exc.description}") from exc
 
 
 async def _ensure_consumer(bus: Bus, stream: str, cfg: ConsumerConfig) -> None:
@@ -120,3 +150,44 @@ async def ensure_tool_consumer(bus: Bus, tool: str, *, ack_wait_s: float,
         max_ack_pending=max_ack_pending, max_waiting=512,
     ))
     return name
+
+
+async def reclaim_orphaned(bus: Bus, consumers: list[tuple[str, str]],
+                           set_ack_wait: Callable[[str, float], Awaitable[object]],
+                           ack_wait_s: float) -> int:
+    """Make deliveries orphaned by a server restart redeliverable now, not after ack_wait.
+
+    Only for a server that just started with no client connected: every
+    delivery it still counts as unacked then belongs to a process that is
+    gone, and a nak sent before the restart was forgotten (the server keeps
+    a naked delivery pending until someone pulls it, and does not persist
+    that it was naked). So ``ack_wait`` of the consumers that have such
+    deliveries is shortened to ``RECLAIM_ACK_WAIT_S`` for just longer than
+    that (the server then queues them for redelivery, counting the delivery,
+    so an agent sees a redelivery), and restored to ``ack_wait_s`` before
+    any actor pulls. ``consumers`` are ``(stream, consumer)``;
+    ``set_ack_wait(consumer, seconds)`` updates one. Returns how many
+    deliveries were orphaned.
+
+    Raises:
+        BusError: a consumer could not be read or updated.
+    """
+    orphaned: dict[str, int] = {}
+    for stream, consumer in consumers:
+        try:
+            info = await bus.js.consumer_info(stream, consumer)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot read consumer {consumer}: {exc}") from exc
+        if info.num_ack_pending:
+            orphaned[consumer] = info.num_ack_pending
+    if not orphaned:
+        return 0
+    try:
+        for consumer in orphaned:
+            await set_ack_wait(consumer, RECLAIM_ACK_WAIT_S)
+        await anyio.sleep(RECLAIM_ACK_WAIT_S * 1.5)
+    finally:
+        with anyio.CancelScope(shield=True):
+            for consumer in orphaned:
+                await set_ack_wait(consumer, ack_wait_s)
+    return sum(orphaned.values())

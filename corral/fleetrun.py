@@ -1,27 +1,37 @@
-"""Running a fleet as processes: the shared part of ``corral up`` and ``corral demo``."""
+"""Running a fleet as a supervision tree: the shared part of ``corral up`` and ``corral demo``."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import AsyncIterator
+import re
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import msgspec
 
-from actors.model import PING_HEADER
-from actors.runtime import check_fleet, fleet_actors
+from actors.runtime import check_fleet
 from bus import subjects
 from bus.connection import Bus, connect
-from bus.provision import ensure_agent_consumer, ensure_streams, ensure_tool_consumer
-from bus.reader import consumer_waiting
+from bus.provision import (
+    ensure_agent_consumer,
+    ensure_streams,
+    ensure_tool_consumer,
+    reclaim_orphaned,
+)
 from bus.server import EmbeddedServer, corral_home
-from schemas.config import FleetConfig
-from schemas.errors import ActorError, BusError
-from supervisors.launcher import Child, Launcher
+from schemas.config import FleetConfig, supervision_tree
+from schemas.errors import BusError, ConfigError
+from schemas.supervision import SupervisionTree, SupervisorSpec
+from schemas.system import ChildRecord
+from supervisors.supervisor import Supervisor
 
-__all__ = ["FleetHandle", "nats_url", "provision_fleet", "running_fleet", "wait_ready"]
+__all__ = ["FleetHandle", "default_node", "nats_url", "provision_fleet", "root_spec",
+           "running_fleet"]
 
 
 def nats_url(home: Path | None = None) -> str:
@@ -41,93 +51,133 @@ def nats_url(home: Path | None = None) -> str:
                    f"(its embedded server lives in {home})")
 
 
-async def provision_fleet(bus: Bus, fleet: FleetConfig) -> None:
-    """Streams, KV and every actor's durable consumer, before any process starts."""
+async def provision_fleet(bus: Bus, fleet: FleetConfig, *, fresh_server: bool = False) -> int:
+    """Streams, KV and every actor's durable consumer, before any process starts.
+
+    ``fresh_server``: this process just started the (embedded) server, so no
+    actor is connected and every unacked delivery is an orphan of the last
+    run: make it redeliverable at once (``reclaim_orphaned``). Returns how
+    many were.
+    """
+    ack_wait = fleet.runtime.ack_wait_s
     await ensure_streams(bus, fleet.runtime.stream_replicas)
+    kinds: dict[str, Callable[[float], Awaitable[str]]] = {}
+    consumers: list[tuple[str, str]] = []
     for name in fleet.agents:
-        await ensure_agent_consumer(bus, name, ack_wait_s=fleet.runtime.ack_wait_s)
+        await ensure_agent_consumer(bus, name, ack_wait_s=ack_wait)
+        consumers.append((subjects.TASKS_STREAM, subjects.agent_consumer(name)))
+        kinds[subjects.agent_consumer(name)] = functools.partial(_agent_ack_wait, bus, name)
     for name in fleet.tools:
-        await ensure_tool_consumer(bus, name, ack_wait_s=fleet.runtime.ack_wait_s)
+        await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait)
+        consumers.append((subjects.TOOLS_STREAM, subjects.tool_consumer(name)))
+        kinds[subjects.tool_consumer(name)] = functools.partial(_tool_ack_wait, bus, name)
+    if not fresh_server:
+        return 0
+
+    async def set_ack_wait(consumer: str, seconds: float) -> str:
+        return await kinds[consumer](seconds)
+
+    return await reclaim_orphaned(bus, consumers, set_ack_wait, ack_wait)
 
 
-async def wait_ready(bus: Bus, fleet: FleetConfig, timeout_s: float = 30.0) -> None:
-    """Until every agent and tool has a replica pulling, and every model answers."""
-    consumers = [(subjects.TASKS_STREAM, subjects.agent_consumer(a)) for a in fleet.agents]
-    consumers += [(subjects.TOOLS_STREAM, subjects.tool_consumer(t)) for t in fleet.tools]
-    with anyio.fail_after(timeout_s):
-        for stream, consumer in consumers:
-            while True:  # polling the server: nothing local to wait on
-                if await consumer_waiting(bus, stream, consumer):
-                    break
-                await anyio.sleep(0.05)
-        for alias in fleet.models:
-            while True:
-                try:
-                    await bus.request(subjects.model(alias), b"{}", timeout_s=1.0,
-                                      headers={PING_HEADER: "1"})
-                    break
-                except BusError:
-                    await anyio.sleep(0.05)
+async def _agent_ack_wait(bus: Bus, name: str, ack_wait_s: float) -> str:
+    return await ensure_agent_consumer(bus, name, ack_wait_s=ack_wait_s)
+
+
+async def _tool_ack_wait(bus: Bus, name: str, ack_wait_s: float) -> str:
+    return await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait_s)
+
+
+def default_node() -> str:
+    """This `corral up`'s name on the bus: ``<host>-<pid>`` (a KV key token)."""
+    return re.sub(r"[^-_a-zA-Z0-9]", "-", f"{socket.gethostname()}-{os.getpid()}")
+
+
+def root_spec(tree: SupervisionTree, domain: str | None, source: str) -> SupervisorSpec:
+    """The root supervisor, narrowed to one domain for ``corral up --domain``.
+
+    Raises:
+        ConfigError: no such domain.
+    """
+    if domain is None:
+        return tree.root
+    children = [c for c in tree.root.children if c.id == domain]
+    if not children:
+        raise ConfigError(f"no failure domain {domain!r}; the domains are: "
+                          f"{', '.join(tree.domains())}", file=source, table="supervision",
+                          key="children")
+    return msgspec.structs.replace(tree.root, children=children)
 
 
 @dataclass
 class FleetHandle:
-    """A running fleet: its bus, launcher and where NATS is."""
+    """A running fleet: its bus, the root supervisor and where NATS is."""
 
     bus: Bus
-    launcher: Launcher
+    root: Supervisor
     url: str
     server: EmbeddedServer | None
     home: Path
+    node: str
 
+    def actors(self) -> list[ChildRecord]:
+        """Every actor process of the tree right now (``id``, ``pid``, ``restarts``...)."""
+        out: list[ChildRecord] = []
 
-def fleet_children(config: Path, fleet: FleetConfig, only: set[str] | None = None
-                   ) -> list[Child]:
-    """One child per actor replica (models, then tools, then agents)."""
-    return [
-        Child(kind, name, r, Launcher.actor_argv(config, kind, name))
-        for kind, name, replicas in fleet_actors(fleet)
-        if only is None or f"{kind}.{name}" in only or name in only
-        for r in range(replicas)
-    ]
+        def walk(records: list[ChildRecord]) -> None:
+            for r in records:
+                if r.kind == "actor":
+                    out.append(r)
+                else:
+                    walk(r.children)
+
+        walk(self.root.records())
+        return out
 
 
 @contextlib.asynccontextmanager
 async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
-                        ready_timeout_s: float = 60.0) -> AsyncIterator[FleetHandle]:
-    """Start NATS (unless ``NATS_URL``), provision, launch every actor process.
+                        domain: str | None = None, node: str | None = None
+                        ) -> AsyncIterator[FleetHandle]:
+    """Start NATS (unless ``NATS_URL``), provision, run the supervision tree.
 
-    On exit the processes get SIGTERM (then SIGKILL after the grace period)
-    and an embedded server this call started is stopped.
+    The root supervisor runs in this process; every failure domain is a
+    supervisor process with its actors as child processes. The body runs
+    once every child has started (or failed to: the supervisors deal with
+    it). On exit the tree is stopped in reverse start order (each actor
+    drains within its grace period) and an embedded server this call
+    started is stopped.
+
+    Raises:
+        RestartIntensityExceeded: the root gave up (after the body ended;
+            ``handle.root.finished`` is set the moment it happens).
     """
     check_fleet(fleet)
+    tree = supervision_tree(fleet)
+    spec = root_spec(tree, domain, fleet.source)
     server: EmbeddedServer | None = None
     url = os.environ.get("NATS_URL", "")
     if not url:
         server = EmbeddedServer(home)
         url = server.start()
+    node = node or default_node()
     try:
         bus = await connect(url, name="corral-up")
         try:
-            await provision_fleet(bus, fleet)
+            await provision_fleet(bus, fleet,
+                                  fresh_server=server is not None and not server.reused)
             absolute = Path(await anyio.Path(config).absolute())
-            launcher = Launcher(fleet_children(absolute, fleet),
-                                env={"NATS_URL": url, "CORRAL_HOME": str(home)},
-                                log_dir=home / "logs", grace_s=fleet.runtime.grace_s)
+            root = Supervisor(spec, tree, config=absolute, node=node, fleet=fleet.name,
+                              bus=bus, log_dir=home / "logs",
+                              env={"NATS_URL": url, "CORRAL_HOME": str(home)})
             async with anyio.create_task_group() as tg:
-                await tg.start(launcher.run)
+                await tg.start(root.run)
                 try:
-                    try:
-                        await wait_ready(bus, fleet, ready_timeout_s)
-                    except TimeoutError as exc:
-                        exits = ", ".join(f"{c.id} exited {c.last_exit}"
-                                          for c in launcher.children if c.last_exit is not None)
-                        raise ActorError(
-                            f"the fleet was not ready within {ready_timeout_s:g}s "
-                            f"({exits or 'no process exited'}); see {home / 'logs'}") from exc
-                    yield FleetHandle(bus, launcher, url, server, home)
+                    yield FleetHandle(bus, root, url, server, home, node)
                 finally:
-                    launcher.stop()
+                    root.stop()
+            if root.failure is not None:
+                raise root.failure
         finally:
             with anyio.CancelScope(shield=True):
                 await bus.close()

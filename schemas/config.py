@@ -14,6 +14,7 @@ import msgspec
 
 from schemas.errors import ConfigError
 from schemas.routing import PriceSpec, RouteSpec, ScriptRule, TeamSpec
+from schemas.supervision import RawSupervision, RawSupervisor, SupervisionTree, resolve_tree
 
 __all__ = [
     "AgentSpec",
@@ -23,6 +24,7 @@ __all__ = [
     "ScriptRule",
     "ToolSpec",
     "parse_fleet",
+    "supervision_tree",
 ]
 
 _S = TypeVar("_S", bound=msgspec.Struct)
@@ -101,8 +103,24 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     runtime: RuntimeSpec = msgspec.field(default_factory=RuntimeSpec)
     prices: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
     teams: dict[str, TeamSpec] = msgspec.field(default_factory=dict)
+    supervision: RawSupervision | None = None
+    supervisors: dict[str, RawSupervisor] = msgspec.field(default_factory=dict)
     name: str = "fleet"
     source: str = ""
+
+
+def supervision_tree(fleet: FleetConfig) -> SupervisionTree:
+    """The fleet's supervision tree (the default one when the file has none).
+
+    Raises:
+        ConfigError: the ``[supervision]``/``[supervisors.*]`` tables are wrong.
+    """
+    actors: dict[str, int] = {}
+    actors.update({f"model.{n}": s.replicas for n, s in fleet.models.items()})
+    actors.update({f"tool.{n}": s.replicas for n, s in fleet.tools.items()})
+    actors.update({f"agent.{n}": s.replicas for n, s in fleet.agents.items()})
+    return resolve_tree(fleet.supervision, fleet.supervisors, actors,
+                        grace_s=fleet.runtime.grace_s, source=fleet.source)
 
 
 _PATH_RE = re.compile(r"- at `\$(?P<path>[^`]*)`")
@@ -212,6 +230,8 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                               file=source, table=table, key="function")
         if tspec.timeout_s <= 0:
             raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
+        if tspec.replicas < 1:
+            raise ConfigError("must be at least 1", file=source, table=table, key="replicas")
         for agent in tspec.allowed_agents:
             if agent not in fleet.agents:
                 raise ConfigError(f"unknown agent {agent!r}",
@@ -296,7 +316,8 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     if unknown:
         raise ConfigError("unknown key", file=source, table="fleet", key=sorted(unknown)[0])
     name = fleet_table.get("name", "fleet")
-    known = {"fleet", "runtime", "agents", "tools", "models", "prices", "teams"}
+    known = {"fleet", "runtime", "agents", "tools", "models", "prices", "teams", "supervision",
+             "supervisors"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}",
@@ -317,6 +338,15 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
             for entry, value in tables.items()
         }
     runtime = _convert(raw.get("runtime", {}), RuntimeSpec, source, "runtime")
-    fleet = FleetConfig(name=str(name), source=source, runtime=runtime, **sections)
+    supervision = (_convert(raw["supervision"], RawSupervision, source, "supervision")
+                   if "supervision" in raw else None)
+    sups = raw.get("supervisors", {})
+    if not isinstance(sups, dict):
+        raise ConfigError("must be a table of tables", file=source, table="supervisors")
+    supervisors = {n: _convert(v, RawSupervisor, source, f"supervisors.{n}")
+                   for n, v in sups.items()}
+    fleet = FleetConfig(name=str(name), source=source, runtime=runtime, supervision=supervision,
+                        supervisors=supervisors, **sections)
     _check_refs(fleet, source)
+    supervision_tree(fleet)  # validated now, so a bad tree fails at load, not at start
     return fleet

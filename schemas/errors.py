@@ -198,6 +198,32 @@ class ProviderUnavailable(ModelError):
 class SupervisorError(CorralError):
     """A supervisor could not keep its children running."""
 
+    def __init__(self, message: str, *, supervisor: str = "", child: str = "",
+                 retryable: bool | None = None) -> None:
+        super().__init__(message, retryable=retryable)
+        self.supervisor = supervisor
+        self.child = child
+
 
 class RestartIntensityExceeded(SupervisorError):
-    """A child restarted more often than its supervisor allows."""
+    """A child restarted more often than its supervisor allows; the supervisor gave up.
+
+    Attributes:
+        supervisor: the path of the supervisor that gave up ("root/agents").
+        child: the child whose restart was one too many.
+        restarts: how many restarts fell within ``within_s``.
+        within_s: the intensity period.
+        status: that child's last exit status (negative: killed by that signal).
+        reason: why that child last exited.
+    """
+
+    def __init__(self, *, supervisor: str, child: str, restarts: int, within_s: float,
+                 status: int | None = None, reason: str = "") -> None:
+        super().__init__(
+            f"supervisor {supervisor} gave up: child {child} needed restart number "
+            f"{restarts} within {within_s:g}s; last exit: {reason or 'unknown'}",
+            supervisor=supervisor, child=child)
+        self.restarts = restarts
+        self.within_s = within_s
+        self.status = status
+        self.reason = reason

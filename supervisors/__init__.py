@@ -1,5 +1,7 @@
-"""Process supervision: the launcher that keeps actor processes running."""
+"""Process supervision trees: OTP strategies, intensity, backoff, liveness."""
 
-from supervisors.launcher import Child, Launcher
+from supervisors.child import ChildProcess
+from supervisors.strategy import RestartPolicy
+from supervisors.supervisor import Supervisor
 
-__all__ = ["Child", "Launcher"]
+__all__ = ["ChildProcess", "RestartPolicy", "Supervisor"]

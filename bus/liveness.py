@@ -1,0 +1,177 @@
+"""Liveness on the bus: heartbeat and supervisor keys with a TTL, system events.
+
+Keys are written with a per-message TTL (``Nats-TTL``), so the key of an
+actor or supervisor that stops refreshing it vanishes by itself; nobody has
+to clean up after a ``kill -9``. The bucket's ``max_age`` is only a backstop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator
+
+import anyio
+import nats.errors
+import nats.js.errors
+from nats.js.api import DeliverPolicy
+
+from bus import subjects
+from bus.connection import Bus
+from schemas.errors import BusError, BusTimeout, NoResponders
+
+__all__ = ["Liveness", "follow_system", "open_probe", "wait_disconnected"]
+
+log = logging.getLogger("corral.liveness")
+
+
+class Liveness:
+    """Put, delete and list liveness keys; publish lifecycle events.
+
+    Example:
+        >>> live = Liveness(bus)
+        >>> await live.put(subjects.HEARTBEATS_BUCKET, "n1.root.agents.agent.triage.0",
+        ...                b"{...}", ttl_s=3.0)
+        >>> await live.entries(subjects.HEARTBEATS_BUCKET)
+        {'n1.root.agents.agent.triage.0': b'{...}'}
+    """
+
+    def __init__(self, bus: Bus, timeout_s: float = 2.0) -> None:
+        self.bus = bus
+        self.timeout_s = timeout_s
+
+    async def put(self, bucket: str, key: str, value: bytes, *, ttl_s: float) -> None:
+        """Set ``key`` to ``value``; it expires ``ttl_s`` (rounded up to whole seconds) later.
+
+        Raises:
+            BusError: the server did not store it in time.
+        """
+        ttl = max(1, math.ceil(ttl_s))
+        await self.bus.js_publish(f"$KV.{bucket}.{key}", value, headers={"Nats-TTL": f"{ttl}s"},
+                                  timeout_s=self.timeout_s)
+
+    async def delete(self, bucket: str, key: str) -> None:
+        """Remove ``key`` (a clean stop: no need to wait for its TTL).
+
+        Raises:
+            BusError: the server did not take it in time.
+        """
+        await self.bus.js_publish(f"$KV.{bucket}.{key}", b"",
+                                  headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"},
+                                  timeout_s=self.timeout_s)
+
+    async def entries(self, bucket: str) -> dict[str, bytes]:
+        """Every live key of ``bucket`` and its value.
+
+        Raises:
+            BusError: the bucket cannot be read.
+        """
+        try:
+            kv = await self.bus.js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return {}
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot open KV bucket {bucket}: {exc}") from exc
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot list KV bucket {bucket}: {exc}") from exc
+        out: dict[str, bytes] = {}
+        for key in keys:
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # expired or deleted between listing and reading
+            except nats.errors.Error as exc:
+                raise BusError(f"cannot read {bucket}/{key}: {exc}") from exc
+            if entry.value:
+                out[key] = entry.value
+        return out
+
+    async def event(self, event_type: str, data: bytes) -> None:
+        """Publish one lifecycle event to ``corral.system.<event_type>``.
+
+        Raises:
+            BusError: the system stream did not store it in time.
+        """
+        await self.bus.js_publish(subjects.system(event_type), data, timeout_s=self.timeout_s)
+
+
+async def follow_system(bus: Bus, *, follow: bool, idle_s: float = 0.5
+                        ) -> AsyncIterator[bytes]:
+    """Every lifecycle event on the system stream, oldest first; with ``follow``, live.
+
+    Raises:
+        BusError: the stream cannot be read.
+    """
+    try:
+        info = await bus.js.stream_info(subjects.SYSTEM_STREAM)
+        sub = await bus.js.subscribe(subjects.SYSTEM_ALL, ordered_consumer=True,
+                                     deliver_policy=DeliverPolicy.ALL)
+    except nats.js.errors.NotFoundError:
+        return  # no fleet ever ran against this server
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot follow {subjects.SYSTEM_ALL}: {exc}") from exc
+    try:
+        if not follow and not info.state.messages:
+            return
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=3600 if follow else idle_s)
+            except nats.errors.TimeoutError:
+                if follow:
+                    continue
+                return
+            yield msg.data
+            if not follow and msg.metadata.num_pending == 0:
+                return
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+
+
+async def open_probe(bus: Bus) -> str:
+    """Subscribe a private subject that lives exactly as long as this connection.
+
+    A supervisor that saw this process die asks ``wait_disconnected`` on it:
+    only once the server has dropped the connection (and so its pull
+    requests) is it safe to hand the process's deliveries back; a nak sent
+    earlier could be redelivered straight into the dead socket.
+
+    Raises:
+        BusError: the subscription failed.
+    """
+    subject = bus.nc.new_inbox()
+
+    async def ignore(_msg: object) -> None:
+        return None
+
+    try:
+        await bus.nc.subscribe(subject, cb=ignore)
+        await bus.nc.flush()
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot open liveness probe: {exc}") from exc
+    return subject
+
+
+async def wait_disconnected(bus: Bus, probe: str, timeout_s: float = 2.0) -> bool:
+    """Until the server no longer routes to ``probe`` (its connection is gone).
+
+    Returns False if it still does after ``timeout_s``.
+    """
+    with anyio.move_on_after(timeout_s):
+        while True:
+            try:
+                await bus.request(probe, b"", timeout_s=0.05)
+            except NoResponders:
+                return True
+            except BusTimeout:
+                continue  # routed to a socket nobody reads: the server has not noticed yet
+            except BusError:
+                await anyio.sleep(0.05)
+    return False

@@ -1,0 +1,233 @@
+"""One supervised OS process: started with a link pipe, listened to, stopped.
+
+The child gets the write end of a pipe (``CORRAL_LINK_FD``); everything it
+says arrives here (``actors.link`` describes the lines). End of file on the
+pipe means the process is gone: its unsettled deliveries are handed back at
+once, before anything else is decided.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import msgspec
+
+from schemas.supervision import ChildSpec
+from schemas.system import ChildRecord, ChildState
+
+__all__ = ["ChildProcess", "child_argv", "describe_exit"]
+
+log = logging.getLogger("corral.supervisor")
+
+_records = msgspec.json.Decoder(list[ChildRecord])
+_gave_up = msgspec.json.Decoder(dict[str, object])
+
+
+def child_argv(config: Path, spec: ChildSpec, node: str) -> list[str]:
+    """The command line of a child: ``python -m actors`` or ``python -m supervisors``."""
+    if spec.kind == "actor":
+        kind, name = spec.id.split(".", 1)
+        return [sys.executable, "-m", "actors", "--config", str(config), "--kind", kind,
+                "--name", name]
+    return [sys.executable, "-m", "supervisors", "--config", str(config), "--supervisor",
+            spec.id, "--node", node]
+
+
+def _log_tail(path: Path) -> str:
+    """The last non-empty line of a child's log: usually why it died."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = [x.strip() for x in f.read().decode("utf-8", "replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [x for x in lines if x]
+    return lines[-1][-300:] if lines else ""
+
+
+def describe_exit(status: int | None, *, killed_for: str = "", gave_up: str = "",
+                  log_tail: str = "") -> str:
+    """Why a child ended, for humans: the first thing an operator reads."""
+    if killed_for:
+        return f"killed: {killed_for}"
+    if gave_up:
+        return f"gave up: {gave_up}"
+    if status is None:
+        return "unknown"
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"killed by {name}"
+    if status == 0:
+        return "exited normally"
+    return f"exit status {status}" + (f": {log_tail}" if log_tail else "")
+
+
+class ChildProcess:
+    """One process of the tree (an actor replica or a supervisor) and what is known of it."""
+
+    def __init__(self, spec: ChildSpec, replica: int, argv: list[str], *, key: str,
+                 log_path: Path) -> None:
+        self.spec = spec
+        self.replica = replica
+        self.id = f"{spec.id}.{replica}" if spec.kind == "actor" else spec.id
+        self.argv = argv
+        self.key = key
+        self.log_path = log_path
+        self.process: anyio.abc.Process | None = None
+        self.generation = 0
+        self.state: ChildState = "starting"
+        self.restarts = 0
+        self.started_at = 0.0  # wall clock
+        self.started_mono = 0.0
+        self.last_beat = 0.0  # monotonic
+        self.ready = anyio.Event()
+        self.exited = anyio.Event()
+        self.last_exit: int | None = None
+        self.reason = ""
+        self.killed_for = ""  # set just before the supervisor kills it
+        self.stopping = False  # the supervisor is stopping it: its exit is expected
+        self.unsettled: set[str] = set()  # ack subjects of deliveries it holds
+        self.probe = ""  # a subject routed to its NATS connection while that lives
+        self.subtree: list[ChildRecord] = []  # a supervisor child's own children
+        self.gave_up = ""
+
+    @property
+    def pid(self) -> int | None:
+        """The live process id."""
+        if self.process is None or self.exited.is_set():
+            return None
+        return self.process.pid
+
+    @property
+    def abnormal(self) -> bool:
+        """Whether its last exit counts as a failure (for ``transient``)."""
+        return bool(self.killed_for) or self.last_exit != 0
+
+    def record(self) -> ChildRecord:
+        """Its row in the supervisor's record (``corral ps``)."""
+        return ChildRecord(
+            id=self.id, kind=self.spec.kind, spec=self.spec.id, replica=self.replica,
+            replicas=self.spec.replicas, state=self.state, pid=self.pid or 0,
+            restarts=self.restarts, started_at=self.started_at, last_exit=self.last_exit,
+            reason=self.reason, heartbeat_key=self.key if self.spec.kind == "actor" else "",
+            children=self.subtree)
+
+    async def spawn(self, env: Mapping[str, str]) -> int:
+        """Start the process; returns the read end of its link (the caller watches it).
+
+        Raises:
+            OSError: the process could not be started.
+        """
+        r, w = os.pipe()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with self.log_path.open("ab") as out:
+                self.process = await anyio.open_process(
+                    self.argv, env={**env, "CORRAL_LINK_FD": str(w), "CORRAL_CHILD_KEY": self.key},
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    pass_fds=(w,))
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self.generation += 1
+        self.state, self.stopping, self.killed_for, self.gave_up = "starting", False, "", ""
+        self.ready, self.exited = anyio.Event(), anyio.Event()
+        self.started_at, self.started_mono = time.time(), time.monotonic()
+        self.last_beat = self.started_mono
+        self.unsettled.clear()
+        self.probe = ""
+        return r
+
+    def on_line(self, line: bytes, on_change: Callable[[], None]) -> None:
+        """Take one line the child sent."""
+        tag = line[:1]
+        if tag == b"h":
+            self.last_beat = time.monotonic()
+        elif tag == b"+":
+            self.unsettled.add(line[1:].decode())
+        elif tag == b"-":
+            self.unsettled.discard(line[1:].decode())
+        elif tag == b"p":
+            self.probe = line[1:].decode()
+        elif tag == b"r":
+            self.last_beat = time.monotonic()
+            if not self.stopping:
+                self.state = "running"
+            self.ready.set()
+            on_change()
+        elif tag == b"s":
+            try:
+                self.subtree = _records.decode(line[1:])
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                log.warning("%s: bad status line: %s", self.id, exc)
+            on_change()
+        elif tag == b"x":
+            try:
+                self.gave_up = str(_gave_up.decode(line[1:]).get("message", ""))
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                self.gave_up = line[1:].decode("utf-8", "replace")
+
+    async def read_link(self, fd: int, on_change: Callable[[], None]) -> None:
+        """Read the link until end of file (the process is gone); closes ``fd``."""
+        os.set_blocking(fd, False)
+        buf = b""
+        try:
+            while True:
+                await anyio.wait_readable(fd)
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    return
+                *lines, buf = (buf + data).split(b"\n")
+                for line in lines:
+                    self.on_line(line, on_change)
+        finally:
+            os.close(fd)
+
+    def kill(self, why: str) -> None:
+        """SIGKILL now (it is hung, stopped, or did not stop in time)."""
+        if self.pid is None or self.process is None:
+            return
+        self.killed_for = self.killed_for or why
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    def exit_reason(self) -> str:
+        """Why the current process ended."""
+        tail = _log_tail(self.log_path) if self.last_exit not in (0, None) else ""
+        return describe_exit(self.last_exit, killed_for=self.killed_for, gave_up=self.gave_up,
+                             log_tail=tail)
+
+    async def stop(self, timeout_s: float) -> None:
+        """SIGTERM, up to ``timeout_s`` to drain, then SIGKILL. Idempotent."""
+        if self.process is None or self.exited.is_set():
+            return
+        self.stopping, self.state = True, "stopping"
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGTERM)
+        with anyio.move_on_after(timeout_s):
+            await self.exited.wait()
+        if not self.exited.is_set():
+            log.warning("%s (pid %s) did not stop within %.1fs: SIGKILL", self.id,
+                        self.process.pid, timeout_s)
+            self.kill(f"did not stop within {timeout_s:g}s")
+            with anyio.move_on_after(10):
+                await self.exited.wait()

@@ -1,0 +1,99 @@
+"""Helpers of the supervision process tests: fleet files with a tree, polling, events."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+
+from bus.connection import Bus
+from bus.liveness import follow_system
+from schemas.system import ChildRecord, SystemEvent, decode_system_event
+from tests.conftest import DEMO_CONFIG
+
+START, END = "# --- supervision", "# --- end supervision"
+
+LIVENESS = "heartbeat_s = 0.2\nheartbeat_timeout_s = 1.0\n"
+
+DEFAULT_TREE = f"""
+[supervision]
+{LIVENESS}
+children = ["models", "tools", "agents"]
+
+[supervisors.models]
+children = ["model.support-model"]
+
+[supervisors.tools]
+children = ["tool.lookup_order", "tool.issue_refund", "tool.send_email"]
+
+[supervisors.agents]
+children = ["agent.triage", "agent.billing", "agent.support"]
+"""
+
+BROKEN_TOOL = """
+[tools.broken]
+function = "tests.broken_in_actor:no_such_tool"  # fails in the actor: dies on every start
+side_effect = "none"
+"""
+
+
+def demo_without_tree() -> str:
+    """The demo fleet file with its supervision tables cut out."""
+    head, rest = DEMO_CONFIG.read_text().split(START, 1)
+    return head + rest.split(END, 1)[1].split("\n", 1)[1]
+
+
+def tree_config(home: Path, tree: str, *, ack_wait_s: float = 60.0, grace_s: float = 3.0,
+                latency_ms: int = 0, extra: str = "", name: str = "fleet.toml") -> Path:
+    """The demo fleet with ``tree``, written where the processes can read it.
+
+    ``ack_wait_s`` defaults to a minute, far beyond every wait in these tests:
+    what they see recover did so without JetStream's own redelivery.
+    """
+    text = demo_without_tree()
+    text = text.replace("ack_wait_s = 10.0", f"ack_wait_s = {ack_wait_s}")
+    text = text.replace("grace_s = 10.0", f"grace_s = {grace_s}")
+    text = text.replace("latency_ms = 120", f"latency_ms = {latency_ms}")
+    path = home / name
+    path.write_text(text + "\n" + tree + "\n" + extra)
+    return path
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g}s: {what}")
+        await anyio.sleep(0.05)
+
+
+async def system_events(bus: Bus) -> list[SystemEvent]:
+    """Every lifecycle event so far, oldest first."""
+    return [decode_system_event(d) async for d in follow_system(bus, follow=False)]
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet counts as dead)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def one(records: list[ChildRecord], child_id: str) -> ChildRecord:
+    """The record of ``child_id``."""
+    found = [r for r in records if r.id == child_id]
+    assert found, f"no child {child_id} in {[r.id for r in records]}"
+    return found[0]
+
+
+def env_without_nats(home: Path) -> dict[str, str]:
+    """The environment of a `corral` subprocess with its own home."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "CORRAL_FAULTS")}
+    env["CORRAL_HOME"] = str(home)
+    return env
