@@ -8,6 +8,7 @@ draining actor), never redelivered by JetStream's own timer.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -249,7 +250,7 @@ async def test_sigterm_during_load_loses_nothing_and_runs_nothing_twice(home: Pa
                     break
         lines = text.splitlines()
         url = next(x.split()[1] for x in lines if x.strip().startswith("NATS"))
-        pids = [int(x.rsplit("pid", 1)[1]) for x in lines if "pid" in x]
+        pids = [int(p) for p in re.findall(r"pid (\d+)", text)]  # domains and actors
         bus = await connect(url, name="test-load")
         try:
             client = Client(bus)
