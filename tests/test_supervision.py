@@ -250,7 +250,7 @@ async def test_sigterm_during_load_loses_nothing_and_runs_nothing_twice(home: Pa
                     break
         lines = text.splitlines()
         url = next(x.split()[1] for x in lines if x.strip().startswith("NATS"))
-        pids = [int(m.group(1)) for x in lines if (m := re.search(r"\bpid (\d+)", x))]
+        pids = [int(p) for p in re.findall(r"pid (\d+)", text)]  # domains and actors
         bus = await connect(url, name="test-load")
         try:
             client = Client(bus)
