@@ -31,6 +31,7 @@ from bench.report import (
     update_readme,
     write_results,
 )
+from bench.supervision import run as run_supervision
 from bus.connection import connect
 
 
@@ -59,6 +60,11 @@ async def run_all(url: str, scale: Scale) -> dict[str, float]:
               flush=True)
         t0 = time.perf_counter()
         results.update(await run_gateway(url, scale))
+        print(f"{time.perf_counter() - t0:.0f}s\nsupervision: kill -9 an agent replica …",
+              end=" ", flush=True)
+        t0 = time.perf_counter()
+        kills = max(5, scale.supervision_kills)
+        results.update(await run_supervision(kills=kills, plain_kills=max(3, kills // 4)))
         print(f"{time.perf_counter() - t0:.0f}s", flush=True)
     finally:
         await nc.close()

@@ -59,6 +59,7 @@ class Scale:
     tasks_inflight: int = 500
     tool_tasks: int = 150
     gateway_calls: int = 500
+    supervision_kills: int = 20
     warmup: int = 30
 
     def scaled(self, factor: float) -> Scale:

@@ -36,6 +36,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "actor_vs_raw_lean_mem_ratio": (">=", 0.5),
     "agent_turn_p50_ms": ("<", 5.0),
     "gateway_added_p50_ms": ("<", 2.0),
+    "restart_kill_to_progress_p50_ms": ("<", 300.0),
 }
 
 # Every figure in table order: key → (label, unit, note).
@@ -96,6 +97,24 @@ LAYOUT: dict[str, tuple[str, str, str]] = {
         "through the gateway with day budgets, p50", "ms", "+ KV reserve and settle"),
     "gateway_budgeted_added_p50_ms": (
         "gateway overhead with day budgets, p50", "ms", ""),
+    "restart_kill_to_serving_p50_ms": (
+        "kill -9 agent replica → replacement serving, p50", "ms", "2 replicas, hand-back on"),
+    "restart_kill_to_serving_p99_ms": (
+        "kill -9 agent replica → replacement serving, p99", "ms", ""),
+    "restart_kill_to_progress_p50_ms": (
+        "kill -9 agent replica → task progresses, p50", "ms", "supervisor hands work back"),
+    "restart_kill_to_progress_p99_ms": (
+        "kill -9 agent replica → task progresses, p99", "ms", ""),
+    "single_replica_kill_to_serving_p50_ms": (
+        "kill -9 only replica → replacement serving, p50", "ms", "python start + connect"),
+    "single_replica_kill_to_progress_p50_ms": (
+        "kill -9 only replica → task progresses, p50", "ms", ""),
+    "single_replica_kill_to_progress_p99_ms": (
+        "kill -9 only replica → task progresses, p99", "ms", ""),
+    "jetstream_ack_wait_redelivery_p50_ms": (
+        "plain JetStream: kill -9 → redelivery, p50", "ms", "hand-back off: waits ack_wait"),
+    "jetstream_ack_wait_redelivery_p99_ms": (
+        "plain JetStream: kill -9 → redelivery, p99", "ms", ""),
 }
 
 
