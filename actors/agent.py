@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from actors.base import Actor
+from actors.base import Actor, process_alive
 from actors.faults import crash_point
 from actors.tooling import handoff_schema, load_callable, tool_schema
 from actors.tracing import TRACEPARENT, parent_context, traceparent, tracer
@@ -241,8 +241,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 head = await self._think(task_id, state, head)
             elif state.phase == "thinking":
                 if not self._may_reclaim(task_id, state, redelivered):
-                    # Another holder's lease is live: look again when it runs out.
-                    await delivery.nak(min(30.0, max(0.5, state.lease_until - self.clock())))
+                    # A live holder: look again when its lease has run out (by then
+                    # its model call has timed out too, so a take-over is safe).
+                    await delivery.nak(max(0.5, state.lease_until - self.clock() + 1))
                     return
                 head = await self._append(task_id, state, head, TurnStarted(
                     **self._envelope(task_id), agent=self.name, turn=state.turn,
@@ -267,15 +268,21 @@ class AgentActor(Actor[TaskSubmit | Wake]):
     def _may_reclaim(self, task_id: str, state: TaskState, redelivered: bool) -> bool:
         """Whether a turn claimed but unanswered is abandoned, so we may take it over.
 
-        Yes when JetStream redelivered (the holder stopped acking), when the
-        holder is this very process and no call for the task is in flight here
-        (our own attempt failed), or when the holder's lease has run out.
-        Delivery counts alone cannot be trusted: a restarted server may
-        redeliver with the count reset.
+        Yes when the holder's lease has run out; when the holder is this very
+        process and no call for the task is in flight here (our own attempt
+        failed); when the delivery came back before the lease ran out (the
+        holder gave it up: crashed, drained, handed back by its supervisor —
+        a delivery we put back ourselves waits out the lease, below); when the
+        holder is a dead process on this host. Delivery counts alone cannot be
+        trusted: a restarted server may redeliver with the count reset.
         """
-        if redelivered or self.clock() >= state.lease_until:
+        if self.clock() >= state.lease_until:
             return True
-        return state.turn_holder == self.instance and task_id not in self._thinking
+        if state.turn_holder == self.instance:
+            return task_id not in self._thinking
+        if redelivered:
+            return True
+        return process_alive(state.turn_holder) is False
 
     async def _arm_deadline(self, task_id: str, state: TaskState) -> None:
         """A scheduled wake at the wall-clock limit, so a task stuck waiting still ends."""

@@ -42,7 +42,7 @@ from bus.mailbox import Delivery, Mailbox
 from schemas.errors import BusError, CorralError, DecodeError
 from schemas.messages import DeadLetter
 
-__all__ = ["Actor", "ActorStats", "backoff_s", "instance_id"]
+__all__ = ["Actor", "ActorStats", "backoff_s", "instance_id", "process_alive"]
 
 log = logging.getLogger("corral.actor")
 
@@ -55,6 +55,28 @@ SLOW_HANDLER_S = 0.0002  # a handler slower than this is waiting on I/O: worth m
 def instance_id() -> str:
     """A unique id for this process's actor instance (host, pid, random)."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def process_alive(instance: str) -> bool | None:
+    """Whether the process behind another actor instance id is alive.
+
+    Instance ids are ``<host>-<pid>-<random>``. On this host the pid tells
+    (a pid equal to ours belongs to us now: the old process is gone, as when a
+    restarted container reuses its pid); on another host nobody can tell
+    from here: None.
+    """
+    host, _, pid = instance.rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def backoff_s(deliveries: int, base_s: float = 0.2, cap_s: float = 30.0) -> float:

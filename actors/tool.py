@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +21,7 @@ import jsonschema
 import msgspec
 from opentelemetry.trace import Status, StatusCode
 
-from actors.base import Actor
+from actors.base import Actor, process_alive
 from actors.faults import crash_point
 from actors.tooling import ToolContext, load_callable, tool_parameters
 from actors.tracing import parent_context, traceparent, tracer
@@ -119,24 +117,21 @@ class ToolActor(Actor[ToolInvocation]):
     def _may_rerun(self) -> bool:
         return self.spec.side_effect != "side-effecting" or self.spec.accepts_idempotency_key
 
-    def _attempt_alive(self, entry: LedgerEntry, key: str) -> bool:
+    def _attempt_alive(self, entry: LedgerEntry, key: str, delivery: Delivery) -> bool:
         """Whether the attempt that marked a call ``running`` may still be running it.
 
-        This process knows its own calls; a process on this host is alive or
-        not (instance ids carry host and pid); for another host, the attempt
-        is presumed alive until the tool's timeout (plus a margin) has passed.
+        A redelivery says no (the holder let its delivery go: JetStream or its
+        supervisor gave it back). Otherwise this process knows its own calls,
+        a process on this host is alive or not, and on another host the
+        attempt is presumed alive until the tool's timeout (plus a margin).
         """
+        if delivery.deliveries > 1:
+            return False
         if entry.instance == self.instance:
             return key in self._running
-        host, _, rest = entry.instance.rpartition("-")[0].rpartition("-")
-        if host == socket.gethostname() and rest.isdigit():
-            try:
-                os.kill(int(rest), 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-            return True
+        alive = process_alive(entry.instance)
+        if alive is not None:
+            return alive
         return time.time() < entry.started + self.spec.timeout_s + 5
 
     async def _outcome(self, inv: ToolInvocation, delivery: Delivery
@@ -151,7 +146,8 @@ class ToolActor(Actor[ToolInvocation]):
         entry = await self.ledger.get(key)
         if entry is not None and entry.state == "done":
             return entry, True
-        if entry is not None and entry.state == "running" and self._attempt_alive(entry, key):
+        if (entry is not None and entry.state == "running"
+                and self._attempt_alive(entry, key, delivery)):
             log.info("%s: call %s is being run by %s: duplicate dropped", self.actor_name, key,
                      entry.instance)
             return None

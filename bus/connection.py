@@ -226,9 +226,12 @@ class Bus:
             return
         try:
             await self.nc.drain()
-        except nats.errors.Error as exc:  # already closing: nothing left to lose
+        except (nats.errors.Error, OSError) as exc:  # already closing: nothing left to lose
             log.debug("drain: %s", exc)
-            await self.nc.close()
+            try:
+                await self.nc.close()
+            except (nats.errors.Error, OSError) as exc2:  # the server is gone: so be it
+                log.debug("close: %s", exc2)
 
 
 async def connect(url: str | None = None, *, name: str = "corral",
