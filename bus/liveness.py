@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 import anyio
 import nats.errors
 import nats.js.errors
-from nats.js.api import DeliverPolicy
 
 from bus import subjects
 from bus.connection import Bus
+from bus.reader import read_stream
 from schemas.errors import BusError, BusTimeout, NoResponders
 
 __all__ = ["Liveness", "follow_system", "open_probe", "wait_disconnected"]
@@ -107,32 +107,14 @@ async def follow_system(bus: Bus, *, follow: bool, idle_s: float = 0.5
         BusError: the stream cannot be read.
     """
     try:
-        info = await bus.js.stream_info(subjects.SYSTEM_STREAM)
-        sub = await bus.js.subscribe(subjects.SYSTEM_ALL, ordered_consumer=True,
-                                     deliver_policy=DeliverPolicy.ALL)
+        await bus.js.stream_info(subjects.SYSTEM_STREAM)
     except nats.js.errors.NotFoundError:
         return  # no fleet ever ran against this server
     except nats.errors.Error as exc:
         raise BusError(f"cannot follow {subjects.SYSTEM_ALL}: {exc}") from exc
-    try:
-        if not follow and not info.state.messages:
-            return
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=3600 if follow else idle_s)
-            except nats.errors.TimeoutError:
-                if follow:
-                    continue
-                return
-            yield msg.data
-            if not follow and msg.metadata.num_pending == 0:
-                return
-    finally:
-        with anyio.CancelScope(shield=True):
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
+    async for msg in read_stream(bus, subjects.SYSTEM_STREAM, subjects.SYSTEM_ALL,
+                                 follow=follow, idle_s=idle_s):
+        yield msg.data
 
 
 async def open_probe(bus: Bus) -> str:
