@@ -10,6 +10,7 @@ import re
 import tomllib
 from typing import Any, Literal, TypeVar
 
+import jsonschema
 import msgspec
 
 from schemas.errors import ConfigError
@@ -19,6 +20,7 @@ from schemas.supervision import RawSupervision, RawSupervisor, SupervisionTree, 
 __all__ = [
     "AgentSpec",
     "FleetConfig",
+    "LimitsSpec",
     "ModelSpec",
     "RuntimeSpec",
     "ScriptRule",
@@ -29,7 +31,8 @@ __all__ = [
 
 _S = TypeVar("_S", bound=msgspec.Struct)
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}\Z")
+ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class _Spec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -81,6 +84,9 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     timeout_s: float = 30.0
     allowed_agents: list[str] = msgspec.field(default_factory=list)
     replicas: int = 1
+    # The environment variables this tool's processes get (its credentials, say).
+    # Nothing else of the parent's environment reaches a tool: secrets stay where used.
+    env: list[str] = msgspec.field(default_factory=list)
 
 
 class RuntimeSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,6 +100,22 @@ class RuntimeSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     stream_replicas: int = 1  # 3 in a NATS cluster: every stream and bucket R3
 
 
+class LimitsSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[limits]``: the sizes and counts past which input is refused, fast and visibly.
+
+    Each one ends in a clear event (``task.rejected``, ``tool.failed``,
+    ``budget.exceeded``) or a dead letter with the reason, never a retry loop.
+    """
+
+    submission_bytes: int = 256 * 1024  # a task submission message
+    tool_result_bytes: int = 64 * 1024  # a tool's result, encoded as JSON
+    model_response_bytes: int = 256 * 1024  # a model response, encoded as JSON
+    tool_calls_per_turn: int = 16  # tool calls one model response may ask for
+    turns_per_task: int = 50  # turns of all agents of a task together (handoffs included)
+    dead_letter_payload_bytes: int = 8 * 1024  # the original kept in a dead letter
+    state_cache_bytes: int = 64 * 1024 * 1024  # an agent replica's cache of folded tasks
+
+
 class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A whole fleet: agents, tools, model aliases and runtime settings."""
 
@@ -101,6 +123,7 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     models: dict[str, ModelSpec]
     tools: dict[str, ToolSpec] = msgspec.field(default_factory=dict)
     runtime: RuntimeSpec = msgspec.field(default_factory=RuntimeSpec)
+    limits: LimitsSpec = msgspec.field(default_factory=LimitsSpec)
     prices: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
     teams: dict[str, TeamSpec] = msgspec.field(default_factory=dict)
     supervision: RawSupervision | None = None
@@ -236,6 +259,20 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             if agent not in fleet.agents:
                 raise ConfigError(f"unknown agent {agent!r}",
                                   file=source, table=table, key="allowed_agents")
+        for var in tspec.env:
+            if not ENV_RE.match(var):
+                raise ConfigError(f"{var!r} is not an environment variable name",
+                                  file=source, table=table, key="env")
+        if tspec.parameters is not None:
+            try:
+                jsonschema.Draft202012Validator.check_schema(tspec.parameters)
+            except jsonschema.SchemaError as exc:
+                where = "/".join(map(str, exc.path)) or "(top)"
+                raise ConfigError(f"not a valid JSON schema at {where}: {exc.message}",
+                                  file=source, table=table, key="parameters") from exc
+            if tspec.parameters.get("type", "object") != "object":
+                raise ConfigError("a tool's parameters must be a JSON schema of type 'object'",
+                                  file=source, table=table, key="parameters")
     for alias, m in fleet.models.items():
         if not m.entries():
             raise ConfigError("set provider = ... or add [[models." + alias + ".chain]] entries",
@@ -289,6 +326,11 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
     for key in ("max_deliver", "max_inflight"):
         if getattr(rt, key) < 1:
             raise ConfigError("must be at least 1", file=source, table="runtime", key=key)
+    for key in ("submission_bytes", "tool_result_bytes", "model_response_bytes",
+                "tool_calls_per_turn", "turns_per_task", "dead_letter_payload_bytes",
+                "state_cache_bytes"):
+        if getattr(fleet.limits, key) < 1:
+            raise ConfigError("must be at least 1", file=source, table="limits", key=key)
     for section, specs in (("tools", fleet.tools), ("models", fleet.models)):
         for name, spec in specs.items():
             if spec.replicas < 1:
@@ -316,8 +358,8 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     if unknown:
         raise ConfigError("unknown key", file=source, table="fleet", key=sorted(unknown)[0])
     name = fleet_table.get("name", "fleet")
-    known = {"fleet", "runtime", "agents", "tools", "models", "prices", "teams", "supervision",
-             "supervisors"}
+    known = {"fleet", "runtime", "limits", "agents", "tools", "models", "prices", "teams",
+             "supervision", "supervisors"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}",
@@ -338,6 +380,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
             for entry, value in tables.items()
         }
     runtime = _convert(raw.get("runtime", {}), RuntimeSpec, source, "runtime")
+    limits = _convert(raw.get("limits", {}), LimitsSpec, source, "limits")
     supervision = (_convert(raw["supervision"], RawSupervision, source, "supervision")
                    if "supervision" in raw else None)
     sups = raw.get("supervisors", {})
@@ -345,7 +388,8 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
         raise ConfigError("must be a table of tables", file=source, table="supervisors")
     supervisors = {n: _convert(v, RawSupervisor, source, f"supervisors.{n}")
                    for n, v in sups.items()}
-    fleet = FleetConfig(name=str(name), source=source, runtime=runtime, supervision=supervision,
+    fleet = FleetConfig(name=str(name), source=source, runtime=runtime, limits=limits,
+                        supervision=supervision,
                         supervisors=supervisors, **sections)
     _check_refs(fleet, source)
     supervision_tree(fleet)  # validated now, so a bad tree fails at load, not at start

@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 # Task ids are NATS subject tokens and KV keys, so they are restricted.
-TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+# `$` alone would also match before a trailing newline ("abc\n"): `(?!\n)` forbids it.
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$(?!\n)"
 TaskId = Annotated[str, msgspec.Meta(pattern=TASK_ID_PATTERN)]
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 
@@ -83,7 +84,7 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
         return "\n".join(p.text for p in self.parts if isinstance(p, TextPart))
 
 
-OptionalTaskId = Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_-]{1,128})?$")]
+OptionalTaskId = Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_-]{1,128})?$(?!\n)")]
 
 
 class TaskSubmit(msgspec.Struct, frozen=True, kw_only=True):
@@ -216,7 +217,12 @@ class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
-    """What lands on ``corral.dlq.<actor>``: the original and the reason."""
+    """What lands on ``corral.dlq.<actor>``: the original and the reason.
+
+    Bounded, so a dead letter can always be published: ``payload`` is the
+    original as text cut to a fixed size (``truncated`` says so), with the
+    original's length in bytes and its SHA-256 to match it against a copy.
+    """
 
     actor: str
     subject: str
@@ -225,3 +231,6 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, str] = msgspec.field(default_factory=dict)
     deliveries: int = 0
     time: float = 0.0
+    payload_bytes: int = 0
+    payload_sha256: str = ""
+    truncated: bool = False

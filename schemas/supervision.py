@@ -53,7 +53,7 @@ RestartType = Literal["permanent", "transient", "temporary"]
 
 ROOT = "root"  # the name (and path) of the root supervisor: `corral up`
 ACTOR_KINDS = ("model", "tool", "agent")  # also the default domains' start order
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}\Z")
 
 
 class BackoffSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
