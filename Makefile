@@ -6,13 +6,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean help
+.PHONY: run test lint bench soak clean help
 
 help:
 	@echo "make run    run the demo fleet (no API key needed)"
 	@echo "make test   lint + the whole test suite"
 	@echo "make lint   ruff + mypy --strict + compose.yaml schema check"
 	@echo "make bench  benchmarks (prints a table, writes bench/results.json)"
+	@echo "make soak   the fuzz suite at 100,000 messages (prints the figures)"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "corral needs Python >= 3.11"'
@@ -33,6 +34,10 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The fuzz suite (tests/test_fuzz.py) at soak size; `make test` runs it at 2,000.
+soak: $(STAMP)
+	CORRAL_FUZZ_N=$${CORRAL_FUZZ_N:-100000} $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache *.egg-info

@@ -3,9 +3,12 @@
 One JetStream-backed actor = one durable consumer shared by every replica.
 The loop is decode → handle → ack, and what can go wrong has one answer each:
 
-- bytes that do not decode, or do not fit the schema: dead-lettered to
-  ``corral.dlq.<actor>`` with the reason, then terminated (never redelivered);
-- a retryable failure: ``nak`` with exponential backoff;
+- an empty message, bytes that do not decode (whatever the decoder raises:
+  ``RecursionError`` on deep nesting, ``UnicodeError``, …), or that do not
+  fit the schema: dead-lettered to ``corral.dlq.<actor>`` with the reason
+  (a bounded letter, ``actors.deadletter``), then terminated (never
+  redelivered), and never an actor exit;
+- a retryable failure: ``nak`` with jittered exponential backoff;
 - a message that keeps failing past ``max_deliver``: dead-lettered, and the
   actor's ``on_poison`` turns it into an event;
 - long work: ``in_progress`` is sent so the server does not redeliver it;
@@ -22,16 +25,19 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 import uuid
 from abc import ABC, abstractmethod
-from typing import Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, NamedTuple, TypeVar
 
 import anyio
 import anyio.abc
 import msgspec
 
+from actors.deadletter import DEFAULT_PAYLOAD_BYTES, bounded_dead_letter
 from actors.heartbeat import Heartbeat
 from actors.link import SupervisorLink
 from actors.metrics import DEAD_LETTERS, MESSAGES
@@ -40,7 +46,6 @@ from bus.connection import Bus
 from bus.liveness import open_probe
 from bus.mailbox import Delivery, Mailbox
 from schemas.errors import BusError, CorralError, DecodeError
-from schemas.messages import DeadLetter
 
 __all__ = ["Actor", "ActorStats", "backoff_s", "instance_id", "process_alive"]
 
@@ -79,13 +84,36 @@ def process_alive(instance: str) -> bool | None:
     return True
 
 
-def backoff_s(deliveries: int, base_s: float = 0.2, cap_s: float = 30.0) -> float:
-    """Exponential redelivery delay for the ``deliveries``-th failed attempt."""
-    return float(min(cap_s, base_s * (2 ** max(0, deliveries - 1))))
+def backoff_s(deliveries: int, base_s: float = 0.2, cap_s: float = 30.0, *,
+              rand: Callable[[], float] = random.random) -> float:
+    """Redelivery delay for the ``deliveries``-th failed attempt: exponential, equal jitter.
+
+    The ceiling doubles per attempt from ``base_s`` up to ``cap_s``; the delay
+    is drawn from its upper half, so replicas that failed together do not
+    retry together, and no retry comes sooner than half the ceiling.
+    ``rand`` (values in [0, 1]) makes it deterministic in tests.
+
+    Example:
+        >>> backoff_s(3, rand=lambda: 1.0)
+        0.8
+    """
+    ceiling = min(cap_s, base_s * 2.0 ** min(64, max(0, deliveries - 1)))
+    return float(ceiling / 2 + ceiling / 2 * min(1.0, max(0.0, rand())))
+
+
+class _Dead(NamedTuple):
+    """What the decode boundary returns for a message it cannot take: why."""
+
+    reason: str
 
 
 class ActorStats:
-    """Counters every actor keeps (exported as metrics)."""
+    """Counters every actor keeps (exported as metrics).
+
+    Each delivery ends up counted once: ``handled`` (the handler finished and it
+    was acked) or ``dead_lettered`` (parked in the DLQ with a reason); one the
+    handler gave back for later (``nak``) is counted when it finally ends.
+    """
 
     def __init__(self) -> None:
         self.handled = 0
@@ -107,7 +135,8 @@ class Actor(ABC, Generic[T]):
 
     def __init__(self, bus: Bus, name: str, *, stream: str, consumer: str,
                  max_inflight: int = 64, max_deliver: int = 5, grace_s: float = 30.0,
-                 ack_wait_s: float = 30.0) -> None:
+                 ack_wait_s: float = 30.0,
+                 dlq_payload_bytes: int = DEFAULT_PAYLOAD_BYTES) -> None:
         self.bus = bus
         self.name = name
         self.stream = stream
@@ -116,6 +145,7 @@ class Actor(ABC, Generic[T]):
         self.max_deliver = max_deliver
         self.grace_s = grace_s
         self.ack_wait_s = ack_wait_s
+        self.dlq_payload_bytes = dlq_payload_bytes
         self.instance = instance_id()
         self.stats = ActorStats()
         self._decoder: msgspec.json.Decoder[T] = msgspec.json.Decoder(self.message_type)
@@ -141,7 +171,7 @@ class Actor(ABC, Generic[T]):
         """Do the work for one message."""
 
     def decode(self, delivery: Delivery) -> T:
-        """Bytes → message; raise ``msgspec.ValidationError``/``DecodeError`` if bad."""
+        """Bytes → message (it may raise anything: the base class dead-letters it)."""
         return self._decoder.decode(delivery.data)
 
     async def on_poison(self, msg: T, reason: str) -> None:
@@ -162,18 +192,17 @@ class Actor(ABC, Generic[T]):
             self._hurry.set()
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Publish the original message and ``reason`` to ``corral.dlq.<actor>``."""
-        letter = DeadLetter(
+        """Publish the original message (bounded) and ``reason`` to ``corral.dlq.<actor>``."""
+        letter = bounded_dead_letter(
             actor=self.actor_name, subject=delivery.subject, reason=reason,
-            payload=delivery.data.decode("utf-8", errors="replace"),
-            headers={k: str(v) for k, v in delivery.headers.items()},
-            deliveries=delivery.deliveries, time=time.time(),
+            data=delivery.data, headers=delivery.headers, deliveries=delivery.deliveries,
+            payload_bytes=self.dlq_payload_bytes,
         )
         await self.bus.js_publish(subjects.dlq(self.actor_name), _dlq_encoder.encode(letter))
         self.stats.dead_lettered += 1
         DEAD_LETTERS.labels(self.actor_name).inc()
         log.warning("%s: dead-lettered message from %s: %s", self.actor_name,
-                    delivery.subject, reason)
+                    delivery.subject, letter.reason)
 
     async def _process(self, delivery: Delivery) -> None:
         self._inflight.add(delivery)
@@ -182,12 +211,27 @@ class Actor(ABC, Generic[T]):
         finally:
             self._inflight.discard(delivery)
 
-    async def _process_one(self, delivery: Delivery) -> None:
+    def _decode(self, delivery: Delivery) -> T | _Dead:
+        """The decode boundary: the message, or why it is dead (never an exception).
+
+        Around ``self.decode`` so a subclass's override is covered too.
+        """
+        if not delivery.data:
+            return _Dead(f"empty message on {delivery.subject}")
         try:
-            msg = self.decode(delivery)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            await self._poison(delivery, f"invalid message on {delivery.subject}: {exc}")
+            return self.decode(delivery)
+        except (msgspec.ValidationError, msgspec.DecodeError, DecodeError) as exc:
+            return _Dead(f"invalid message on {delivery.subject}: {exc}")
+        except Exception as exc:  # hostile bytes: RecursionError, UnicodeError, …
+            return _Dead(f"undecodable message on {delivery.subject}: "
+                         f"{type(exc).__name__}: {exc}")
+
+    async def _process_one(self, delivery: Delivery) -> None:
+        decoded = self._decode(delivery)
+        if isinstance(decoded, _Dead):
+            await self._poison(delivery, decoded.reason)
             return
+        msg = decoded
         if delivery.deliveries > self.max_deliver:
             reason = f"gave up after {delivery.deliveries - 1} failed deliveries"
             await self._poison(delivery, reason)
@@ -216,6 +260,8 @@ class Actor(ABC, Generic[T]):
                 await self._poison(delivery, reason)
                 await self._call_on_poison(msg, reason)
             return
+        if delivery.outcome in ("nak", "term"):
+            return  # the handler gave it back for later, or dead-lettered it: not handled
         self.stats.handled += 1
         self._handled.inc()
         await delivery.ack()

@@ -20,7 +20,7 @@ import msgspec
 from bus import subjects
 from bus.connection import Bus
 from bus.kv import Bucket
-from schemas.errors import BudgetExceeded, BusError
+from schemas.errors import BudgetExceeded, BusError, DecodeError
 
 __all__ = ["BudgetCounters", "Reservation", "day_key"]
 
@@ -36,6 +36,15 @@ class Spend(msgspec.Struct):
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(Spend)
+
+
+def _decode(raw: bytes, key: str) -> Spend:
+    """A counter's bytes → ``Spend``; anything in the KV bucket is untrusted."""
+    try:
+        return _dec.decode(raw)
+    except Exception as exc:  # any failure (even RecursionError) is an undecodable value
+        raise DecodeError(f"budget counter {key} holds an undecodable value: "
+                          f"{type(exc).__name__}: {str(exc)[:200]}", subject=key) from exc
 
 
 def day_key(scope: str, name: str, when: dt.datetime | None = None) -> str:
@@ -58,15 +67,20 @@ class BudgetCounters:
         self.bucket = Bucket(bus, subjects.BUDGET_BUCKET)
 
     async def spent(self, key: str) -> Spend:
-        """A counter's current value."""
+        """A counter's current value.
+
+        Raises:
+            DecodeError: the counter holds junk (it is never overwritten: spend
+                is over-counted, never under-counted).
+        """
         found = await self.bucket.get(key)
-        return _dec.decode(found[0]) if found else Spend()
+        return _decode(found[0], key) if found else Spend()
 
     async def _add(self, key: str, usd: float, calls: int, limit: float) -> bool:
         """CAS-add to one counter; False (and nothing written) if ``limit`` would be passed."""
         for _ in range(MAX_CAS_RETRIES):
             found = await self.bucket.get(key)
-            current = _dec.decode(found[0]) if found else Spend()
+            current = _decode(found[0], key) if found else Spend()
             if limit > 0 and usd > 0 and current.usd + usd > limit:
                 return False
             new = _enc.encode(Spend(usd=max(0.0, current.usd + usd), calls=current.calls + calls))

@@ -2,7 +2,7 @@
 
 ``Bus`` is the one object the upper layers hold: it wraps a nats-py client
 and its JetStream context, and every call on it has a timeout and raises
-only ``BusError`` and its children.
+only ``BusError`` and its children (translated by ``bus.errors.nats_errors``).
 """
 
 from __future__ import annotations
@@ -15,21 +15,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-import nats
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
-from schemas.errors import BusError, BusTimeout, FencedWrite, NoResponders
+from bus.errors import nats_errors
+from schemas.errors import BusError, FencedWrite
 
 __all__ = ["Bus", "PubResult", "Request", "Service", "connect"]
 
 log = logging.getLogger("corral.bus")
 
-WRONG_LAST_SEQUENCE = 10071  # JetStream: "wrong last sequence"
 DEFAULT_TIMEOUT_S = 5.0
 
 
@@ -59,9 +56,10 @@ class Request:
         if not self.reply:
             return
         try:
-            await self._bus.nc.publish(self.reply, data)
-        except nats.errors.Error as exc:  # the caller times out and retries
-            log.warning("reply on %s failed: %s", self.subject, exc)
+            with nats_errors(f"reply on {self.subject}", subject=self.reply):
+                await self._bus.nc.publish(self.reply, data)
+        except BusError as exc:  # the caller times out and retries
+            log.warning("%s", exc)
 
 
 class Service:
@@ -78,9 +76,10 @@ class Service:
     async def close(self) -> None:
         """Stop receiving (requests already received are still answerable)."""
         try:
-            await self._sub.unsubscribe()
-        except nats.errors.Error as exc:
-            log.debug("unsubscribe %s: %s", self._sub.subject, exc)
+            with nats_errors(f"unsubscribe {self._sub.subject}"):
+                await self._sub.unsubscribe()
+        except BusError as exc:
+            log.debug("%s", exc)
 
 
 class Bus:
@@ -96,10 +95,8 @@ class Bus:
     async def publish(self, subject: str, data: bytes,
                       headers: dict[str, str] | None = None) -> None:
         """Core NATS publish (fire and forget, buffered)."""
-        try:
+        with nats_errors(f"publish to {subject}", subject=subject):
             await self.nc.publish(subject, data, headers=headers)
-        except nats.errors.Error as exc:
-            raise BusError(f"publish to {subject} failed: {exc}", subject=subject) from exc
 
     async def js_publish(
         self,
@@ -124,25 +121,15 @@ class Bus:
         if expected_last_subject_seq is not None:
             hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
         try:
-            ack = await self.js.publish(subject, data, headers=hdrs or None,
-                                        timeout=timeout_s or self.timeout_s)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise FencedWrite(
-                    f"append to {subject} lost the race (expected last sequence "
-                    f"{expected_last_subject_seq})",
-                    subject=subject, expected_seq=expected_last_subject_seq or 0,
-                ) from exc
-            raise BusError(f"JetStream refused publish to {subject}: {exc.description} "
-                           f"(code {exc.err_code})", subject=subject) from exc
-        except nats.errors.NoRespondersError as exc:
-            raise NoResponders(f"no JetStream stream listens on {subject}",
-                               subject=subject) from exc
-        except nats.errors.TimeoutError as exc:
-            raise BusTimeout(f"publish to {subject} not acknowledged in time",
-                             subject=subject) from exc
-        except nats.errors.Error as exc:
-            raise BusError(f"publish to {subject} failed: {exc}", subject=subject) from exc
+            with nats_errors(f"JetStream publish to {subject}", subject=subject):
+                ack = await self.js.publish(subject, data, headers=hdrs or None,
+                                            timeout=timeout_s or self.timeout_s)
+        except FencedWrite as exc:  # say which sequence the writer expected
+            raise FencedWrite(
+                f"append to {subject} lost the race (expected last sequence "
+                f"{expected_last_subject_seq})",
+                subject=subject, expected_seq=expected_last_subject_seq or 0,
+            ) from exc.__cause__
         return PubResult(ack.stream, ack.seq, bool(ack.duplicate))
 
     async def schedule(self, subject: str, data: bytes, *, at: float, target: str) -> None:
@@ -158,18 +145,14 @@ class Bus:
 
     async def purge_subject(self, stream: str, subject: str) -> None:
         """Remove every message on ``subject`` from ``stream`` (e.g. a pending schedule)."""
-        try:
+        with nats_errors(f"purge of {subject}", subject=subject):
             await self.js.purge_stream(stream, subject=subject)
-        except nats.errors.Error as exc:
-            raise BusError(f"purge of {subject} failed: {exc}", subject=subject) from exc
 
     async def serve(self, subject: str, queue: str) -> Service:
         """Receive requests on ``subject``, load-balanced across the ``queue`` group."""
-        try:
+        with nats_errors(f"cannot serve {subject}", subject=subject):
             sub = await self.nc.subscribe(subject, queue=queue)
             await self.nc.flush(timeout=int(max(1, self.timeout_s)))
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot serve {subject}: {exc}", subject=subject) from exc
         return Service(self, sub)
 
     def connection_lost(self) -> None:
@@ -187,13 +170,15 @@ class Bus:
         """
         lost = self._lost
         replies: list[Msg] = []
-        errors: list[nats.errors.Error] = []
+        errors: list[BusError] = []
         async with anyio.create_task_group() as tg:
             async def call() -> None:
                 try:
-                    replies.append(await self.nc.request(
-                        subject, data, timeout=timeout_s or self.timeout_s, headers=headers))
-                except nats.errors.Error as exc:
+                    with nats_errors(f"request to {subject}", subject=subject):
+                        replies.append(await self.nc.request(
+                            subject, data, timeout=timeout_s or self.timeout_s,
+                            headers=headers))
+                except BusError as exc:
                     errors.append(exc)
                 finally:
                     tg.cancel_scope.cancel()
@@ -206,32 +191,41 @@ class Bus:
         if not errors:
             raise BusError(f"connection lost while waiting for a reply on {subject}",
                            subject=subject)
-        exc = errors[0]
-        if isinstance(exc, nats.errors.NoRespondersError):
-            raise NoResponders(f"nobody serves {subject}", subject=subject) from exc
-        if isinstance(exc, nats.errors.TimeoutError):
-            raise BusTimeout(f"no reply on {subject} in time", subject=subject) from exc
-        raise BusError(f"request to {subject} failed: {exc}", subject=subject) from exc
+        raise errors[0]
 
     async def flush(self) -> None:
         """Make sure everything published so far reached the server."""
-        try:
+        with nats_errors("flush"):
             await self.nc.flush(timeout=int(max(1, self.timeout_s)))
-        except nats.errors.Error as exc:
-            raise BusError(f"flush failed: {exc}") from exc
 
     async def close(self) -> None:
         """Drain (finish what is buffered) and close; safe to call twice."""
         if self.nc.is_closed:
             return
         try:
-            await self.nc.drain()
-        except (nats.errors.Error, OSError) as exc:  # already closing: nothing left to lose
-            log.debug("drain: %s", exc)
+            with nats_errors("drain"):
+                await self.nc.drain()
+        except BusError as exc:  # already closing: nothing left to lose
+            log.debug("%s", exc)
             try:
+                with nats_errors("close"):
+                    await self.nc.close()
+            except BusError as exc2:  # the server is gone: so be it
+                log.debug("%s", exc2)
+
+    async def abort(self) -> None:
+        """Close at once, without draining: nothing buffered is worth waiting for.
+
+        For a reader whose consumer went away (``corral events | head``):
+        draining would wait on subscriptions nobody will read.
+        """
+        if self.nc.is_closed:
+            return
+        try:
+            with nats_errors("close"):
                 await self.nc.close()
-            except (nats.errors.Error, OSError) as exc2:  # the server is gone: so be it
-                log.debug("close: %s", exc2)
+        except BusError as exc:
+            log.debug("%s", exc)
 
 
 async def connect(url: str | None = None, *, name: str = "corral",
@@ -256,13 +250,11 @@ async def connect(url: str | None = None, *, name: str = "corral",
 
     nc = Client()
     bus = Bus(nc, url, timeout_s)
-    try:
+    with nats_errors(f"cannot connect to NATS at {url}"):
         await nc.connect(
             url, name=name, connect_timeout=int(max(1, timeout_s)),
             max_reconnect_attempts=-1, reconnect_time_wait=1,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **options,
         )
-    except (nats.errors.Error, OSError) as exc:
-        raise BusError(f"cannot connect to NATS at {url}: {exc}") from exc
     return bus

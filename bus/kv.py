@@ -1,12 +1,12 @@
-"""A KV bucket with corral's error handling: the one place KV calls are translated."""
+"""A KV bucket with corral's error handling: reads return None, CAS writes return False."""
 
 from __future__ import annotations
 
-import nats.js.errors
 from nats.js.kv import KeyValue
 
 from bus.connection import Bus
-from schemas.errors import BusError
+from bus.errors import NotFound, nats_errors
+from schemas.errors import BusError, FencedWrite
 
 __all__ = ["Bucket"]
 
@@ -27,51 +27,44 @@ class Bucket:
     async def _open(self) -> KeyValue:
         if self._kv is None:
             try:
-                self._kv = await self.bus.js.key_value(self.name)
-            except nats.js.errors.Error as exc:
+                with nats_errors(f"KV bucket {self.name}"):
+                    self._kv = await self.bus.js.key_value(self.name)
+            except NotFound as exc:
                 raise BusError(f"KV bucket {self.name} missing: {exc}") from exc
         return self._kv
-
-    def _error(self, op: str, key: str, exc: Exception) -> BusError:
-        return BusError(f"KV {op} {self.name}/{key} failed: {exc}")
 
     async def get(self, key: str) -> tuple[bytes, int] | None:
         """The value and revision of ``key``; None when it has none."""
         kv = await self._open()
         try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
+            with nats_errors(f"KV get {self.name}/{key}"):
+                entry = await kv.get(key)
+        except NotFound:
             return None
-        except nats.js.errors.Error as exc:
-            raise self._error("get", key, exc) from exc
         return (entry.value, int(entry.revision or 0)) if entry.value is not None else None
 
     async def put(self, key: str, value: bytes) -> None:
         """Write ``value`` whatever was there."""
         kv = await self._open()
-        try:
+        with nats_errors(f"KV put {self.name}/{key}"):
             await kv.put(key, value)
-        except nats.js.errors.Error as exc:
-            raise self._error("put", key, exc) from exc
 
     async def create(self, key: str, value: bytes) -> bool:
         """Write ``value`` only if ``key`` has none; False if it had one."""
         kv = await self._open()
         try:
-            await kv.create(key, value)
-        except nats.js.errors.KeyWrongLastSequenceError:
+            with nats_errors(f"KV create {self.name}/{key}"):
+                await kv.create(key, value)
+        except FencedWrite:
             return False
-        except nats.js.errors.Error as exc:
-            raise self._error("create", key, exc) from exc
         return True
 
     async def update(self, key: str, value: bytes, revision: int) -> bool:
         """Write ``value`` only if ``key`` is still at ``revision``; False if it moved."""
         kv = await self._open()
         try:
-            await kv.update(key, value, last=revision)
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            with nats_errors(f"KV update {self.name}/{key}"):
+                await kv.update(key, value, last=revision)
+        except (FencedWrite, NotFound):
             return False
-        except nats.js.errors.Error as exc:
-            raise self._error("update", key, exc) from exc
         return True

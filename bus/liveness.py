@@ -12,11 +12,10 @@ import math
 from collections.abc import AsyncIterator
 
 import anyio
-import nats.errors
-import nats.js.errors
 
 from bus import subjects
 from bus.connection import Bus
+from bus.errors import NotFound, nats_errors
 from bus.reader import read_stream
 from schemas.errors import BusError, BusTimeout, NoResponders
 
@@ -67,25 +66,19 @@ class Liveness:
             BusError: the bucket cannot be read.
         """
         try:
-            kv = await self.bus.js.key_value(bucket)
-        except nats.js.errors.BucketNotFoundError:
+            with nats_errors(f"cannot open KV bucket {bucket}"):
+                kv = await self.bus.js.key_value(bucket)
+            with nats_errors(f"cannot list KV bucket {bucket}"):
+                keys = await kv.keys()
+        except NotFound:
             return {}
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot open KV bucket {bucket}: {exc}") from exc
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return {}
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot list KV bucket {bucket}: {exc}") from exc
         out: dict[str, bytes] = {}
         for key in keys:
             try:
-                entry = await kv.get(key)
-            except nats.js.errors.KeyNotFoundError:
+                with nats_errors(f"cannot read {bucket}/{key}"):
+                    entry = await kv.get(key)
+            except NotFound:
                 continue  # expired or deleted between listing and reading
-            except nats.errors.Error as exc:
-                raise BusError(f"cannot read {bucket}/{key}: {exc}") from exc
             if entry.value:
                 out[key] = entry.value
         return out
@@ -107,11 +100,10 @@ async def follow_system(bus: Bus, *, follow: bool, idle_s: float = 0.5
         BusError: the stream cannot be read.
     """
     try:
-        await bus.js.stream_info(subjects.SYSTEM_STREAM)
-    except nats.js.errors.NotFoundError:
+        with nats_errors(f"cannot follow {subjects.SYSTEM_ALL}"):
+            await bus.js.stream_info(subjects.SYSTEM_STREAM)
+    except NotFound:
         return  # no fleet ever ran against this server
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot follow {subjects.SYSTEM_ALL}: {exc}") from exc
     async for msg in read_stream(bus, subjects.SYSTEM_STREAM, subjects.SYSTEM_ALL,
                                  follow=follow, idle_s=idle_s):
         yield msg.data
@@ -133,11 +125,9 @@ async def open_probe(bus: Bus) -> str:
     async def ignore(_msg: object) -> None:
         return None
 
-    try:
+    with nats_errors("cannot open liveness probe", subject=subject):
         await bus.nc.subscribe(subject, cb=ignore)
-        await bus.nc.flush()
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot open liveness probe: {exc}") from exc
+        await bus.nc.flush(timeout=int(max(1, bus.timeout_s)))
     return subject
 
 

@@ -8,6 +8,12 @@ credit is used), so the server streams messages while the actor works.
 A ``DeliveryTracker`` hears of every message the moment it arrives and the
 moment it is settled, so a supervisor can hand the unsettled ones of a dead
 process back at once (``hand_back``) instead of waiting for ``ack_wait``.
+
+Only a message with a ``$JS.ACK.`` reply subject is a stored message for us;
+anything else arriving on the pull inbox is the server's status for a pull
+request (``404``/``408``/``409``, no reply subject) or noise. A *stored*
+message that looks like a status (empty, with a ``Status`` header: anyone
+may publish one) is a delivery like any other, and its actor dead-letters it.
 """
 
 from __future__ import annotations
@@ -19,17 +25,25 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
 import anyio
-import nats.errors
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from bus.connection import Bus
+from bus.errors import nats_errors
 from schemas.errors import BusError
 
 __all__ = ["Delivery", "DeliveryTracker", "Mailbox", "hand_back"]
 
 log = logging.getLogger("corral.mailbox")
+
+ACK_PREFIX = "$JS.ACK."
+PULL_RETRY_S = 1.0  # after a failed pull request (connection closed or reconnecting)
+
+
+def _stored(msg: Msg) -> bool:
+    """Whether ``msg`` is a stream message delivered to us (it can be acked)."""
+    return msg.reply.startswith(ACK_PREFIX)
 
 
 class DeliveryTracker(Protocol):
@@ -54,14 +68,12 @@ async def hand_back(bus: Bus, replies: Iterable[str]) -> int:
         BusError: the naks could not be sent.
     """
     n = 0
-    try:
+    with nats_errors("handing back messages"):
         for reply in replies:
             await bus.nc.publish(reply, b"-NAK")
             n += 1
         if n:
             await bus.nc.flush(timeout=int(max(1, bus.timeout_s)))
-    except nats.errors.Error as exc:
-        raise BusError(f"handing back {n} messages failed: {exc}") from exc
     return n
 
 
@@ -69,10 +81,11 @@ class Delivery:
     """One message from a mailbox, with its ack verbs.
 
     Exactly one of ``ack``/``nak``/``term`` settles it; later calls are no-ops.
+    ``outcome`` says which one did (``"ack"``, ``"nak"``, ``"term"``; ``""`` until then).
     """
 
-    __slots__ = ("_bus", "_tracker", "data", "deliveries", "headers", "received", "reply",
-                 "settled", "stream_seq", "subject")
+    __slots__ = ("_bus", "_tracker", "data", "deliveries", "headers", "outcome", "received",
+                 "reply", "settled", "stream_seq", "subject")
 
     def __init__(self, bus: Bus, msg: Msg, tracker: DeliveryTracker | None = None) -> None:
         self._bus = bus
@@ -82,6 +95,7 @@ class Delivery:
         self.headers: dict[str, str] = dict(msg.headers or {})
         self.reply: str = msg.reply
         self.settled = False
+        self.outcome = ""
         self.received = time.monotonic()
         # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
         # (a domain and account hash are prepended in the newer 12-token form)
@@ -93,28 +107,31 @@ class Delivery:
         except (IndexError, ValueError):
             self.deliveries, self.stream_seq = 1, 0
 
-    async def _send(self, payload: bytes) -> None:
+    async def _send(self, payload: bytes, outcome: str = "") -> None:
         if self.settled and payload != b"+WPI":
             return
         if payload != b"+WPI":
             self.settled = True
+            self.outcome = outcome
         try:
-            await self._bus.nc.publish(self.reply, payload)
-        except nats.errors.Error as exc:  # the server will redeliver after ack_wait
-            log.warning("ack %s on %s failed: %s", payload[:5], self.subject, exc)
+            with nats_errors(f"ack {payload[:5]!r} on {self.subject}", subject=self.reply):
+                await self._bus.nc.publish(self.reply, payload)
+        except BusError as exc:  # the server will redeliver after ack_wait
+            log.warning("%s", exc)
         if self.settled and self._tracker is not None:
             self._tracker.settled(self.reply)
 
     async def ack(self) -> None:
         """Done: never deliver again."""
-        await self._send(b"+ACK")
+        await self._send(b"+ACK", "ack")
 
     async def nak(self, delay_s: float = 0.0) -> None:
         """Give it back, to be redelivered after ``delay_s``."""
         if delay_s > 0:
-            await self._send(b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode())
+            await self._send(b"-NAK " + json.dumps({"delay": int(delay_s * 1e9)}).encode(),
+                             "nak")
         else:
-            await self._send(b"-NAK")
+            await self._send(b"-NAK", "nak")
 
     async def in_progress(self) -> None:
         """Still working: restart the ack_wait clock."""
@@ -123,7 +140,7 @@ class Delivery:
 
     async def term(self) -> None:
         """Poison: never deliver again (after it was dead-lettered)."""
-        await self._send(b"+TERM")
+        await self._send(b"+TERM", "term")
 
 
 class Mailbox:
@@ -151,23 +168,26 @@ class Mailbox:
         self._recv: MemoryObjectReceiveStream[Msg]
         self._send, self._recv = anyio.create_memory_object_stream[Msg](batch * 4)
         self._closed = False
+        self._pull_failed = False
 
     async def __aenter__(self) -> Mailbox:
         async def on_msg(msg: Msg) -> None:
             try:
                 self._send.send_nowait(msg)
-                if self.tracker is not None and msg.reply.startswith("$JS.ACK."):
+                if self.tracker is not None and _stored(msg):
                     self.tracker.taken(msg.reply)
             except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
                 # Over capacity or closing: hand it straight back for redelivery.
-                if msg.reply:
-                    await self.bus.nc.publish(msg.reply, b"-NAK")
+                if _stored(msg):
+                    try:
+                        with nats_errors(f"hand back on {msg.subject}"):
+                            await self.bus.nc.publish(msg.reply, b"-NAK")
+                    except BusError as exc:  # redelivered after ack_wait anyway
+                        log.warning("%s", exc)
 
-        try:
+        with nats_errors(f"cannot open mailbox {self.consumer}"):
             self._sub = await self.bus.nc.subscribe(self._inbox, cb=on_msg,
                                                     pending_msgs_limit=self.batch * 8)
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot open mailbox {self.consumer}: {exc}") from exc
         await self._pull()
         return self
 
@@ -181,9 +201,10 @@ class Mailbox:
         self._closed = True
         if self._sub is not None:
             try:
-                await self._sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("unsubscribe: %s", exc)
+                with nats_errors(f"unsubscribe mailbox {self.consumer}"):
+                    await self._sub.unsubscribe()
+            except BusError as exc:
+                log.debug("%s", exc)
         self._send.close()
         left: list[Delivery] = []
         while True:
@@ -191,7 +212,7 @@ class Mailbox:
                 msg = self._recv.receive_nowait()
             except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
                 break
-            if msg.reply and not (msg.headers and "Status" in msg.headers):
+            if _stored(msg):
                 left.append(Delivery(self.bus, msg, self.tracker))
         self._recv.close()
         return left
@@ -203,16 +224,25 @@ class Mailbox:
         req = {"batch": want, "expires": int(self.expires_s * 1e9)}
         self._credit += want  # before the await: a concurrent get() must not pull again
         self._last_pull = time.monotonic()
-        await self.bus.nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}",
-            json.dumps(req).encode(), reply=self._inbox,
-        )
+        try:
+            with nats_errors(f"pull from {self.consumer}"):
+                await self.bus.nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.consumer}",
+                    json.dumps(req).encode(), reply=self._inbox,
+                )
+        except BusError as exc:  # closed or reconnecting: ask again shortly, don't die
+            self._credit = max(0, self._credit - want)
+            if not self._pull_failed:
+                log.warning("mailbox %s: %s; retrying", self.consumer, exc)
+            self._pull_failed = True
+            return
+        self._pull_failed = False
 
     def _on_status(self, msg: Msg) -> None:
         hdrs = msg.headers or {}
         status = hdrs.get("Status", "")
-        pending = hdrs.get("Nats-Pending-Messages")
-        if pending is not None:
+        pending = hdrs.get("Nats-Pending-Messages", "")
+        if pending.isascii() and pending.isdigit():
             self._credit = max(0, self._credit - int(pending))
         elif status in ("404", "408", "409"):
             self._credit = 0
@@ -237,7 +267,8 @@ class Mailbox:
                 msg = self._recv.receive_nowait()
             except anyio.WouldBlock:
                 waited: Msg | None = None
-                with anyio.move_on_after(self.expires_s + 1.0):
+                wait_s = PULL_RETRY_S if self._pull_failed else self.expires_s + 1.0
+                with anyio.move_on_after(wait_s):
                     try:
                         waited = await self._recv.receive()
                     except (anyio.EndOfStream, anyio.ClosedResourceError):
@@ -248,8 +279,9 @@ class Mailbox:
                 msg = waited
             except (anyio.EndOfStream, anyio.ClosedResourceError):
                 return None
-            if not msg.data and msg.headers and "Status" in msg.headers:
-                self._on_status(msg)
+            if not _stored(msg):  # the server's word on a pull request, or noise
+                if msg.headers and "Status" in msg.headers:
+                    self._on_status(msg)
                 continue
             self._credit = max(0, self._credit - 1)
             return Delivery(self.bus, msg, self.tracker)

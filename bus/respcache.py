@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import msgspec
 
@@ -12,6 +13,8 @@ from bus.kv import Bucket
 from schemas.messages import ModelRequest, ModelResponse
 
 __all__ = ["ResponseCache", "request_key"]
+
+log = logging.getLogger("corral.respcache")
 
 _enc = msgspec.json.Encoder()
 _dec = msgspec.json.Decoder(ModelResponse)
@@ -30,9 +33,17 @@ class ResponseCache:
         self.bucket = Bucket(bus, subjects.CACHE_BUCKET)
 
     async def get(self, req: ModelRequest) -> ModelResponse | None:
-        """The cached response to an identical request, if any."""
-        found = await self.bucket.get(request_key(req))
-        return _dec.decode(found[0]) if found else None
+        """The cached response to an identical request, if any (junk reads as a miss)."""
+        key = request_key(req)
+        found = await self.bucket.get(key)
+        if not found:
+            return None
+        try:
+            return _dec.decode(found[0])
+        except Exception as exc:  # anything in the bucket is untrusted: any failure is a miss
+            log.warning("response cache %s holds an undecodable value: %s: %s", key,
+                        type(exc).__name__, str(exc)[:200])
+            return None
 
     async def put(self, req: ModelRequest, response: ModelResponse) -> None:
         """Remember ``response`` for ``req``."""
