@@ -11,13 +11,17 @@ import os
 
 from prometheus_client import Counter, Gauge, start_http_server
 
+from schemas.verify import Rejected
+
 __all__ = [
     "BREAKER_STATE",
     "DEAD_LETTERS",
+    "LOG_REJECTED",
     "MESSAGES",
     "MODEL_CALLS",
     "MODEL_COST",
     "MODEL_TOKENS",
+    "count_log_rejection",
     "serve_metrics",
 ]
 
@@ -33,9 +37,19 @@ MODEL_COST = Counter("corral_model_cost_usd_total", "Spend in USD",
 BREAKER_STATE = Gauge("corral_breaker_state",
                       "Circuit breaker per provider:model (0 closed, 1 half-open, 2 open)",
                       ["alias", "entry"])
+# Entries of task logs a reader refused, by a fixed class (schemas.verify.RejectClass):
+# never labelled with the task or anything else taken from the wire.
+LOG_REJECTED = Counter("corral_log_rejected_total",
+                       "Task log entries rejected by a reader (once per entry per process)",
+                       ["reason"])
 log = logging.getLogger("corral.metrics")
 
 BREAKER_CODES = {"closed": 0, "half-open": 1, "open": 2}
+
+
+def count_log_rejection(rejected: Rejected) -> None:
+    """``EventLog(on_reject=...)``: count a rejected log entry by its reason class."""
+    LOG_REJECTED.labels(reason=rejected.reason_class).inc()
 
 
 def serve_metrics(tries: int = 200) -> int | None:

@@ -12,7 +12,7 @@ free; real providers only with ``live=True`` (that costs money).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import msgspec
 
@@ -23,6 +23,7 @@ from schemas.config import FleetConfig
 from schemas.events import EventBase, LlmResponded, verify_chain
 from schemas.fold import fold
 from schemas.messages import ModelRequest, ModelResponse, ToolSchema
+from schemas.verify import Rejected
 
 __all__ = ["ReplayReport", "TurnReplay", "replay_task"]
 
@@ -51,6 +52,7 @@ class ReplayReport(msgspec.Struct, kw_only=True):
     status: str = ""
     versions_changed: dict[str, list[str]] = msgspec.field(default_factory=dict)
     turns: list[TurnReplay] = msgspec.field(default_factory=list)
+    rejected: list[str] = msgspec.field(default_factory=list)  # log entries skipped, and why
 
     @property
     def diverged(self) -> bool:
@@ -76,12 +78,18 @@ def _tools(name: str, fleet: FleetConfig) -> list[ToolSchema]:
 
 
 async def replay_task(task_id: str, raws: list[bytes], events: list[EventBase],
-                      fleet: FleetConfig, *, live: bool = False,
-                      ask: Ask | None = None) -> ReplayReport:
-    """Check the chain, compare agent versions, re-ask every recorded turn."""
+                      fleet: FleetConfig, *, live: bool = False, ask: Ask | None = None,
+                      rejected: Sequence[Rejected] = ()) -> ReplayReport:
+    """Check the chain, compare agent versions, re-ask every recorded turn.
+
+    ``raws``/``events`` are the accepted entries (``EventLog.read``): honest
+    writers chain past a rejected entry, so the chain of these still holds.
+    ``rejected`` (from ``EventLog.entries``) are listed in the report.
+    """
     ok, _, problem = verify_chain(raws)
     report = ReplayReport(task_id=task_id, events=len(events), chain_ok=ok,
-                          chain_problem=problem, status=fold(events).status)
+                          chain_problem=problem, status=fold(events).status,
+                          rejected=[f"entry {r.stream_seq}: {r.reason}" for r in rejected])
     for e in events:
         if e.actor.kind == "agent" and e.agent_version and e.actor.name in fleet.agents:
             now = agent_version(e.actor.name, fleet)

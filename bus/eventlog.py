@@ -1,28 +1,55 @@
-"""The task event log: fenced appends, tail reads and the hash chain.
+"""The task event log: fenced appends, verified reads and the hash chain.
 
 Each task's log is the subject ``corral.events.<task_id>`` of stream
 ``CORRAL_EVENTS``. Appends carry JetStream's expected-last-subject-sequence,
 so a writer that read a stale head gets ``FencedWrite`` instead of writing a
 second truth; each event also carries the hash of the one before it.
+
+Anyone who can publish on the subject can store anything there, so every
+read verifies every entry (``schemas.verify``): a bad entry is skipped and
+reported, never raised and never obeyed. The head a reader gets back keeps
+the stream sequence of the last entry *seen* (the fence must match the
+stream) but the ``seq`` and hash of the last *accepted* event, so honest
+writers chain past a bad entry and the task goes on.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import os
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 import msgspec
-import nats.js.errors
 
 from bus import subjects
 from bus.connection import Bus
-from schemas.errors import BusError, DecodeError
-from schemas.events import GENESIS_HASH, Event, EventBase, decode_event, encode_event, event_hash
+from bus.errors import NotFound, nats_errors
+from schemas.errors import BusError
+from schemas.events import GENESIS_HASH, Event, EventBase, encode_event, event_hash
+from schemas.fold import TaskState
+from schemas.system import LogRejected, encode_system
+from schemas.verify import LogVerifier, Rejected
 
-__all__ = ["EventLog", "LogHead", "LoggedEvent"]
+__all__ = ["EventLog", "LogHead", "LoggedEvent", "OnReject"]
+
+log = logging.getLogger("corral.eventlog")
+
+OnReject = Callable[[Rejected], None]
+
+_REPORTED_MAX = 65_536
+_reported: OrderedDict[tuple[str, int], None] = OrderedDict()  # once per entry per process
 
 
 class LogHead(msgspec.Struct, frozen=True):
-    """Where a task's log stands: last stream sequence, event count, hash."""
+    """Where a task's log stands for a writer.
+
+    ``stream_seq``: the stream sequence of the last stored entry seen, good
+    or bad (what a fenced append must expect); ``seq`` and ``hash``: the last
+    accepted event's (what the next event chains onto).
+    """
 
     stream_seq: int = 0
     seq: int = 0
@@ -30,31 +57,33 @@ class LogHead(msgspec.Struct, frozen=True):
 
 
 class LoggedEvent(msgspec.Struct, frozen=True):
-    """An event as stored: its stream sequence and exact bytes."""
+    """An accepted event as stored: its stream sequence and exact bytes."""
 
     stream_seq: int
     raw: bytes
     event: Event
 
 
-def _decode(raw: bytes, subject: str) -> Event:
-    try:
-        return decode_event(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise DecodeError(f"undecodable event on {subject}: {exc}", subject=subject) from exc
-
-
 class EventLog:
-    """Append to and read task logs.
+    """Append to and read task logs; every read verifies.
+
+    ``reader`` names who reads (it is the ``child`` of the ``log.rejected``
+    system events this log publishes); ``on_reject`` is called once per bad
+    entry per process (e.g. to count it in a metric).
 
     Example:
-        >>> log = EventLog(bus)
+        >>> log = EventLog(bus, reader="agent.triage", on_reject=count_rejection)
         >>> head = await log.append(head, event)       # FencedWrite if stale
-        >>> events, head = await log.read(task_id, after=head)
+        >>> events, head = await log.read(task_id, after=head, state=state)
     """
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, *, reader: str = "", on_reject: OnReject | None = None,
+                 cache_size: int = 128) -> None:
         self.bus = bus
+        self.reader = reader or f"pid-{os.getpid()}"
+        self.on_reject = on_reject
+        self.cache_size = cache_size
+        self._states: OrderedDict[str, tuple[TaskState, LogHead]] = OrderedDict()
 
     async def append(self, head: LogHead, event: EventBase, *,
                      msg_id: str | None = None) -> tuple[LogHead, EventBase]:
@@ -76,43 +105,141 @@ class EventLog:
         if ack.duplicate:  # an identical append already landed: the log did not move
             raise BusError(f"duplicate append {msg_id} to {subject}", subject=subject,
                            retryable=False)
+        await self._appended(ev.task_id, head, ack.seq, raw)
         return LogHead(ack.seq, ev.seq, event_hash(raw)), ev
 
     async def head(self, task_id: str) -> LogHead:
         """The current head of a task's log (``LogHead()`` when it is empty).
 
-        The event count and hash come from the last event itself.
+        Verified like a read: a bad last entry moves ``stream_seq`` but not
+        ``seq``/``hash``. Only the entries stored since this log last looked
+        are read (the verified state is cached per task).
         """
-        subject = subjects.events(task_id)
-        try:
-            msg = await self.bus.js.get_last_msg(subjects.EVENTS_STREAM, subject, direct=True)
-        except nats.js.errors.NotFoundError:
-            return LogHead()
-        except nats.js.errors.Error as exc:
-            raise BusError(f"cannot read the head of {subject}: {exc}", subject=subject) from exc
-        raw = msg.data or b""
-        ev = _decode(raw, subject)
-        return LogHead(int(msg.seq or 0), ev.seq, event_hash(raw))
+        cached = self._states.get(task_id)
+        _, head = await self.entries(task_id, cached[1] if cached else None)
+        return head
 
-    async def read(self, task_id: str, after: LogHead | None = None) -> tuple[
-            list[LoggedEvent], LogHead]:
-        """Events of a task after ``after`` (all when None), and the new head."""
-        head = after or LogHead()
+    async def state(self, task_id: str) -> tuple[TaskState, LogHead]:
+        """The verified folded state of a task's log (a copy: yours to change) and its head."""
+        head = await self.head(task_id)
+        cached = self._states.get(task_id)
+        if cached is None or cached[1] != head:  # dropped meanwhile: fold it afresh
+            state = TaskState()
+            _, head = await self.read(task_id, state=state)
+            return state, head
+        return copy.deepcopy(cached[0]), head
+
+    async def read(self, task_id: str, after: LogHead | None = None, *,
+                   state: TaskState | None = None, until: int | None = None,
+                   ) -> tuple[list[LoggedEvent], LogHead]:
+        """Accepted events of a task after ``after`` (all when None), and the new head.
+
+        Every entry is checked (decode, task, chain, writer, phase, content)
+        against the state folded from the accepted events before it; rejected
+        entries are reported and skipped (``entries`` returns them too).
+
+        ``state``: the caller's state folded up to ``after``; every accepted
+        event is then applied to it in place (``state.seq``/``last_hash`` move
+        on): do not apply them again. Without it this log folds its own copy
+        (cached per task, moved along by reads and appends through this
+        ``EventLog``; rebuilt from the start when it does not reach ``after``).
+        ``until``: stop before this stream sequence.
+        """
+        entries, head = await self.entries(task_id, after, state=state, until=until)
+        return [e for e in entries if isinstance(e, LoggedEvent)], head
+
+    async def entries(self, task_id: str, after: LogHead | None = None, *,
+                      state: TaskState | None = None, until: int | None = None,
+                      ) -> tuple[list[LoggedEvent | Rejected], LogHead]:
+        """Like ``read``, with the rejected entries in their place (for readers that show them)."""
+        after = after or LogHead()
+        cache = state is None
+        if state is not None:
+            start = after
+        else:
+            cached = self._states.pop(task_id, None)
+            if cached is not None and cached[1].stream_seq <= after.stream_seq:
+                state, start = cached
+            else:
+                state, start = TaskState(), LogHead()
+        verifier = LogVerifier(task_id, state)
         subject = subjects.events(task_id)
-        out: list[LoggedEvent] = []
-        seq = head.stream_seq + 1
-        while True:
+        out: list[LoggedEvent | Rejected] = []
+        head = start
+        seq = start.stream_seq + 1
+        while until is None or seq < until:
             try:
-                msg = await self.bus.js.get_msg(subjects.EVENTS_STREAM, seq=seq,
-                                                subject=subject, next=True, direct=True)
-            except nats.js.errors.NotFoundError:
+                with nats_errors(f"cannot read {subject}", subject=subject):
+                    msg = await self.bus.js.get_msg(subjects.EVENTS_STREAM, seq=seq,
+                                                    subject=subject, next=True, direct=True)
+            except NotFound:
                 break
-            except nats.js.errors.Error as exc:
-                raise BusError(f"cannot read {subject}: {exc}", subject=subject) from exc
-            raw = msg.data or b""
-            ev = _decode(raw, subject)
             stream_seq = int(msg.seq or 0)
-            out.append(LoggedEvent(stream_seq, raw, ev))
-            head = LogHead(stream_seq, ev.seq, event_hash(raw))
+            if until is not None and stream_seq >= until:
+                break
+            raw = msg.data or b""
+            verdict = verifier.feed(raw)
+            head = LogHead(stream_seq, verifier.chain.seq, verifier.chain.hash)
             seq = stream_seq + 1
+            if isinstance(verdict, Rejected):
+                rejected = msgspec.structs.replace(verdict, stream_seq=stream_seq)
+                await self.report(rejected)
+                if stream_seq > after.stream_seq:
+                    out.append(rejected)
+            elif stream_seq > after.stream_seq:  # before it: caught up on, not asked for
+                out.append(LoggedEvent(stream_seq, raw, verdict))
+        if cache:
+            self._remember(task_id, state, head)
         return out, head
+
+    async def report(self, rejected: Rejected) -> None:
+        """Log, count and publish a rejected entry: once per entry per process.
+
+        The system event goes to ``corral.system.log.rejected`` with a
+        ``Nats-Msg-Id``, so readers in other processes do not repeat it
+        within the stream's dedupe window. Publishing is best effort.
+        """
+        key = (rejected.task_id, rejected.stream_seq)
+        if key in _reported:
+            return
+        _reported[key] = None
+        while len(_reported) > _REPORTED_MAX:
+            _reported.popitem(last=False)
+        log.warning("task %s: log entry %d rejected and skipped (%s, writer %r): %s",
+                    rejected.task_id, rejected.stream_seq, rejected.reason_class,
+                    rejected.writer, rejected.reason)
+        if self.on_reject is not None:
+            try:
+                self.on_reject(rejected)
+            except Exception as exc:  # a metric hook must not break a read
+                log.warning("on_reject hook failed: %s", exc)
+        note = LogRejected(time=time.time(), child=self.reader, pid=os.getpid(),
+                           task_id=rejected.task_id, stream_seq=rejected.stream_seq,
+                           seq=rejected.seq, reason=rejected.reason,
+                           reason_class=rejected.reason_class, writer=rejected.writer,
+                           event_type=rejected.event_type)
+        subject = subjects.system("log.rejected")
+        try:
+            await self.bus.publish(subject, encode_system(note), headers={
+                "Nats-Msg-Id": f"log.rejected:{rejected.task_id}:{rejected.stream_seq}"})
+        except BusError as exc:
+            log.warning("%s not published: %s", subject, exc)
+
+    async def _appended(self, task_id: str, before: LogHead, stream_seq: int,
+                        raw: bytes) -> None:
+        """Move the cached state along with our own append (checked like anyone's)."""
+        cached = self._states.get(task_id)
+        if cached is None or cached[1].stream_seq != before.stream_seq:
+            return
+        verifier = LogVerifier(task_id, cached[0])
+        verdict = verifier.feed(raw)
+        if isinstance(verdict, Rejected):  # a writer of ours broke the rules: say so loudly
+            await self.report(msgspec.structs.replace(verdict, stream_seq=stream_seq))
+        self._remember(task_id, cached[0],
+                       LogHead(stream_seq, verifier.chain.seq, verifier.chain.hash))
+
+    def _remember(self, task_id: str, state: TaskState, head: LogHead) -> None:
+        self._states[task_id] = (state, head)
+        self._states.move_to_end(task_id)
+        while len(self._states) > self.cache_size:
+            self._states.popitem(last=False)

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
-import nats.errors
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from bus.connection import Bus
-from schemas.errors import BusError
+from bus.errors import nats_errors
+from schemas.errors import BusError, BusTimeout
 
 __all__ = ["StreamMessage", "consumer_waiting", "read_stream", "stream_subjects"]
 
@@ -28,18 +28,17 @@ class StreamMessage(msgspec.Struct, frozen=True):
 
 async def stream_subjects(bus: Bus, stream: str, subject_filter: str) -> dict[str, int]:
     """Subjects of ``stream`` matching ``subject_filter`` with their message counts."""
-    try:
+    with nats_errors(f"cannot read stream {stream}"):
         info = await bus.js.stream_info(stream, subjects_filter=subject_filter)
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot read stream {stream}: {exc}") from exc
     return dict(info.state.subjects or {})
 
 
 async def consumer_waiting(bus: Bus, stream: str, consumer: str) -> int:
     """Pull requests waiting on ``consumer`` (0 if it does not exist): is anyone serving?"""
     try:
-        info = await bus.js.consumer_info(stream, consumer)
-    except nats.errors.Error:
+        with nats_errors(f"consumer {consumer} of {stream}"):
+            info = await bus.js.consumer_info(stream, consumer)
+    except BusError:
         return 0
     return int(info.num_waiting or 0)
 
@@ -61,21 +60,18 @@ async def read_stream(bus: Bus, stream: str, subject: str, *, follow: bool = Fal
                                 opt_start_time=since)
     else:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
-    try:
+    with nats_errors(f"cannot read {subject}", subject=subject):
         sub = await bus.js.subscribe(subject, stream=stream, ordered_consumer=True,
                                      config=config)
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot read {subject}: {exc}", subject=subject) from exc
     try:
         while True:
             try:
-                msg = await sub.next_msg(timeout=3600 if follow else idle_s)
-            except nats.errors.TimeoutError:
+                with nats_errors(f"reading {subject} failed", subject=subject):
+                    msg = await sub.next_msg(timeout=3600 if follow else idle_s)
+            except BusTimeout:
                 if follow:
                     continue
                 return  # nothing (more) to catch up with
-            except nats.errors.Error as exc:
-                raise BusError(f"reading {subject} failed: {exc}", subject=subject) from exc
             meta = msg.metadata
             yield StreamMessage(msg.subject, msg.data, dict(msg.headers or {}),
                                 int(meta.sequence.stream), int(meta.num_pending))
@@ -84,6 +80,7 @@ async def read_stream(bus: Bus, stream: str, subject: str, *, follow: bool = Fal
     finally:
         with anyio.CancelScope(shield=True):
             try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
+                with nats_errors(f"unsubscribe {subject}", subject=subject):
+                    await sub.unsubscribe()
+            except BusError:
+                pass  # the connection is gone: so is the consumer

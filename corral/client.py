@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -14,7 +16,7 @@ from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog
 from bus.reader import read_stream
-from schemas.errors import BusError, BusTimeout, DecodeError, FencedWrite, SchemaError
+from schemas.errors import BusError, BusTimeout, FencedWrite, SchemaError
 from schemas.events import (
     TERMINAL_EVENTS,
     ActorRef,
@@ -22,15 +24,17 @@ from schemas.events import (
     TaskCanceled,
     TaskPaused,
     TaskResumed,
-    decode_event,
     event_type,
 )
 from schemas.fold import TaskState, apply, fold
 from schemas.messages import Message, TaskSubmit, TextPart, Wake, is_task_id, new_id
+from schemas.verify import LogVerifier, Rejected
 
 __all__ = ["Client"]
 
 _encoder = msgspec.json.Encoder()
+_EVENTS_PREFIX = subjects.events("")
+MAX_FOLLOWED_TASKS = 4096  # verifier states kept by a follow of every task
 
 
 class Client:
@@ -43,9 +47,9 @@ class Client:
         >>> print(state.status, state.answer)
     """
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, *, reader: str = "client") -> None:
         self.bus = bus
-        self.log = EventLog(bus)
+        self.log = EventLog(bus, reader=reader)
 
     async def submit(self, agent: str, text: str, *, task_id: str | None = None,
                      context_id: str = "", metadata: dict[str, object] | None = None) -> str:
@@ -66,22 +70,48 @@ class Client:
         return task_id
 
     async def follow(self, task_id: str | None = None, *, follow: bool = True,
-                     idle_s: float = 1.0) -> AsyncIterator[Event]:
-        """Events of one task (or all tasks) from the start, in log order.
+                     idle_s: float = 1.0, since: dt.datetime | None = None,
+                     ) -> AsyncIterator[Event | Rejected]:
+        """Events of one task (or all tasks) from the start, in log order, verified.
 
-        With ``follow=False`` it stops once it has caught up with the log.
+        An entry that fails verification (``schemas.verify``) comes out as a
+        ``Rejected`` in its place (and is reported); it is not obeyed, and the
+        events after it are checked against the last accepted one. With
+        ``follow=False`` it stops once it has caught up with the log; with
+        ``since`` it starts at that time (each task's earlier events are read
+        first, to check against).
         """
         subject = subjects.events(task_id) if task_id else subjects.EVENTS_ALL
+        verifiers: OrderedDict[str, LogVerifier] = OrderedDict()
+        rebuild = task_id is None or since is not None
         async for msg in read_stream(self.bus, subjects.EVENTS_STREAM, subject, follow=follow,
-                                     idle_s=idle_s):
-            try:
-                yield decode_event(msg.data)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                raise DecodeError(f"undecodable event on {msg.subject}: {exc}",
-                                  subject=msg.subject) from exc
+                                     idle_s=idle_s, since=since):
+            # The whole rest of the subject: an entry on corral.events.x.T1 is not T1's.
+            tid = msg.subject.removeprefix(_EVENTS_PREFIX)
+            verifier = verifiers.pop(tid, None)
+            if verifier is None:
+                verifier = await self._verifier(tid, msg.stream_seq, rebuild=rebuild)
+            verifiers[tid] = verifier
+            while len(verifiers) > MAX_FOLLOWED_TASKS:
+                verifiers.popitem(last=False)
+            verdict = verifier.feed(msg.data)
+            verifier.state.conversation.clear()  # the checks do not need it; callers fold
+            if isinstance(verdict, Rejected):
+                verdict = msgspec.structs.replace(verdict, stream_seq=msg.stream_seq)
+                await self.log.report(verdict)
+            yield verdict
+
+    async def _verifier(self, task_id: str, stream_seq: int, *, rebuild: bool) -> LogVerifier:
+        """A verifier for a task met at ``stream_seq``: from its log so far, if asked."""
+        state = TaskState()
+        if rebuild:  # this task may have started before (or its verifier been dropped)
+            await self.log.read(task_id, state=state, until=stream_seq)
+        return LogVerifier(task_id, state)
 
     async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
         """Follow a task until it ends; returns its folded state.
+
+        Entries that fail verification are skipped (a forged ending does not end it).
 
         Raises:
             BusTimeout: the task did not end within ``timeout_s``.
@@ -89,6 +119,8 @@ class Client:
         events: list[Event] = []
         with anyio.move_on_after(timeout_s):
             async for event in self.follow(task_id):
+                if isinstance(event, Rejected):
+                    continue
                 events.append(event)
                 if event_type(event) in TERMINAL_EVENTS:
                     return fold(events)

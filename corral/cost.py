@@ -9,17 +9,15 @@ from typing import Literal
 
 import msgspec
 
-from bus import subjects
 from bus.connection import Bus
-from bus.reader import read_stream
+from corral.client import Client
 from schemas.errors import SchemaError
-from schemas.events import ContextTruncated, LlmResponded, decode_event
+from schemas.events import ContextTruncated, LlmResponded
 from schemas.messages import Usage
 
 __all__ = ["CostRow", "GroupBy", "collect_costs", "format_table", "parse_duration"]
 
 GroupBy = Literal["agent", "team", "model", "task"]
-_COSTED = {"llm.responded", "context.truncated"}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -59,16 +57,10 @@ def parse_duration(text: str) -> float:
 
 async def _costed_events(bus: Bus, since_s: float | None
                          ) -> AsyncIterator[LlmResponded | ContextTruncated]:
+    """Costed events of every task log, verified (a forged or garbage entry is skipped)."""
     since = (dt.datetime.now(dt.UTC) - dt.timedelta(seconds=since_s)
              if since_s is not None else None)
-    async for msg in read_stream(bus, subjects.EVENTS_STREAM, subjects.EVENTS_ALL, since=since):
-        kind = msg.headers.get(subjects.EVENT_TYPE_HEADER)
-        if kind is not None and kind not in _COSTED:
-            continue  # the header says enough: no need to decode
-        try:
-            event = decode_event(msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            continue
+    async for event in Client(bus, reader="corral-cost").follow(follow=False, since=since):
         if isinstance(event, LlmResponded | ContextTruncated):
             yield event
 

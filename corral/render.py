@@ -6,12 +6,15 @@ import json
 import time
 from typing import Any
 
+import msgspec
+
 from schemas.events import (
     BudgetExceededEvent,
     ContextTruncated,
     ContextWarned,
     Event,
     Handoff,
+    LlmFailed,
     LlmResponded,
     TaskCanceled,
     TaskCompleted,
@@ -24,10 +27,12 @@ from schemas.events import (
     ToolFailed,
     ToolRequested,
     TurnStarted,
+    encode_event,
     event_type,
 )
+from schemas.verify import Rejected
 
-__all__ = ["describe", "event_line", "short"]
+__all__ = ["describe", "event_line", "json_line", "plural", "rejected_note", "short"]
 
 
 def short(value: Any, limit: int = 80) -> str:
@@ -55,6 +60,9 @@ def describe(event: Event) -> str:
                 calls = "; ".join(f"{c.name}({_args(c.arguments)})" for c in r.tool_calls)
                 return f"{event.agent} decides: {calls}"
             return f"{event.agent} answers: {short(r.text)!r}"
+        case LlmFailed():
+            again = " (retrying)" if event.retryable else ""
+            return f"{event.agent}'s model call failed{again}: {short(event.error, 100)}"
         case ToolRequested():
             return f"dispatch {event.call.name} [{event.idempotency_key.split(':', 1)[-1]}]"
         case ToolCompleted():
@@ -78,18 +86,40 @@ def describe(event: Event) -> str:
         case TaskFailed():
             return f"failed: {short(event.reason, 100)}"
         case TaskCanceled():
-            return f"canceled by {event.by}: {event.reason}"
+            return f"canceled by {event.by}" + (f": {event.reason}" if event.reason else "")
         case TaskRejected():
             return f"rejected: {event.reason}"
         case TaskPaused():
-            return f"paused by {event.by}: {event.reason}"
+            return f"paused by {event.by}" + (f": {event.reason}" if event.reason else "")
         case TaskResumed():
-            return f"resumed by {event.by}: {event.reason}"
+            return f"resumed by {event.by}" + (f": {event.reason}" if event.reason else "")
     return event_type(event)
 
 
-def event_line(event: Event, *, task_label: str | None = None) -> str:
-    """Time, task, sequence, type and description."""
+def rejected_note(entry: Rejected) -> str:
+    """Why a log entry was refused, with what it claimed to be (all of it from the wire)."""
+    claimed = ""
+    if entry.event_type:
+        claimed = f" (claimed {entry.event_type} #{entry.seq} by {short(entry.writer, 60)})"
+    return f"entry {entry.stream_seq} skipped{claimed}: {short(entry.reason, 160)}"
+
+
+def event_line(event: Event | Rejected, *, task_label: str | None = None) -> str:
+    """Time, task, sequence, type and description; a rejected entry as ``#? rejected``."""
+    label = task_label if task_label is not None else event.task_id  # whole: ids are typed back
+    if isinstance(event, Rejected):
+        return f"{'--:--:--'} {label:<12} #?   {'rejected':<16} {rejected_note(event)}"
     clock = time.strftime("%H:%M:%S", time.localtime(event.time))
-    label = task_label if task_label is not None else event.task_id[:12]
     return f"{clock} {label:<12} #{event.seq:<3} {event_type(event):<16} {describe(event)}"
+
+
+def json_line(event: Event | Rejected) -> str:
+    """One JSON line: the event as stored, or the rejection (``"type": "log.rejected"``)."""
+    if isinstance(event, Rejected):
+        return msgspec.json.encode(event).decode()
+    return encode_event(event).decode()
+
+
+def plural(n: int, word: str) -> str:
+    """``1 turn``, ``2 turns``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from corral.render import short
+from collections.abc import Sequence
+
+from corral.render import plural, rejected_note, short
 from schemas.events import (
     BudgetExceededEvent,
     ContextTruncated,
@@ -19,18 +21,24 @@ from schemas.events import (
     ToolFailed,
 )
 from schemas.fold import fold
+from schemas.verify import Rejected
 
 __all__ = ["render_tree"]
 
 
-def render_tree(events: list[Event]) -> str:
-    """The task as a tree: agents, their turns, each turn's decision and outcomes."""
+def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
+    """The task as a tree: agents, their turns, each turn's decision and outcomes.
+
+    ``events`` are the accepted ones (``EventLog.read``); entries a reader
+    rejected are skipped and, when given, listed in a note at the end.
+    """
+    notes = [f"note: {rejected_note(r)}" for r in rejected]
     if not events:
-        return "(no events)"
+        return "\n".join(["(no events)", *notes])
     state = fold(events)
     t0 = events[0].time
-    head = (f"task {events[0].task_id} — {state.status} · {state.turn} turns · "
-            f"{state.tool_calls} tool calls · ${state.cost_usd:.4f} · "
+    head = (f"task {events[0].task_id} — {state.status} · {plural(state.turn, 'turn')} · "
+            f"{plural(state.tool_calls, 'tool call')} · ${state.cost_usd:.4f} · "
             f"{events[-1].time - t0:.2f}s")
     lines = [head]
     agent = ""
@@ -78,4 +86,4 @@ def render_tree(events: list[Event]) -> str:
                 lines.append(f"{at} └ failed: {short(e.reason, 90)}")
             case _:
                 pass
-    return "\n".join(lines)
+    return "\n".join(lines + notes)

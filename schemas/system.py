@@ -2,7 +2,8 @@
 
 Lifecycle events go to ``corral.system.<type>`` (stream ``CORRAL_SYSTEM``) for
 audit: ``actor.started``, ``actor.exited``, ``actor.restarted``,
-``supervisor.gave_up``. Each is a tagged union member (tag field ``type``).
+``supervisor.gave_up``, and ``log.rejected`` (a reader refused an entry of a
+task log). Each is a tagged union member (tag field ``type``).
 
 Liveness records live in KV buckets with a TTL, so what is gone disappears
 by itself: every actor process puts a ``Heartbeat``, every supervisor puts a
@@ -20,9 +21,11 @@ __all__ = [
     "ActorExited",
     "ActorRestarted",
     "ActorStarted",
+    "BreakerChanged",
     "ChildRecord",
     "ChildState",
     "Heartbeat",
+    "LogRejected",
     "SupervisorGaveUp",
     "SupervisorRecord",
     "SupervisorState",
@@ -82,7 +85,45 @@ class SupervisorGaveUp(SystemEventBase, frozen=True, kw_only=True, tag="supervis
     reason: str = ""
 
 
-SystemEvent = ActorStarted | ActorExited | ActorRestarted | SupervisorGaveUp
+class LogRejected(SystemEventBase, frozen=True, kw_only=True, tag="log.rejected"):
+    """A reader refused entry ``stream_seq`` of a task's log: skipped, never obeyed.
+
+    ``seq`` and ``writer`` ("kind/name") are what the entry claimed; ``child``
+    is the reader (``agent.triage``, ``corral-events``...). Not about
+    supervision, so ``node`` and ``supervisor`` may be empty.
+    """
+
+    node: str = ""
+    supervisor: str = ""
+    task_id: str
+    stream_seq: int
+    seq: int = 0
+    reason: str
+    reason_class: str = ""
+    writer: str = ""
+    event_type: str = ""
+
+
+class BreakerChanged(SystemEventBase, frozen=True, kw_only=True, tag="breaker.changed"):
+    """A model route's circuit breaker for one entry changed state.
+
+    Published by a gateway replica on ``corral.system.breaker.<alias>``:
+    ``child`` is the gateway (``model.<alias>``), ``entry`` the chain entry
+    (``provider:model``), ``last_error`` what opened it.
+    """
+
+    node: str = ""
+    supervisor: str = ""
+    alias: str
+    entry: str
+    from_state: str
+    to_state: str
+    instance: str = ""
+    last_error: str = ""
+
+
+SystemEvent = (ActorStarted | ActorExited | ActorRestarted | SupervisorGaveUp | LogRejected
+               | BreakerChanged)
 
 _encoder = msgspec.json.Encoder()
 _decoder: msgspec.json.Decoder[SystemEvent] = msgspec.json.Decoder(SystemEvent)

@@ -1,0 +1,294 @@
+"""Reader-side verification of a task log, one stored entry at a time (no I/O).
+
+Whoever folds a log checks every entry before obeying it (ARCHITECTURE.md,
+"Readers verify"). For the raw bytes of the next entry on
+``corral.events.<task_id>`` and what was accepted before it, ``check`` says
+accept (the decoded event) or reject (a ``Rejected`` with the reason):
+
+1. it decodes at all (any exception of the decoder counts, RecursionError
+   included) and nests no deeper than ``MAX_DEPTH``;
+2. it belongs to the subject's task;
+3. its ``seq`` follows the last accepted event's, and its ``prev_hash`` is
+   that event's hash;
+4. with the task's state (``TaskState`` folded from the accepted events): its
+   writer's role may write this type, in this phase, with this content —
+   ``RULES`` below, one line per event type. Nothing follows a terminal event
+   but late reports of work under way (``LATE``).
+
+A rejected entry is skipped: the next honest writer chains onto the last
+accepted event (seq + 1, its hash), so the log goes on past it.
+
+What this cannot catch: a forger who publishes exactly the owner's next
+legal step (right writer claimed, right phase, right content). Writers'
+signatures come with issue 8; until then the bus credentials are the guard.
+
+Example:
+    >>> verifier = LogVerifier("t-1")
+    >>> for raw in raws:
+    ...     verdict = verifier.feed(raw)        # an Event, or a Rejected
+    >>> verifier.state.phase, verifier.state.seq, verifier.state.last_hash
+"""
+
+from __future__ import annotations
+
+import re
+from itertools import accumulate
+from typing import Literal
+
+import msgspec
+
+from schemas.events import (
+    GENESIS_HASH,
+    Event,
+    EventBase,
+    Handoff,
+    TaskCompleted,
+    TaskSubmitted,
+    ToolCompleted,
+    ToolFailed,
+    ToolRequested,
+    TurnStarted,
+    decode_event,
+    event_hash,
+    event_type,
+)
+from schemas.fold import HANDOFF_TOOL, Phase, TaskState, apply
+
+__all__ = [
+    "LATE",
+    "LIVE",
+    "MAX_DEPTH",
+    "RULES",
+    "Chain",
+    "LogVerifier",
+    "RejectClass",
+    "Rejected",
+    "Rule",
+    "check",
+    "json_depth",
+]
+
+MAX_DEPTH = 64  # nesting of any stored event's JSON; deeper is hostile (and crashes printers)
+
+RejectClass = Literal["undecodable", "foreign", "sequence", "chain", "writer", "transition"]
+
+
+class Rejected(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
+               tag="log.rejected"):
+    """An entry of a task log that a reader refused; it is skipped, never obeyed.
+
+    ``reason_class`` is one of a fixed few (a metric label); ``seq`` and
+    ``writer`` are what the entry claimed (0 and "" when it did not decode).
+    """
+
+    task_id: str
+    reason: str
+    reason_class: RejectClass
+    stream_seq: int = 0  # filled in by the reader that fetched it
+    seq: int = 0
+    writer: str = ""  # "kind/name", as claimed
+    event_type: str = ""
+
+
+class Chain(msgspec.Struct, frozen=True):
+    """The last accepted event's place: all a reader without the state can check."""
+
+    seq: int = 0
+    hash: str = GENESIS_HASH
+
+
+# -- who may write what, when ---------------------------------------------------
+
+# Writer roles (``actor.kind`` and ``actor.name`` as the event claims them):
+#   owner     kind "agent" named the task's current agent (state.agent)
+#   submitter kind "agent" named the event's own ``agent`` (the first event)
+#   agent     kind "agent", any name
+#   tool      kind "tool" named the event's ``tool``
+#   model     kind "model" (the gateway answering the owner's turn)
+#   operator  kind "operator" (a human, through the CLI)
+#   intake    kind "intake" (refuses submissions no agent can take)
+Role = Literal["owner", "submitter", "agent", "tool", "model", "operator", "intake"]
+
+_ALL_PHASES: frozenset[Phase] = frozenset(
+    {"new", "ready", "thinking", "model_failed", "acting", "answering", "paused", "done"})
+LIVE: frozenset[Phase] = _ALL_PHASES - {"new", "done"}
+
+
+class Rule(msgspec.Struct, frozen=True):
+    """Who may write an event type (``Role`` names), and in which phases of the task."""
+
+    writers: frozenset[str]
+    phases: frozenset[str]
+
+
+def _rule(writers: str, phases: frozenset[Phase] | str) -> Rule:
+    ph = phases if isinstance(phases, frozenset) else frozenset(phases.split())
+    return Rule(frozenset(writers.split()), frozenset(ph))
+
+
+# Late or duplicate answers (a zombie's model reply, a redelivered tool call)
+# are legal writes the fold ignores: they are accepted in any live phase, and
+# their content checks below keep them to calls and turns the log knows.
+RULES: dict[str, Rule] = {
+    "task.submitted":    _rule("submitter",       "new"),
+    "turn.started":      _rule("owner",           "ready thinking model_failed"),
+    "llm.responded":     _rule("owner model",     LIVE),
+    "llm.failed":        _rule("owner model",     LIVE),
+    "context.warned":    _rule("owner",           LIVE),
+    "context.truncated": _rule("owner",           LIVE),
+    "tool.requested":    _rule("owner",           "acting"),
+    "tool.completed":    _rule("tool",            LIVE),
+    "tool.failed":       _rule("tool owner",      LIVE),  # the owner writes refusals
+    "handoff":           _rule("owner",           "acting"),
+    "budget.exceeded":   _rule("owner",           LIVE),
+    "task.completed":    _rule("owner",           "answering"),
+    "task.failed":       _rule("owner operator",  LIVE),
+    "task.canceled":     _rule("operator",        LIVE | {"new"}),  # may come first
+    "task.paused":       _rule("operator",        LIVE - {"paused"}),
+    "task.resumed":      _rule("operator",        "paused"),
+    "task.rejected":     _rule("intake agent",    LIVE | {"new"}),
+}
+
+# After the task ended, only late reports of work already under way: they
+# record a side effect or a payment that really happened (the fold ignores them).
+LATE: dict[str, str] = {
+    "tool.completed": "tool",
+    "tool.failed": "tool",
+    "llm.responded": "model",
+    "llm.failed": "model",
+}
+
+
+def _is(role: str, event: EventBase, state: TaskState) -> bool:
+    kind, name = event.actor.kind, event.actor.name
+    match role:
+        case "owner":
+            return kind == "agent" and name == state.agent
+        case "submitter":
+            return kind == "agent" and isinstance(event, TaskSubmitted) and name == event.agent
+        case "tool":
+            return kind == "tool" and name == getattr(event, "tool", None)
+        case "agent" | "model" | "operator" | "intake":
+            return kind == role
+    return False
+
+
+def _content(event: EventBase, state: TaskState) -> str:
+    """What the event says must fit the state: "" when it does, else why not."""
+    match event:
+        case TurnStarted():
+            if event.agent != state.agent:
+                return f"turn for agent {event.agent!r} but the task is {state.agent!r}'s"
+        case TaskCompleted():
+            answer = state.last_response.text if state.last_response else ""
+            if event.agent != state.agent:
+                return f"completed as agent {event.agent!r} but the task is {state.agent!r}'s"
+            if event.message.text() != answer:
+                return "the answer differs from the model's last response"
+        case ToolRequested():
+            cs = state.calls.get(event.call.id)
+            if cs is None or cs.call != event.call or cs.turn != event.turn:
+                return f"call {event.call.id!r} is not one the model asked for"
+            if cs.requested or cs.outcome:
+                return f"call {event.call.id!r} was already requested"
+        case ToolCompleted() | ToolFailed():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.call.name != event.tool:
+                return f"no open call {event.call_id!r} of tool {event.tool!r}"
+            if event.actor.kind == "tool" and (
+                    not cs.requested or cs.idempotency_key != event.idempotency_key):
+                return f"call {event.call_id!r} was not requested with that idempotency key"
+        case Handoff():
+            cs = state.calls.get(event.call_id)
+            if event.from_agent != state.agent or cs is None or cs.call.name != HANDOFF_TOOL:
+                return f"no handoff call {event.call_id!r} of agent {event.from_agent!r}"
+    return ""
+
+
+# -- the check -------------------------------------------------------------------
+
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (strings ignored)."""
+    brackets = _STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    return max(accumulate(1 if b in b"[{" else -1 for b in brackets), default=0)
+
+
+def _writer(event: EventBase) -> str:
+    return f"{event.actor.kind[:40]}/{event.actor.name[:80]}"  # from the wire: bounded
+
+
+def check(task_id: str, raw: bytes, prev: TaskState | Chain) -> Event | Rejected:
+    """Accept (the decoded event) or reject (why) the next stored entry of a task log.
+
+    ``prev`` is the task's state folded from the entries accepted so far (it
+    is only read): then every check applies. With only a ``Chain`` (the last
+    accepted seq and hash) the writer and transition checks are skipped.
+    """
+    def reject(cls: RejectClass, reason: str, event: EventBase | None = None) -> Rejected:
+        if event is None:
+            return Rejected(task_id=task_id, reason=reason, reason_class=cls)
+        return Rejected(task_id=task_id, reason=reason, reason_class=cls, seq=event.seq,
+                        writer=_writer(event), event_type=event_type(event))
+
+    try:
+        depth = json_depth(raw)
+        if depth > MAX_DEPTH:
+            return reject("undecodable", f"nested {depth} levels deep (limit {MAX_DEPTH})")
+        event = decode_event(raw)
+    except Exception as exc:  # any failure of the decoder: RecursionError, UnicodeError, …
+        return reject("undecodable", f"not an event: {type(exc).__name__}: {str(exc)[:200]}")
+    if event.task_id != task_id:
+        return reject("foreign", f"belongs to task {event.task_id[:140]!r}", event)
+    chain = Chain(prev.seq, prev.last_hash) if isinstance(prev, TaskState) else prev
+    seq, hash_ = chain.seq, chain.hash
+    if event.seq != seq + 1:
+        return reject("sequence", f"claims seq {event.seq}, expected {seq + 1}", event)
+    if event.prev_hash != hash_:
+        return reject("chain", f"prev_hash does not match event {seq}", event)
+    if not isinstance(prev, TaskState):
+        return event
+    state, kind = prev, event_type(event)
+    if state.phase == "done" and not (kind in LATE and _is(LATE[kind], event, state)):
+        return reject("transition", f"{kind} after the task ended ({state.status})", event)
+    rule = RULES.get(kind)
+    if rule is None:
+        return reject("transition", f"no rule for {kind}", event)
+    if not any(_is(role, event, state) for role in rule.writers):
+        return reject("writer", f"{_writer(event)} may not write {kind} "
+                                f"(allowed: {', '.join(sorted(rule.writers))})", event)
+    if state.phase not in rule.phases and state.phase != "done":
+        return reject("transition", f"{kind} is not legal in phase {state.phase}", event)
+    problem = _content(event, state)
+    if problem:
+        return reject("transition", f"{kind}: {problem}", event)
+    return event
+
+
+class LogVerifier:
+    """Verify one task's log entry by entry, folding each accepted event.
+
+    With ``full=False`` (a reader that joins in the middle and has no state)
+    only the decode, task and chain checks apply.
+    """
+
+    def __init__(self, task_id: str, state: TaskState | None = None, *,
+                 chain: Chain | None = None, full: bool = True) -> None:
+        self.task_id = task_id
+        self.state = state if state is not None else TaskState()
+        self.full = full
+        self.chain = chain or Chain(self.state.seq, self.state.last_hash)
+
+    def feed(self, raw: bytes) -> Event | Rejected:
+        """Check the next stored entry; an accepted one moves the state and chain on."""
+        verdict = check(self.task_id, raw, self.state if self.full else self.chain)
+        if isinstance(verdict, Rejected):
+            return verdict
+        self.chain = Chain(verdict.seq, event_hash(raw))
+        if self.full:
+            apply(self.state, verdict)
+            self.state.last_hash = self.chain.hash
+        return verdict
