@@ -1,10 +1,31 @@
-"""The tool actor: validates, dedupes, runs with a timeout, records, wakes.
+"""The tool actor: verifies, validates, dedupes, runs with a timeout, records, wakes.
 
-For every ``ToolInvocation`` it (1) checks the caller may use the tool,
-(2) validates the arguments against the tool's JSON schema, (3) looks up the
-idempotency key in the ledger and returns the recorded outcome instead of
-running twice, (4) runs the callable under a timeout, (5) appends
+For every ``ToolInvocation`` it (1) checks that an agent asked for exactly
+this call (below), (2) validates the arguments against the tool's JSON
+schema, (3) looks up the call in the ledger and returns the recorded outcome
+instead of running twice, (4) runs the callable under a timeout, (5) appends
 ``tool.completed`` / ``tool.failed`` to the task's log and (6) wakes the agent.
+
+**Only what an agent asked for runs.** Anyone who can publish on
+``corral.tools.<tool>`` can write an invocation, so the invocation is a
+pointer, not an authority: the task's log is. A call runs only if the log
+holds a ``tool.requested`` with the same idempotency key, call id, tool, turn
+and arguments, written by an agent (``actor.kind == "agent"``) that the
+invocation names. Anything else is *forged*: dead-lettered with the reason,
+nothing runs, and the log is not touched (the task may not even exist). A
+genuine request that policy denies (the tool's ``allowed_agents``, the
+agent's ``tools``: the fleet changed since) is dead-lettered too, and the task
+gets a ``tool.failed`` so it does not wait for an answer that never comes.
+Each replica caches, per task, the verified state, the log head and the
+requests seen (1,024 tasks), so a call reads only the new tail of the log.
+
+**A sync tool that hangs** cannot be killed (Python has no way to stop a
+thread). Sync tools run on daemon threads (``ThreadRunner``), at most
+``max_inflight`` at once; a call past its timeout is failed and its thread
+*abandoned* (counted in ``threads.abandoned``). When ``max_abandoned``
+threads are abandoned and still running, the replica stops taking work,
+finishes what it holds and exits with an ``ActorError`` saying so: its
+supervisor starts a fresh process, the only way to free the threads.
 """
 
 from __future__ import annotations
@@ -13,43 +34,78 @@ import functools
 import inspect
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
+import anyio.abc
 import jsonschema
 import msgspec
 from opentelemetry.trace import Status, StatusCode
 
 from actors.base import Actor, process_alive
 from actors.faults import crash_point
-from actors.tooling import ToolContext, load_callable, tool_parameters
+from actors.tooling import ThreadRunner, ToolContext, load_callable, tool_parameters
 from actors.tracing import parent_context, traceparent, tracer
 from bus import subjects
 from bus.connection import Bus
-from bus.eventlog import EventLog
-from bus.ledger import Ledger, LedgerEntry
+from bus.eventlog import EventLog, LogHead
+from bus.ledger import Ledger, LedgerEntry, args_sha256
 from bus.mailbox import Delivery
 from bus.provision import ensure_tool_consumer
 from schemas.config import FleetConfig, ToolSpec
 from schemas.errors import (
     ActorError,
+    BusError,
     FencedWrite,
     OutcomeUnknown,
     ToolArgumentsInvalid,
-    ToolDenied,
     ToolError,
+    ToolResultTooLarge,
     ToolTimeout,
 )
-from schemas.events import ActorRef, ToolCompleted, ToolFailed
+from schemas.events import ActorRef, ToolCompleted, ToolFailed, ToolRequested
+from schemas.fold import TaskState
 from schemas.messages import ToolInvocation, Wake
 
-__all__ = ["ToolActor"]
+__all__ = ["ToolActor", "ToolResultTooLarge"]
 
 log = logging.getLogger("corral.tool")
 
 _encoder = msgspec.json.Encoder()
 MAX_APPEND_RETRIES = 32
+REQUEST_CACHE_TASKS = 1024  # tasks whose verified state and requests a replica remembers
+UNRECORDED_MAX = 1024  # outcomes kept in memory while the ledger cannot be written
+
+
+class _Request(NamedTuple):
+    """What the log says an agent asked for (one ``tool.requested``)."""
+
+    call_id: str
+    tool: str
+    turn: int
+    args_sha256: str
+    writer_kind: str
+    writer_name: str
+
+
+class _Book:
+    """One task's log, as far as this tool cares: the verified state, head and requests."""
+
+    __slots__ = ("head", "requests", "state")
+
+    def __init__(self) -> None:
+        self.head = LogHead()
+        self.state = TaskState()  # what the reader checks each new entry against
+        self.requests: dict[str, _Request] = {}  # by idempotency key
+
+
+class _Refusal(NamedTuple):
+    """Why an invocation is not run; ``genuine``: the log shows an agent asked for it."""
+
+    reason: str
+    genuine: bool
 
 
 class ToolActor(Actor[ToolInvocation]):
@@ -63,7 +119,9 @@ class ToolActor(Actor[ToolInvocation]):
         super().__init__(bus, name, stream=subjects.TOOLS_STREAM,
                          consumer=subjects.tool_consumer(name), max_inflight=rt.max_inflight,
                          max_deliver=rt.max_deliver, grace_s=rt.grace_s,
-                         ack_wait_s=rt.ack_wait_s)
+                         ack_wait_s=rt.ack_wait_s,
+                         dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
+        self.fleet = fleet
         self.spec: ToolSpec = fleet.tools[name]
         self.fn: Callable[..., Any] = load_callable(self.spec, name=name, source=fleet.source)
         self.schema = tool_parameters(self.spec, self.fn)
@@ -74,16 +132,112 @@ class ToolActor(Actor[ToolInvocation]):
         self.log = EventLog(bus)
         self.ref = ActorRef(kind="tool", name=name, instance=self.instance)
         self.runs = 0  # real executions by this replica
+        self.refused = 0  # invocations refused (forged, denied, conflicting)
         self._running: set[str] = set()  # idempotency keys being run here
+        self._books: OrderedDict[str, _Book] = OrderedDict()
+        # Outcomes the ledger has not taken yet (it failed): a redelivery here records
+        # them instead of running the call again.
+        self._unrecorded: OrderedDict[str, LedgerEntry] = OrderedDict()
+        # Claims whose write failed: ours if the ledger shows them, and never run.
+        self._claims_in_doubt: OrderedDict[str, None] = OrderedDict()
+        self.threads = ThreadRunner(f"tool-{name}", limit=rt.max_inflight)
+        self.max_abandoned = rt.max_inflight  # hung threads past which the replica exits
+        self.exit_reason = ""
 
     async def setup(self) -> None:
         """Make sure the shared durable consumer exists."""
         await ensure_tool_consumer(self.bus, self.name, ack_wait_s=self.ack_wait_s)
 
-    def _check(self, inv: ToolInvocation) -> None:
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve until stopped; raise ``ActorError`` if the replica stopped itself.
+
+        Raises:
+            ActorError: too many hung sync calls hold threads; a fresh process
+                (the supervisor's restart) frees them.
+        """
+        await super().run(task_status=task_status)
+        if self.exit_reason:
+            raise ActorError(self.exit_reason)
+
+    # -- who asked -----------------------------------------------------------
+
+    async def _request(self, task_id: str, key: str) -> _Request | None:
+        """The logged request with idempotency ``key``, reading only the log's new tail.
+
+        Reads are verified against the task's state (``EventLog.read``): a
+        ``tool.requested`` counts only if its writer was the task's owner, in
+        the right phase, for a call the model asked for. The agent appends it
+        before it publishes the call, but a read can race the append: a miss
+        reads the tail once more. The book is taken out of the cache while it
+        is read (two readers must not fold the same entries into one state).
+        """
+        book = self._books.pop(task_id, None)
+        if book is not None and key in book.requests:
+            self._books[task_id] = book
+            return book.requests[key]
+        book = book or _Book()
+        found: _Request | None = None
+        for _ in range(2):
+            events, book.head = await self.log.read(task_id, after=book.head, state=book.state)
+            for logged in events:
+                ev = logged.event
+                if isinstance(ev, ToolRequested) and ev.call.name == self.name:
+                    book.requests.setdefault(ev.idempotency_key, _Request(
+                        ev.call.id, ev.call.name, ev.turn, args_sha256(ev.call.arguments),
+                        ev.actor.kind, ev.actor.name))
+            found = book.requests.get(key)
+            if found is not None:
+                break
+        if book.head.stream_seq:  # a task that exists (forged ids are not kept)
+            self._books[task_id] = book
+            while len(self._books) > REQUEST_CACHE_TASKS:
+                self._books.popitem(last=False)
+        return found
+
+    async def _verify(self, inv: ToolInvocation, args_hash: str) -> _Refusal | None:
+        """None if the task's log shows an allowed agent asked for exactly this call."""
+        if inv.tool != self.name:
+            return _Refusal(f"the invocation names tool {inv.tool!r} but came to {self.name!r}",
+                            genuine=False)
+        req = await self._request(inv.task_id, inv.idempotency_key)
+        if req is None:
+            return _Refusal(f"no agent asked for it: the log of task {inv.task_id!r} has no "
+                            f"tool.requested {inv.idempotency_key!r} for {self.name}",
+                            genuine=False)
+        differ = [what for what, logged, sent in (
+            ("call id", req.call_id, inv.call_id), ("turn", req.turn, inv.turn),
+            ("arguments", req.args_sha256, args_hash)) if logged != sent]
+        if differ:
+            return _Refusal(f"it does not match the tool.requested {inv.idempotency_key!r} of "
+                            f"task {inv.task_id!r}: different {', '.join(differ)}",
+                            genuine=False)
+        if req.writer_kind != "agent" or req.writer_name != inv.agent:
+            return _Refusal(f"it names agent {inv.agent!r}, but the request was written by "
+                            f"{req.writer_kind} {req.writer_name!r}", genuine=False)
+        agent = self.fleet.agents.get(inv.agent)
+        if agent is None or self.name not in agent.tools:
+            return _Refusal(f"agent {inv.agent!r} has no tool {self.name!r}", genuine=True)
         if self.spec.allowed_agents and inv.agent not in self.spec.allowed_agents:
-            raise ToolDenied(f"agent {inv.agent!r} may not call tool {self.name!r}",
-                             tool=self.name)
+            return _Refusal(f"agent {inv.agent!r} may not call tool {self.name!r}", genuine=True)
+        return None
+
+    async def _refuse(self, msg: ToolInvocation, delivery: Delivery, refusal: _Refusal) -> None:
+        """Dead-letter a call that must not run; only a genuine request's task hears of it."""
+        self.refused += 1
+        reason = f"refused: {refusal.reason}"
+        if not refusal.genuine:  # forged: nothing about it reaches any task's log
+            await self._poison(delivery, reason)
+            return
+        # Dead letter first: if it cannot be published, the delivery comes back and
+        # nothing has been appended yet.
+        await self.dead_letter(delivery, reason)
+        await self._finish(msg, LedgerEntry(state="done", ok=False, error=reason,
+                                            error_type="ToolDenied"), False)
+
+    # -- running -------------------------------------------------------------
+
+    def _check(self, inv: ToolInvocation) -> None:
         errors = sorted(self.validator.iter_errors(inv.arguments), key=lambda e: list(e.path))
         if errors:
             detail = "; ".join(
@@ -102,17 +256,37 @@ class ToolActor(Actor[ToolInvocation]):
                 if self.is_async:
                     result = await self.fn(**kwargs)
                 else:
-                    result = await anyio.to_thread.run_sync(
-                        functools.partial(self.fn, **kwargs), abandon_on_cancel=True)
+                    result = await self.threads.run(functools.partial(self.fn, **kwargs))
         except TimeoutError as exc:
+            self._count_abandoned()
             maybe = "" if self.spec.side_effect == "none" else "; it may still take effect"
             raise ToolTimeout(f"{self.name} did not finish within {self.spec.timeout_s:g}s"
                               f"{maybe}", tool=self.name) from exc
         try:
-            return msgspec.to_builtins(result)
+            value = msgspec.to_builtins(result)
+            size = len(_encoder.encode(value))
         except (TypeError, msgspec.EncodeError) as exc:
             raise ToolError(f"{self.name} returned a value that is not JSON: {exc}",
                             tool=self.name) from exc
+        limit = self.fleet.limits.tool_result_bytes
+        if size > limit:
+            raise ToolResultTooLarge(
+                f"{self.name} returned {size} bytes of JSON; the limit is {limit} bytes "
+                f"(limits.tool_result_bytes)", tool=self.name)
+        return value
+
+    def _count_abandoned(self) -> None:
+        """Past ``max_abandoned`` hung threads, stop taking work and exit (see module doc)."""
+        if self.is_async or self.threads.abandoned < self.max_abandoned or self.exit_reason:
+            return
+        self.exit_reason = (
+            f"tool {self.name}: {self.threads.abandoned} calls timed out (timeout_s "
+            f"{self.spec.timeout_s:g}) and still hold their threads, the most this replica "
+            f"allows ({self.max_abandoned}); exiting so a fresh process frees them")
+        log.error("%s: %s", self.actor_name, self.exit_reason)
+        self.stop()
+
+    # -- the ledger ----------------------------------------------------------
 
     def _may_rerun(self) -> bool:
         return self.spec.side_effect != "side-effecting" or self.spec.accepts_idempotency_key
@@ -134,84 +308,141 @@ class ToolActor(Actor[ToolInvocation]):
             return alive
         return time.time() < entry.started + self.spec.timeout_s + 5
 
-    async def _outcome(self, inv: ToolInvocation, delivery: Delivery
-                       ) -> tuple[LedgerEntry, bool] | None:
+    async def _record(self, key: str, done: LedgerEntry) -> None:
+        """Record an outcome; kept in memory until the ledger takes it (BusError propagates)."""
+        self._unrecorded[key] = done
+        while len(self._unrecorded) > UNRECORDED_MAX:
+            self._unrecorded.popitem(last=False)
+        await self.ledger.record(self.name, key, done)
+        self._unrecorded.pop(key, None)
+
+    async def _outcome(self, inv: ToolInvocation, delivery: Delivery, entry: LedgerEntry | None,
+                       args_hash: str) -> tuple[LedgerEntry, bool] | None:
         """The call's outcome and whether it came from the ledger; None: not ours to finish.
 
         A duplicate delivery of a call that another live attempt is running
         returns None: that attempt will record the outcome and wake the agent
-        (and if it dies unacked, its own delivery comes back here).
+        (and if it dies unacked, its own delivery comes back here). A bus
+        error while claiming or recording propagates: the delivery is retried
+        with backoff, never recorded as the tool's failure.
         """
         key = inv.idempotency_key
-        entry = await self.ledger.get(key)
+        pending = self._unrecorded.get(key)
+        if pending is not None:  # ran here; only the ledger write failed
+            await self._record(key, pending)
+            return pending, False
         if entry is not None and entry.state == "done":
             return entry, True
-        if (entry is not None and entry.state == "running"
+        ours_unrun = (entry is not None and entry.instance == self.instance
+                      and key in self._claims_in_doubt and key not in self._running)
+        if (entry is not None and entry.state == "running" and not ours_unrun
                 and self._attempt_alive(entry, key, delivery)):
             log.info("%s: call %s is being run by %s: duplicate dropped", self.actor_name, key,
                      entry.instance)
             return None
         attempt = delivery.deliveries
-        if entry is not None and entry.state == "running" and not self._may_rerun():
+        if (entry is not None and entry.state == "running" and not ours_unrun
+                and not self._may_rerun()):
             err = OutcomeUnknown(
                 f"an earlier attempt of {self.name} (instance {entry.instance}) was "
                 f"interrupted after it started; it may or may not have taken effect, and "
                 f"the tool does not accept an idempotency key, so it is not run again",
                 tool=self.name)
             done = LedgerEntry(state="done", ok=False, error=str(err),
-                               error_type=type(err).__name__)
-            await self.ledger.record(key, done)
+                               error_type=type(err).__name__, args_sha256=args_hash)
+            await self._record(key, done)
             return done, False
-        started = time.monotonic()
         try:
             self._check(inv)
-            if not await self.ledger.claim(key, self.instance, entry):
-                return None  # another attempt claimed it since we looked: it finishes it
-            crash_point("tool.before_run", self.name)
-            self.runs += 1
-            self._running.add(key)
-            try:
-                result = await self._run(inv, attempt)
-            finally:
-                self._running.discard(key)
-            crash_point("tool.after_run", self.name)
-            done = LedgerEntry(state="done", ok=True, result=result,
-                               duration_ms=(time.monotonic() - started) * 1000)
         except ToolError as exc:
             done = LedgerEntry(state="done", ok=False, error=str(exc),
-                               error_type=type(exc).__name__,
+                               error_type=type(exc).__name__, args_sha256=args_hash)
+            await self._record(key, done)
+            return done, False
+        self._claims_in_doubt[key] = None
+        while len(self._claims_in_doubt) > UNRECORDED_MAX:
+            self._claims_in_doubt.popitem(last=False)
+        if not await self.ledger.claim(self.name, key, self.instance, entry, args_hash):
+            self._claims_in_doubt.pop(key, None)
+            return None  # another attempt claimed it since we looked: it finishes it
+        self._claims_in_doubt.pop(key, None)
+        crash_point("tool.before_run", self.name)
+        done = await self._execute(inv, attempt, args_hash)
+        crash_point("tool.after_run", self.name)
+        await self._record(key, done)
+        crash_point("tool.after_ledger", self.name)
+        return done, False
+
+    async def _execute(self, inv: ToolInvocation, attempt: int, args_hash: str) -> LedgerEntry:
+        """Run the callable once: its result or its failure, as a ``done`` entry."""
+        key = inv.idempotency_key
+        started = time.monotonic()
+        self.runs += 1
+        self._running.add(key)
+        try:
+            result = await self._run(inv, attempt)
+        except ToolError as exc:
+            return LedgerEntry(state="done", ok=False, error=str(exc),
+                               error_type=type(exc).__name__, args_sha256=args_hash,
                                duration_ms=(time.monotonic() - started) * 1000)
         except Exception as exc:  # the tool's own bug: the model sees it, the log keeps it
             log.warning("%s: task %s call %s raised %s: %s", self.actor_name, inv.task_id,
                         inv.call_id, type(exc).__name__, exc)
-            done = LedgerEntry(state="done", ok=False, error=f"{type(exc).__name__}: {exc}",
-                               error_type=type(exc).__name__,
+            return LedgerEntry(state="done", ok=False, error=f"{type(exc).__name__}: {exc}",
+                               error_type=type(exc).__name__, args_sha256=args_hash,
                                duration_ms=(time.monotonic() - started) * 1000)
-        await self.ledger.record(key, done)
-        crash_point("tool.after_ledger", self.name)
-        return done, False
+        finally:
+            self._running.discard(key)
+        return LedgerEntry(state="done", ok=True, result=result, args_sha256=args_hash,
+                           duration_ms=(time.monotonic() - started) * 1000)
+
+    # -- the loop ------------------------------------------------------------
 
     async def handle(self, msg: ToolInvocation, delivery: Delivery) -> None:
-        """Run (or replay) one call, record it in the task log, wake the agent."""
+        """Verify the call, run (or replay) it, record it in the task log, wake the agent."""
+        args_hash = args_sha256(msg.arguments)
+        refusal = await self._verify(msg, args_hash)
+        if refusal is not None:
+            await self._refuse(msg, delivery, refusal)
+            return
+        entry = await self.ledger.get(self.name, msg.idempotency_key)
+        if entry is not None and entry.args_sha256 and entry.args_sha256 != args_hash:
+            await self._refuse(msg, delivery, _Refusal(
+                f"the ledger holds call {msg.idempotency_key!r} of {self.name} with other "
+                f"arguments: the key is being reused, so it is not run", genuine=True))
+            return
         with tracer.start_as_current_span(
                 f"execute_tool {self.name}", context=parent_context(msg.traceparent),
                 attributes={"gen_ai.operation.name": "execute_tool",
                             "gen_ai.tool.name": self.name, "gen_ai.tool.call.id": msg.call_id,
                             "corral.task.id": msg.task_id, "corral.delivery": delivery.deliveries,
                             "corral.idempotency_key": msg.idempotency_key}) as span:
-            outcome = await self._outcome(msg, delivery)
+            outcome = await self._outcome(msg, delivery, entry, args_hash)
             if outcome is None:
                 span.set_attribute("corral.duplicate", True)
                 return
-            entry, replayed = outcome
+            done, replayed = outcome
             span.set_attribute("corral.replayed", replayed)
-            if not entry.ok:
-                span.set_attribute("error.type", entry.error_type)
-                span.set_status(Status(StatusCode.ERROR, entry.error[:200]))
-            await self._finish(msg, entry, replayed)
+            if not done.ok:
+                span.set_attribute("error.type", done.error_type)
+                span.set_status(Status(StatusCode.ERROR, done.error[:200]))
+            await self._finish(msg, done, replayed)
 
     async def on_poison(self, msg: ToolInvocation, reason: str) -> None:
-        """A call that could not be handled still gets an outcome, so the task moves on."""
+        """A genuine call that could not be handled still gets an outcome, so the task moves on.
+
+        One that no agent asked for gets nothing: its task may not exist.
+        """
+        try:
+            refusal = await self._verify(msg, args_sha256(msg.arguments))
+        except BusError as exc:
+            log.error("%s: cannot tell whether call %s was asked for (%s): no event appended",
+                      self.actor_name, msg.idempotency_key, exc)
+            return
+        if refusal is not None:
+            log.warning("%s: gave up on call %s, not appended: %s", self.actor_name,
+                        msg.idempotency_key, refusal.reason)
+            return
         await self._finish(msg, LedgerEntry(state="done", ok=False,
                                             error=f"tool {self.name} gave up: {reason}",
                                             error_type="ActorError"), False)

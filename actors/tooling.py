@@ -1,20 +1,29 @@
-"""Loading tool callables and their JSON schemas (declared or from type hints)."""
+"""Tool callables: loading them, their JSON schemas, and running sync ones on threads."""
 
 from __future__ import annotations
 
+import contextvars
 import importlib
 import inspect
+import logging
+import threading
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import msgspec
 
 from schemas.config import ToolSpec
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, ToolError
 from schemas.fold import HANDOFF_TOOL
 from schemas.messages import ToolSchema
 
-__all__ = ["ToolContext", "handoff_schema", "load_callable", "tool_parameters", "tool_schema"]
+__all__ = ["ThreadRunner", "ToolContext", "handoff_schema", "load_callable", "tool_parameters",
+           "tool_schema"]
+
+log = logging.getLogger("corral.tool")
 
 
 class ToolContext(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,3 +111,80 @@ def handoff_schema(targets: list[str]) -> ToolSchema:
             "additionalProperties": False,
         },
     )
+
+
+class _ThreadCall:
+    """One sync call on its own thread: its outcome, and whether anyone still waits."""
+
+    __slots__ = ("abandoned", "error", "finished", "value")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.abandoned = False
+
+
+class ThreadRunner:
+    """Runs sync tool calls on daemon threads, at most ``limit`` at once.
+
+    Python cannot stop a thread, so a call whose wait is cancelled (its
+    timeout) leaves its thread running: *abandoned*, counted in ``abandoned``
+    until it returns, and no longer holding a slot of the limit. The owner
+    decides what to do when too many hang (the tool actor exits, see
+    ``actors.tool``). The threads are daemons, unlike anyio's worker pool whose
+    threads the interpreter joins at exit: a process with hung threads can
+    still exit. A thread per call costs tens of microseconds, next to the
+    milliseconds of bus round trips a call makes anyway.
+
+    Example:
+        >>> runner = ThreadRunner("tool-lookup", limit=8)
+        >>> with anyio.fail_after(5):
+        ...     result = await runner.run(functools.partial(lookup, order_id="1"))
+    """
+
+    def __init__(self, name: str, *, limit: int) -> None:
+        self.name = name
+        self.limiter = anyio.CapacityLimiter(limit)
+        self.abandoned = 0
+        self._lock = threading.Lock()
+
+    async def run(self, call: Callable[[], Any]) -> Any:
+        """``call()`` on a thread of its own; its result, or its exception re-raised."""
+        async with self.limiter:
+            token = anyio.lowlevel.current_token()
+            done = anyio.Event()
+            slot = _ThreadCall()
+            thread = threading.Thread(
+                target=self._body, args=(contextvars.copy_context(), call, slot, done, token),
+                name=self.name, daemon=True)
+            thread.start()
+            try:
+                await done.wait()
+            except BaseException:  # cancelled: nobody waits for this thread any more
+                with self._lock:
+                    if not slot.finished:
+                        slot.abandoned = True
+                        self.abandoned += 1
+                raise
+        if slot.error is not None:
+            raise slot.error
+        return slot.value
+
+    def _body(self, ctx: contextvars.Context, call: Callable[[], Any], slot: _ThreadCall,
+              done: anyio.Event, token: anyio.lowlevel.EventLoopToken) -> None:
+        try:
+            slot.value = ctx.run(call)
+        except Exception as exc:
+            slot.error = exc
+        except BaseException as exc:  # SystemExit in a tool must not end the actor
+            slot.error = ToolError(f"{self.name} raised {type(exc).__name__}")
+        with self._lock:
+            slot.finished = True
+            if slot.abandoned:
+                self.abandoned -= 1
+                return
+        try:
+            anyio.from_thread.run_sync(done.set, token=token)
+        except Exception:  # the event loop is gone: nobody is waiting any more
+            log.debug("%s: a thread finished after its event loop", self.name)

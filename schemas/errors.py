@@ -18,6 +18,7 @@ field on the error (``retryable``), not a guess at the catch site.
     │   ├── ToolDenied              policy refused the call
     │   ├── ToolArgumentsInvalid    arguments do not match the tool's schema
     │   ├── ToolTimeout             the tool ran past its timeout
+    │   ├── ToolResultTooLarge      its result is over [limits] tool_result_bytes
     │   └── OutcomeUnknown          an interrupted side effect: not re-run
     ├── ModelError                  the model gateway failed
     │   ├── BudgetExceeded          a task, agent or team is over its budget
@@ -49,6 +50,7 @@ __all__ = [
     "ToolArgumentsInvalid",
     "ToolDenied",
     "ToolError",
+    "ToolResultTooLarge",
     "ToolTimeout",
 ]
 
@@ -149,6 +151,10 @@ class ToolTimeout(ToolError):
     """The tool ran past its timeout."""
 
     retryable = True
+
+
+class ToolResultTooLarge(ToolError):
+    """A tool's result, encoded as JSON, is larger than ``limits.tool_result_bytes``."""
 
 
 class OutcomeUnknown(ToolError):
