@@ -5,7 +5,10 @@ fold the log, decide the next step from the state alone, append it with a
 fenced write, act. A replica that loses a race re-reads and decides again,
 so duplicate deliveries, two wakes at once or a zombie after a pause never
 write a second truth. The turn is claimed (``turn.started``) *before* the
-model is paid, so a duplicate wake does not pay twice.
+model is paid, so a duplicate wake does not pay twice; the model call itself
+is a durable message the gateway answers into the log (ADR 0007), so no
+agent holds a delivery while a model thinks, and a gateway that is away
+delays the task instead of failing it.
 """
 
 from __future__ import annotations
@@ -13,20 +16,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import anyio
 import msgspec
 
-from actors.base import Actor, process_alive
+from actors.base import Actor
 from actors.faults import crash_point
+from actors.model import call_key
+from actors.taskview import TaskView
 from actors.tooling import handoff_schema, load_callable, tool_schema
 from actors.tracing import TRACEPARENT, parent_context, traceparent, tracer
 from bus import subjects
 from bus.connection import Bus
-from bus.eventlog import EventLog, LogHead
+from bus.eventlog import LogHead
 from bus.mailbox import Delivery
 from bus.provision import ensure_agent_consumer
 from schemas.config import AgentSpec, FleetConfig
@@ -39,18 +43,19 @@ from schemas.events import (
     ContextWarned,
     EventBase,
     Handoff,
-    LlmResponded,
     TaskCompleted,
     TaskFailed,
+    TaskRejected,
     TaskSubmitted,
     ToolFailed,
     ToolRequested,
     TurnStarted,
 )
-from schemas.fold import HANDOFF_TOOL, CallState, TaskState, apply, call_signature
+from schemas.fold import HANDOFF_TOOL, CallState, TaskState, call_signature
 from schemas.messages import (
     ChatMessage,
     Message,
+    ModelCall,
     ModelRequest,
     ModelResponse,
     TaskSubmit,
@@ -66,7 +71,6 @@ __all__ = ["AgentActor", "agent_version"]
 log = logging.getLogger("corral.agent")
 
 MAX_FENCED_RETRIES = 16
-CACHE_SIZE = 4096
 
 _submit_decoder = msgspec.json.Decoder(TaskSubmit)
 _wake_decoder = msgspec.json.Decoder(Wake)
@@ -101,11 +105,14 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         super().__init__(bus, name, stream=subjects.TASKS_STREAM,
                          consumer=subjects.agent_consumer(name), max_inflight=rt.max_inflight,
                          max_deliver=rt.max_deliver, grace_s=rt.grace_s,
-                         ack_wait_s=rt.ack_wait_s)
+                         ack_wait_s=rt.ack_wait_s,
+                         dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
         self.spec: AgentSpec = fleet.agents[name]
         self.fleet = fleet
+        self.limits = fleet.limits
         self.version = agent_version(name, fleet)
-        self.log = EventLog(bus)
+        self.view = TaskView(bus, max_bytes=fleet.limits.state_cache_bytes,
+                             reader=f"agent.{name}")
         self.clock = clock
         self.ref = ActorRef(kind="agent", name=name, instance=self.instance)
         self.tools: list[ToolSchema] = [
@@ -115,10 +122,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         ]
         if self.spec.handoffs:
             self.tools.append(handoff_schema(self.spec.handoffs))
-        self._cache: OrderedDict[str, tuple[TaskState, LogHead]] = OrderedDict()
         self._locks: dict[str, anyio.Lock] = {}
-        self._thinking: set[str] = set()  # tasks whose model call is in flight here
-        self.model_calls = 0
+        self.model_calls = 0  # turn calls published by this replica (resends included)
 
     async def setup(self) -> None:
         """Make sure the shared durable consumer exists."""
@@ -133,34 +138,13 @@ class AgentActor(Actor[TaskSubmit | Wake]):
     # -- state ---------------------------------------------------------------
 
     async def _load(self, task_id: str) -> tuple[TaskState, LogHead]:
-        """The folded state: cached per replica, only the new tail is read."""
-        cached = self._cache.pop(task_id, None)
-        state, head = cached if cached else (TaskState(), LogHead())
-        events, head = await self.log.read(task_id, after=head)
-        for logged in events:
-            apply(state, logged.event)
-            state.last_hash = head.hash
-        self._remember(task_id, state, head)
-        return state, head
-
-    def _remember(self, task_id: str, state: TaskState, head: LogHead) -> None:
-        self._cache[task_id] = (state, head)
-        self._cache.move_to_end(task_id)
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        """The folded state: cached per replica (bounded in bytes), only the new tail read."""
+        return await self.view.load(task_id)
 
     async def _append(self, task_id: str, state: TaskState, head: LogHead,
                       event: EventBase) -> LogHead:
         """Fenced append; on success the cached state moves with it."""
-        try:
-            new_head, ev = await self.log.append(head, event)
-        except FencedWrite:
-            self._cache.pop(task_id, None)
-            raise
-        apply(state, ev)
-        state.last_hash = new_head.hash
-        self._remember(task_id, state, new_head)
-        return new_head
+        return await self.view.append(task_id, state, head, event)
 
     def _envelope(self, task_id: str, causation_id: str = "") -> dict[str, Any]:
         return {"task_id": task_id, "seq": 0, "time": self.clock(), "actor": self.ref,
@@ -205,10 +189,16 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def _advance(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery,
                        state: TaskState, head: LogHead) -> None:
-        redelivered = delivery.deliveries > 1
         if state.phase == "new":
             if not isinstance(msg, TaskSubmit):
                 return  # a wake for a task with no log: nothing to do
+            if len(delivery.data) > self.limits.submission_bytes:
+                await self._append(task_id, state, head, TaskRejected(
+                    **self._envelope(task_id), reason=(
+                        f"the submission is {len(delivery.data)} bytes, over the limit of "
+                        f"{self.limits.submission_bytes} ([limits] submission_bytes)")))
+                await self._announce(task_id)
+                return
             head = await self._append(task_id, state, head, TaskSubmitted(
                 **self._envelope(task_id), agent=self.name, message=msg.message,
                 context_id=msg.context_id or task_id, metadata=msg.metadata))
@@ -224,8 +214,11 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             if state.terminal or state.phase == "paused" or state.agent != self.name:
                 return
             if self.clock() - state.submitted_at > self.spec.timeout_s:
-                await self._fail_budget(task_id, state, head, "wall_clock_s",
-                                        self.clock() - state.submitted_at, self.spec.timeout_s)
+                waited = state.llm_failure
+                await self._fail_budget(
+                    task_id, state, head, "wall_clock_s", self.clock() - state.submitted_at,
+                    self.spec.timeout_s,
+                    detail=f"last model error: {waited.error}" if waited else "")
                 return
             if state.phase == "ready":
                 breach = self._task_budget_breach(state)
@@ -240,15 +233,13 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 crash_point("agent.after_claim", self.name)
                 head = await self._think(task_id, state, head)
             elif state.phase == "thinking":
-                if not self._may_reclaim(task_id, state, redelivered):
-                    # A live holder: look again when its lease has run out (by then
-                    # its model call has timed out too, so a take-over is safe).
-                    await delivery.nak(max(0.5, state.lease_until - self.clock() + 1))
-                    return
-                head = await self._append(task_id, state, head, TurnStarted(
-                    **self._envelope(task_id), agent=self.name, turn=state.turn,
-                    attempt=state.turn_attempt + 1, lease_until=self._lease_until()))
-                head = await self._think(task_id, state, head)
+                # The call is durable and whoever answers it wakes us. We may have died
+                # between claiming and publishing, or the server may have lost it:
+                # (re)send it on every look; Nats-Msg-Id drops a duplicate.
+                await self._send_call(task_id, state)
+                return
+            elif state.phase == "model_failed":
+                head = await self._model_failed(task_id, state, head)
             elif state.phase == "acting":
                 head, go_on = await self._act(task_id, state, head)
                 if not go_on:  # waiting for tools (or handed off)
@@ -264,25 +255,6 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         route = self.fleet.models[self.spec.model]
         return self.clock() + max(self.fleet.runtime.model_timeout_s,
                                   route.worst_case_s() + 5) + 5
-
-    def _may_reclaim(self, task_id: str, state: TaskState, redelivered: bool) -> bool:
-        """Whether a turn claimed but unanswered is abandoned, so we may take it over.
-
-        Yes when the holder's lease has run out; when the holder is this very
-        process and no call for the task is in flight here (our own attempt
-        failed); when the delivery came back before the lease ran out (the
-        holder gave it up: crashed, drained, handed back by its supervisor —
-        a delivery we put back ourselves waits out the lease, below); when the
-        holder is a dead process on this host. Delivery counts alone cannot be
-        trusted: a restarted server may redeliver with the count reset.
-        """
-        if self.clock() >= state.lease_until:
-            return True
-        if state.turn_holder == self.instance:
-            return task_id not in self._thinking
-        if redelivered:
-            return True
-        return process_alive(state.turn_holder) is False
 
     async def _arm_deadline(self, task_id: str, state: TaskState) -> None:
         """A scheduled wake at the wall-clock limit, so a task stuck waiting still ends."""
@@ -305,6 +277,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         spec = self.spec
         if state.agent_turns >= spec.max_turns:
             return "turns", state.agent_turns + 1, spec.max_turns
+        if state.turn >= self.limits.turns_per_task:  # every agent's turns: ping-pong ends
+            return "turns_per_task", state.turn + 1, self.limits.turns_per_task
         if spec.budget_tokens and state.usage.total >= spec.budget_tokens:
             return "tokens", state.usage.total, spec.budget_tokens
         if spec.budget_usd and state.cost_usd >= spec.budget_usd:
@@ -358,7 +332,10 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                    "it: keep facts, decisions, tool results and open questions. Be brief.",
             messages=[ChatMessage(role="user", content=text, untrusted=True)],
             max_tokens=min(512, self.spec.max_tokens))
-        response = await self._ask(req)
+        try:
+            response = await self._ask(req)
+        except BusError as exc:  # the gateway is away: truncating now beats waiting
+            response = ModelResponse(error=str(exc), error_type=type(exc).__name__)
         if response.error or not response.text:
             log.warning("%s: task %s: summary failed (%s); truncating instead",
                         self.actor_name, task_id, response.error or "empty")
@@ -366,41 +343,56 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         return response.text, response.usage, response.cost_usd
 
     async def _think(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
+        """Fit the context, then hand the claimed turn's call to the gateways (durably)."""
         alias = state.degraded_to or self.spec.model
         head = await self._fit_context(task_id, state, head, alias)
+        await self._send_call(task_id, state)
+        return head
+
+    async def _send_call(self, task_id: str, state: TaskState) -> None:
+        """Publish the open turn's model call (``Nats-Msg-Id`` = its key: resends are free)."""
+        alias = state.degraded_to or self.spec.model
         req = ModelRequest(alias=alias, messages=list(state.conversation),
                            system=self.spec.system, tools=self.tools, agent=self.name,
                            task_id=task_id, turn=state.turn, max_tokens=self.spec.max_tokens,
                            allow_cached=self.spec.allow_cached, traceparent=traceparent())
-        self._thinking.add(task_id)
-        try:
-            response = await self._ask(req)
-        finally:
-            self._thinking.discard(task_id)
-        if response.error_type == "BudgetExceeded":
+        key = call_key(task_id, state.turn, state.turn_attempt, alias)
+        call = ModelCall(key=key, attempt=state.turn_attempt, request=req,
+                         agent_version=self.version)
+        await self.bus.js_publish(subjects.llm(alias), _encoder.encode(call), msg_id=key)
+        self.model_calls += 1
+
+    async def _model_failed(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
+        """The turn's call failed for good: move to the cheaper route, or fail the task."""
+        failure = state.llm_failure
+        assert failure is not None  # the fold sets it with the phase
+        if failure.error_type == "BudgetExceeded":
             spec = self.spec
-            degrade = spec.on_budget == "degrade" and alias != spec.degrade_model
-            budget = BudgetExceededEvent(
-                **self._envelope(task_id), limit=response.budget_scope or "usd_per_day",
-                value=response.budget_spent_usd, maximum=response.budget_limit_usd,
-                detail=response.error, degraded_to=spec.degrade_model if degrade else "")
-            head = await self._append(task_id, state, head, budget)
+            degrade = spec.on_budget == "degrade" and failure.alias != spec.degrade_model
+            head = await self._append(task_id, state, head, BudgetExceededEvent(
+                **self._envelope(task_id), limit=failure.budget_scope or "usd_per_day",
+                value=failure.budget_spent_usd, maximum=failure.budget_limit_usd,
+                detail=failure.error, degraded_to=spec.degrade_model if degrade else ""))
             if degrade:  # the same turn, on the cheaper route
+                head = await self._append(task_id, state, head, TurnStarted(
+                    **self._envelope(task_id), agent=self.name, turn=state.turn,
+                    attempt=state.turn_attempt + 1, lease_until=self._lease_until()))
                 return await self._think(task_id, state, head)
             await self._append(task_id, state, head, TaskFailed(
-                **self._envelope(task_id), reason=response.error, error_type="BudgetExceeded"))
+                **self._envelope(task_id), reason=failure.error, error_type="BudgetExceeded"))
             await self._announce(task_id)
             return head
-        if response.error:
-            raise ModelError(f"model {alias!r} failed: {response.error}", retryable=True)
-        head = await self._append(task_id, state, head, LlmResponded(
-            **self._envelope(task_id), agent=self.name, turn=state.turn, response=response,
-            alias=alias, team=self.spec.team))
-        crash_point("agent.after_llm", self.name)
+        await self._append(task_id, state, head, TaskFailed(
+            **self._envelope(task_id), reason=f"model {failure.alias!r} failed: {failure.error}",
+            error_type=failure.error_type or "ModelError"))
+        await self._announce(task_id)
         return head
 
-    def _refusal(self, cs: CallState) -> str:
+    def _refusal(self, cs: CallState, index: int) -> str:
         call = cs.call
+        if index >= self.limits.tool_calls_per_turn:
+            return (f"more than {self.limits.tool_calls_per_turn} tool calls in one turn "
+                    f"([limits] tool_calls_per_turn): this one was not run")
         if call.name == HANDOFF_TOOL:
             target = call.arguments.get("to")
             if target not in self.spec.handoffs:
@@ -410,6 +402,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         if call.name not in self.spec.tools:
             return (f"agent {self.name!r} has no tool {call.name!r}; its tools: "
                     f"{', '.join(self.spec.tools) or 'none'}")
+        allowed = self.fleet.tools[call.name].allowed_agents
+        if allowed and self.name not in allowed:
+            return f"tool {call.name!r} does not accept calls from agent {self.name!r}"
         return ""
 
     async def _act(self, task_id: str, state: TaskState, head: LogHead
@@ -419,8 +414,11 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         Returns the new head and whether to keep stepping (every call was
         refused, so the model should see why at once).
         """
+        if not any(c.requested for c in state.calls.values()):
+            crash_point("agent.after_llm", self.name)
+        order = {call_id: i for i, call_id in enumerate(state.calls)}
         for cs in state.unrequested_calls():
-            refusal = self._refusal(cs)
+            refusal = self._refusal(cs, order[cs.call.id])
             if refusal:
                 head = await self._append(task_id, state, head, ToolFailed(
                     **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
@@ -493,11 +491,14 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             detail=detail))
         await self._append(task_id, state, head, TaskFailed(
             **self._envelope(task_id), reason=f"{limit} limit reached "
-            f"({value:g} > {maximum:g})", error_type="BudgetExceeded"))
+            f"({value:g} > {maximum:g})" + (f"; {detail}" if detail else ""),
+            error_type="BudgetExceeded"))
         await self._announce(task_id)
 
     async def _announce(self, task_id: str) -> None:
-        state, _ = self._cache[task_id]
+        state = self.view.cached(task_id)
+        if state is None:
+            state, _ = await self.view.load(task_id)
         await self._disarm_deadlines(task_id, state)
         note = {"task_id": task_id, "status": state.status, "answer": state.answer,
                 "error": state.error}

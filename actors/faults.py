@@ -18,9 +18,11 @@ __all__ = ["POINTS", "crash_point"]
 POINTS = frozenset({
     "agent.after_submit",  # task.submitted appended, no turn claimed
     "agent.after_claim",  # turn.started appended, model not called
-    "agent.after_llm",  # llm.responded appended, tools not dispatched
+    "agent.after_llm",  # llm.responded in the log, tools not dispatched
     "agent.after_tool_requested",  # tool.requested appended, invocation not published
     "agent.after_handoff",  # handoff appended, task not yet sent to the other agent
+    "model.after_call",  # the provider answered (paid), llm.responded not appended
+    "model.after_llm",  # llm.responded appended, the agent not woken
     "tool.before_run",  # ledger says running, callable not called
     "tool.after_run",  # the side effect happened, ledger not updated
     "tool.after_ledger",  # ledger has the outcome, event not appended

@@ -1,48 +1,82 @@
 """The model gateway actor: the one place where LLM calls are made, paid for and governed.
 
-It serves ``corral.models.<alias>`` by request/reply (replicas share a queue
-group). For each request it: reserves the call's worst-case cost on the
-shared team/agent day counters (refusing over budget), walks the route's
-fallback chain — skipping entries whose circuit breaker is open, retrying
-retryable failures with jittered backoff that honours ``retry-after`` —
-falls back to a cached answer where the route and agent allow it, prices
-the usage, settles the reservation and answers. Agents never hold keys.
+A turn's model call is a durable message (``corral.llm.<alias>``, stream
+``CORRAL_MODELS``, ADR 0007): any replica takes it, checks that the fleet
+asked for it (a known agent, an alias that agent may use, ``max_tokens`` in
+range) and that the turn is still open in the task's log, reserves the
+call's worst-case cost on the shared team/agent day counters (refusing over
+budget), walks the route's fallback chain — skipping entries whose circuit
+breaker is open, retrying retryable failures with jittered backoff that
+honours ``retry-after`` — falls back to a cached answer where the route and
+agent allow it, prices the usage, settles the reservation, appends
+``llm.responded`` (or ``llm.failed``) to the task's log itself and wakes the
+agent. While every provider is down the call is kept and retried with
+backoff; while no gateway runs at all the calls wait in the stream. Either
+way a task waits (up to its own deadline) instead of failing, and no agent
+process holds a model call in memory.
+
+The same route also answers core requests on ``corral.models.<alias>``
+(context summaries, ``corral replay``, readiness probes), bounded: past its
+queue it answers "busy" at once. Agents never hold keys.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import anyio.abc
 import msgspec
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from actors.base import instance_id
-from actors.heartbeat import Heartbeat
-from actors.link import SupervisorLink
+from actors.base import Actor
+from actors.faults import crash_point
 from actors.metrics import BREAKER_CODES, BREAKER_STATE, MODEL_CALLS, MODEL_COST, MODEL_TOKENS
-from actors.providers import Provider, make_provider
+from actors.providers import Provider, make_provider, scrub
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
-from actors.tracing import parent_context, tracer
+from actors.taskview import TaskView
+from actors.tracing import parent_context, traceparent, tracer
 from bus import subjects
 from bus.budget import BudgetCounters, Reservation, day_key
-from bus.connection import Bus, Request
+from bus.connection import Bus, Request, Service
+from bus.mailbox import Delivery
+from bus.provision import ensure_model_consumer
 from bus.respcache import ResponseCache
 from schemas.config import FleetConfig
-from schemas.errors import BudgetExceeded, BusError, ProviderError
-from schemas.messages import DeadLetter, ModelRequest, ModelResponse
+from schemas.errors import ActorError, BudgetExceeded, BusError, FencedWrite, ProviderError
+from schemas.events import ActorRef, LlmFailed, LlmResponded
+from schemas.fold import TaskState
+from schemas.messages import (
+    DeadLetter,
+    ModelCall,
+    ModelRequest,
+    ModelResponse,
+    Wake,
+    is_task_id,
+)
 from schemas.routing import RouteEntry, RouteSpec, call_cost_usd
+from schemas.system import BreakerChanged, encode_system
 
-__all__ = ["PING_HEADER", "ModelGateway", "estimate_cost_usd"]
+__all__ = ["PING_HEADER", "ModelGateway", "call_key", "estimate_cost_usd"]
 
 log = logging.getLogger("corral.model")
 
 PING_HEADER = "Corral-Ping"
 _req_decoder = msgspec.json.Decoder(ModelRequest)
 _encoder = msgspec.json.Encoder()
+MAX_APPEND_RETRIES = 16
+RETRY_CAP_S = 15.0  # a call waiting out a provider outage is tried at least this often
+REQUEST_QUEUE = 4  # core requests waiting per unit of concurrency before "busy"
+
+
+def call_key(task_id: str, turn: int, attempt: int, alias: str) -> str:
+    """The model call of one attempt at one turn on one route (its ``Nats-Msg-Id``)."""
+    return f"{task_id}:{turn}:{attempt}:{alias}"
 
 
 def estimate_cost_usd(req: ModelRequest, entries: list[RouteEntry], fleet: FleetConfig) -> float:
@@ -57,20 +91,29 @@ def estimate_cost_usd(req: ModelRequest, entries: list[RouteEntry], fleet: Fleet
     return worst
 
 
-class ModelGateway:
-    """Serve one model alias (route)."""
+class ModelGateway(Actor[ModelCall]):
+    """Serve one model alias (route): durable turn calls and core requests."""
 
     kind = "model"
+    message_type = ModelCall
 
     def __init__(self, bus: Bus, alias: str, fleet: FleetConfig, *,
                  providers: dict[int, Provider] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], object] | None = None,
-                 max_inflight: int = 64) -> None:
-        self.bus = bus
-        self.name = alias
+                 max_inflight: int | None = None) -> None:
+        rt = fleet.runtime
+        route = fleet.models[alias]
+        # Redeliveries are how a call waits out a provider outage, so they are not
+        # counted against max_deliver: the task's own deadline bounds the wait.
+        super().__init__(bus, alias, stream=subjects.MODELS_STREAM,
+                         consumer=subjects.model_consumer(alias),
+                         max_inflight=max_inflight or route.concurrency,
+                         max_deliver=1_000_000, grace_s=rt.grace_s,
+                         ack_wait_s=max(rt.ack_wait_s, 30.0),
+                         dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
         self.fleet = fleet
-        self.route: RouteSpec = fleet.models[alias]
+        self.route: RouteSpec = route
         self.entries = self.route.entries()
         table = f"models.{alias}"
         self.providers: dict[int, Provider] = providers or {
@@ -87,26 +130,63 @@ class ModelGateway:
                                   on_change=lambda k, a, b: self._changes.append((k, a, b)))
             for e in self.entries
         }
+        self._last_error: dict[str, str] = {}  # per entry: why its breaker counted a failure
         self.budgets = BudgetCounters(bus)
         self.cache = ResponseCache(bus)
-        self.max_inflight = max_inflight
-        self.instance = instance_id()
+        self.view = TaskView(bus, max_bytes=fleet.limits.state_cache_bytes,
+                             reader=f"model.{alias}")
+        self.ref = ActorRef(kind="model", name=alias, instance=self.instance)
         self.calls = 0  # provider calls made (attempts included)
-        self.inflight = 0
+        self.refused = 0  # requests the fleet did not ask for
+        self.requests_waiting = 0
         self._sleep = sleep
-        self._stopping = anyio.Event()
-        self.link = SupervisorLink.from_env()
-        self.heartbeat = Heartbeat(bus, kind=self.kind, name=alias, instance=self.instance,
-                                   stats=lambda: (self.calls, self.inflight), link=self.link)
 
-    @property
-    def actor_name(self) -> str:
-        """``model.<alias>``."""
-        return f"model.{self.name}"
+    async def setup(self) -> None:
+        """Make sure the shared durable consumer exists."""
+        await ensure_model_consumer(self.bus, self.name, ack_wait_s=self.ack_wait_s)
 
-    def stop(self, *, hurry: bool = False) -> None:
-        """Stop taking requests; in-flight ones are answered (``hurry`` changes nothing)."""
-        self._stopping.set()
+    # -- who may ask ---------------------------------------------------------
+
+    def refusal(self, req: ModelRequest) -> str:
+        """Why the fleet did not ask for ``req`` ("" when it may be served).
+
+        Only agents of this fleet, on an alias their spec names (their model or
+        their degrade model), within their own ``max_tokens``: anything else is
+        refused before it can touch a budget or a provider.
+        """
+        agent = self.fleet.agents.get(req.agent)
+        if agent is None:
+            return (f"unknown agent {req.agent!r}: this gateway serves the agents of fleet "
+                    f"{self.fleet.name!r} only")
+        allowed = {a for a in (agent.model, agent.degrade_model) if a}
+        if req.alias != self.name or self.name not in allowed:
+            return (f"agent {req.agent!r} may not use model alias {req.alias!r} "
+                    f"(allowed: {', '.join(sorted(allowed))})")
+        if not 1 <= req.max_tokens <= agent.max_tokens:
+            return (f"max_tokens {req.max_tokens} out of range for agent {req.agent!r} "
+                    f"(1..{agent.max_tokens})")
+        if req.task_id and not is_task_id(req.task_id):
+            return "task_id is not a valid task id"
+        return ""
+
+    async def _refuse(self, delivery: Delivery | None, subject: str, data: bytes,
+                      reason: str) -> None:
+        self.refused += 1
+        log.warning("%s: refused a model request on %s: %s", self.actor_name, subject, reason)
+        if delivery is not None:
+            await self.dead_letter(delivery, f"refused: {reason}")
+            await delivery.term()
+            return
+        letter = DeadLetter(actor=self.actor_name, subject=subject, reason=f"refused: {reason}",
+                            payload=data[:self.dlq_payload_bytes].decode("utf-8", "replace"),
+                            payload_bytes=len(data), truncated=len(data) > self.dlq_payload_bytes,
+                            time=time.time())
+        try:
+            await self.bus.js_publish(subjects.dlq(self.actor_name), _encoder.encode(letter))
+        except BusError as exc:
+            log.error("%s: dead letter not published: %s", self.actor_name, exc)
+
+    # -- the provider chain --------------------------------------------------
 
     def _limits(self, req: ModelRequest) -> dict[str, float]:
         limits: dict[str, float] = {}
@@ -126,34 +206,38 @@ class ModelGateway:
             await anyio.sleep(seconds)
 
     async def _try_entry(self, i: int, entry: RouteEntry, req: ModelRequest,
-                         fallbacks: list[str]) -> ModelResponse | None:
+                         fallbacks: list[str]) -> tuple[ModelResponse | None, bool]:
+        """One entry with its retries: (the response or None, whether a later try may work)."""
         breaker = self.breakers[entry.key]
         for attempt in range(entry.max_retries + 1):
             if not breaker.allow():
-                fallbacks.append(f"{entry.key}: circuit open")
-                return None
+                last = self._last_error.get(entry.key)
+                fallbacks.append(f"{entry.key}: circuit open"
+                                 + (f" (last error: {last})" if last else ""))
+                return None, True
             try:
                 self.calls += 1
                 response = await self.providers[i].complete(req, entry)
             except Exception as exc:
                 if not isinstance(exc, ProviderError):  # an adapter bug, a broken SDK
-                    log.error("%s: %s raised %s", self.actor_name, entry.key, exc, exc_info=True)
-                    exc = ProviderError(f"{entry.key}: {type(exc).__name__}: {exc}",
-                                        provider=entry.provider, retryable=True)
+                    text = scrub(f"{entry.key}: {type(exc).__name__}: {exc}")
+                    log.error("%s: %s", self.actor_name, text)  # no traceback: it may hold keys
+                    exc = ProviderError(text, provider=entry.provider, retryable=True)
                 if exc.retryable:
+                    self._last_error[entry.key] = str(exc)[:300]
                     breaker.failure()
                 else:
                     breaker.neutral()  # it answered; the request was at fault, not the provider
                 if not exc.retryable or attempt == entry.max_retries:
                     fallbacks.append(f"{entry.key}: {exc}")
-                    return None
+                    return None, exc.retryable
                 await self._pause(retry_delay_s(attempt + 1, base_s=entry.retry_base_s,
                                                 max_s=entry.retry_max_s,
                                                 retry_after_s=exc.retry_after_s))
                 continue
             breaker.success()
-            return response
-        return None
+            return response, False
+        return None, True
 
     async def call(self, req: ModelRequest) -> ModelResponse:
         """Answer one request under the route's policy (never raises for provider trouble)."""
@@ -162,13 +246,14 @@ class ModelGateway:
                            ("cached" if response.cached else "ok")).inc()
         if not response.error:
             u = response.usage
+            agent = self.fleet.agents.get(req.agent)
+            who = req.agent if agent is not None else ""  # labels only take configured names
             for kind, n in (("input", u.input_tokens), ("output", u.output_tokens),
                             ("cache_read", u.cache_read_tokens),
                             ("cache_write", u.cache_write_tokens)):
                 if n:
-                    MODEL_TOKENS.labels(self.name, response.model, req.agent, kind).inc(n)
-            agent = self.fleet.agents.get(req.agent)
-            MODEL_COST.labels(self.name, response.model, req.agent,
+                    MODEL_TOKENS.labels(self.name, response.model, who, kind).inc(n)
+            MODEL_COST.labels(self.name, response.model, who,
                               agent.team if agent else "").inc(response.cost_usd)
         return response
 
@@ -187,8 +272,10 @@ class ModelGateway:
         try:
             fallbacks: list[str] = []
             response: ModelResponse | None = None
+            retryable = False
             for i, entry in enumerate(self.entries):
-                response = await self._try_entry(i, entry, req, fallbacks)
+                response, again = await self._try_entry(i, entry, req, fallbacks)
+                retryable = retryable or again
                 if response is not None:
                     break
             if response is None:
@@ -198,7 +285,7 @@ class ModelGateway:
                     return ModelResponse(
                         error="every entry of route " + repr(self.name) + " failed: "
                         + "; ".join(fallbacks), error_type="ProviderUnavailable",
-                        stop_reason="error", fallbacks=fallbacks)
+                        stop_reason="error", fallbacks=fallbacks, retryable=retryable)
                 # Already paid for when it was first answered: costs nothing now.
                 return msgspec.structs.replace(cached, cached=True, fallbacks=fallbacks,
                                                cost_usd=0.0)
@@ -214,7 +301,11 @@ class ModelGateway:
         finally:
             if reservation is not None:
                 with anyio.CancelScope(shield=True):
-                    await self.budgets.settle(reservation, cost)
+                    try:
+                        await self.budgets.settle(reservation, cost)
+                    except BusError as exc:  # the answer is paid for: never lose it over this
+                        log.error("%s: budget settle failed (the reservation stands until "
+                                  "its day ends): %s", self.actor_name, exc)
             await self._announce_breakers()
 
     async def _announce_breakers(self) -> None:
@@ -222,12 +313,140 @@ class ModelGateway:
         for key, old, new in changes:
             log.warning("%s: circuit %s: %s → %s", self.actor_name, key, old, new)
             BREAKER_STATE.labels(self.name, key).set(BREAKER_CODES[new])
-            note = {"alias": self.name, "entry": key, "from": old, "to": new,
-                    "instance": self.instance, "time": time.time()}
+            note = BreakerChanged(time=time.time(), child=self.actor_name, pid=os.getpid(),
+                                  alias=self.name, entry=key, from_state=old, to_state=new,
+                                  instance=self.instance,
+                                  last_error=self._last_error.get(key, "")[:300])
             try:
-                await self.bus.publish(subjects.breaker(self.name), _encoder.encode(note))
+                await self.bus.publish(subjects.breaker(self.name), encode_system(note))
             except BusError as exc:
                 log.warning("%s: breaker notice not published: %s", self.actor_name, exc)
+
+    # -- durable turn calls --------------------------------------------------
+
+    @staticmethod
+    def _open(state: TaskState, call: ModelCall, *, paid: bool = False) -> bool:
+        """Whether the call's turn still waits for this answer.
+
+        Not when it was answered, superseded (a newer attempt, a handoff, a
+        cheaper route), paused or over: a call that is not open is dropped
+        unpaid. ``paid``: the answer is in hand; a pause that came meanwhile keeps it
+        (the fold holds it for the resume), so it is recorded, not paid twice.
+        """
+        req = call.request
+        thinking = state.phase == "thinking" or (
+            paid and state.phase == "paused" and state.paused_phase == "thinking")
+        return (thinking and state.turn == req.turn
+                and state.turn_attempt == call.attempt and state.agent == req.agent
+                and (state.degraded_to or req.alias) == req.alias
+                and (state.llm_failure is None or state.llm_failure.retryable))
+
+    async def handle(self, msg: ModelCall, delivery: Delivery) -> None:
+        """Answer one turn's call into the task's log, then wake its agent."""
+        req = msg.request
+        refusal = self.refusal(req) or (
+            "" if req.task_id and msg.key == call_key(req.task_id, req.turn, msg.attempt,
+                                                      req.alias)
+            else "the call's key does not match its task, turn, attempt and alias")
+        if refusal:
+            await self._refuse(delivery, delivery.subject, delivery.data, refusal)
+            return
+        state, _ = await self.view.load(req.task_id)
+        if not self._open(state, msg):
+            log.debug("%s: call %s is not open (phase %s): dropped", self.actor_name, msg.key,
+                      state.phase)
+            return
+        response = await self.traced_call(req)
+        crash_point("model.after_call", self.name)
+        size = len(_encoder.encode(response))
+        if size > self.fleet.limits.model_response_bytes:
+            response = ModelResponse(
+                error=f"the model's response is {size} bytes, over the limit of "
+                      f"{self.fleet.limits.model_response_bytes} ([limits] "
+                      f"model_response_bytes)", error_type="ModelResponseTooLarge",
+                stop_reason="error", usage=response.usage, cost_usd=response.cost_usd,
+                model=response.model, provider=response.provider)
+        if response.error and response.retryable:
+            # Providers are down: keep the call and try again later. Say so once per call.
+            if state.llm_failure is None:
+                await self._record(msg, self._failure_event(msg, response))
+            delay = min(RETRY_CAP_S, 0.5 * 2 ** min(delivery.deliveries, 8))
+            await delivery.nak(delay * (0.5 + random.random() / 2))
+            return
+        event = (self._failure_event(msg, response) if response.error else LlmResponded(
+            **self._envelope(msg), agent=req.agent, turn=req.turn, attempt=msg.attempt,
+            response=response, alias=req.alias, team=self._team(req)))
+        if await self._record(msg, event):
+            crash_point("model.after_llm", self.name)
+            wake = Wake(task_id=req.task_id, reason=f"model {req.alias} answered")
+            await self.bus.js_publish(subjects.wake(req.agent), _encoder.encode(wake),
+                                      msg_id=f"wake:{msg.key}")
+
+    def _team(self, req: ModelRequest) -> str:
+        agent = self.fleet.agents.get(req.agent)
+        return agent.team if agent is not None else ""
+
+    def _envelope(self, msg: ModelCall) -> dict[str, Any]:
+        return {"task_id": msg.request.task_id, "seq": 0, "time": time.time(),
+                "actor": self.ref, "agent_version": msg.agent_version,
+                "causation_id": msg.key,
+                "traceparent": traceparent() or msg.request.traceparent}
+
+    def _failure_event(self, msg: ModelCall, response: ModelResponse) -> LlmFailed:
+        req = msg.request
+        return LlmFailed(**self._envelope(msg), agent=req.agent, turn=req.turn,
+                         attempt=msg.attempt, alias=req.alias, error=response.error,
+                         error_type=response.error_type, retryable=response.retryable,
+                         budget_scope=response.budget_scope,
+                         budget_spent_usd=response.budget_spent_usd,
+                         budget_limit_usd=response.budget_limit_usd)
+
+    async def _record(self, msg: ModelCall, event: LlmResponded | LlmFailed) -> bool:
+        """Append ``event`` while the call's turn is still open; False once it is not."""
+        task_id = msg.request.task_id
+        for _ in range(MAX_APPEND_RETRIES):
+            state, head = await self.view.load(task_id)
+            if not self._open(state, msg, paid=True):
+                log.info("%s: call %s: the turn moved on before its answer was recorded",
+                         self.actor_name, msg.key)
+                return False
+            try:
+                await self.view.append(task_id, state, head, event)
+                return True
+            except FencedWrite:
+                continue
+        raise ActorError(f"could not record the answer to {msg.key}: the log kept moving",
+                         retryable=True)
+
+    # -- core requests (summaries, replay, probes) ---------------------------
+
+    async def traced_call(self, req: ModelRequest) -> ModelResponse:
+        """``call`` inside a GenAI ``chat`` span, a child of the asking turn's."""
+        with tracer.start_as_current_span(
+                f"chat {self.entries[0].model or self.name}", kind=SpanKind.CLIENT,
+                context=parent_context(req.traceparent), attributes={
+                    "gen_ai.operation.name": "chat", "corral.model.alias": self.name,
+                    "gen_ai.request.model": self.entries[0].model,
+                    "gen_ai.request.max_tokens": req.max_tokens,
+                    "gen_ai.agent.name": req.agent, "corral.task.id": req.task_id}) as span:
+            response = await self.call(req)
+            self._annotate(span, response)
+        return response
+
+    @staticmethod
+    def _annotate(span: Any, response: ModelResponse) -> None:
+        span.set_attributes({
+            "gen_ai.provider.name": response.provider,
+            "gen_ai.response.model": response.model,
+            "gen_ai.response.finish_reasons": [response.stop_reason],
+            "gen_ai.usage.input_tokens": response.usage.input_tokens,
+            "gen_ai.usage.output_tokens": response.usage.output_tokens,
+            "corral.cost_usd": response.cost_usd, "corral.cached": response.cached,
+            "corral.fallbacks": len(response.fallbacks),
+        })
+        if response.error:
+            span.set_attribute("error.type", response.error_type)
+            span.set_status(Status(StatusCode.ERROR, response.error[:200]))
 
     async def _serve(self, req_msg: Request) -> None:
         if req_msg.headers.get(PING_HEADER):  # readiness probe: no provider call
@@ -235,77 +454,63 @@ class ModelGateway:
             return
         try:
             req = _req_decoder.decode(req_msg.data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            reason = f"invalid ModelRequest: {exc}"
-            letter = DeadLetter(actor=self.actor_name, subject=req_msg.subject, reason=reason,
-                                payload=req_msg.data.decode("utf-8", "replace"),
-                                time=time.time())
-            await self.bus.js_publish(subjects.dlq(self.actor_name), _encoder.encode(letter))
+        except Exception as exc:  # any bytes at all: RecursionError, bad UTF-8, ...
+            reason = f"invalid ModelRequest: {type(exc).__name__}: {str(exc)[:500]}"
+            await self._refuse(None, req_msg.subject, req_msg.data, reason)
             await req_msg.respond(_encoder.encode(
                 ModelResponse(error=reason, error_type="SchemaError", stop_reason="error")))
             return
+        refusal = self.refusal(req)
+        if refusal:
+            await self._refuse(None, req_msg.subject, req_msg.data, refusal)
+            await req_msg.respond(_encoder.encode(ModelResponse(
+                error=f"refused: {refusal}", error_type="RequestRefused", stop_reason="error")))
+            return
         try:
-            with tracer.start_as_current_span(
-                    f"chat {self.entries[0].model or self.name}", kind=SpanKind.CLIENT,
-                    context=parent_context(req.traceparent),
-                    attributes={"gen_ai.operation.name": "chat", "corral.model.alias": self.name,
-                                "gen_ai.request.model": self.entries[0].model,
-                                "gen_ai.request.max_tokens": req.max_tokens,
-                                "gen_ai.agent.name": req.agent, "corral.task.id": req.task_id,
-                                }) as span:
-                response = await self.call(req)
-                span.set_attributes({
-                    "gen_ai.provider.name": response.provider,
-                    "gen_ai.response.model": response.model,
-                    "gen_ai.response.finish_reasons": [response.stop_reason],
-                    "gen_ai.usage.input_tokens": response.usage.input_tokens,
-                    "gen_ai.usage.output_tokens": response.usage.output_tokens,
-                    "corral.cost_usd": response.cost_usd, "corral.cached": response.cached,
-                    "corral.fallbacks": len(response.fallbacks),
-                })
-                if response.error:
-                    span.set_attribute("error.type", response.error_type)
-                    span.set_status(Status(StatusCode.ERROR, response.error[:200]))
-        except Exception as exc:  # a bug or the bus: the agent retries, the log says why
+            response = await self.traced_call(req)
+        except Exception as exc:  # a bug or the bus: the caller retries, the log says why
             log.error("%s: request for task %s failed: %s", self.actor_name, req.task_id, exc,
                       exc_info=True)
             response = ModelResponse(error=f"{type(exc).__name__}: {exc}",
-                                     error_type=type(exc).__name__, stop_reason="error")
+                                     error_type=type(exc).__name__, stop_reason="error",
+                                     retryable=True)
         await req_msg.respond(_encoder.encode(response))
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                  ) -> None:
-        """Serve until ``stop()``."""
-        service = await self.bus.serve(subjects.model(self.name), queue=f"model_{self.name}")
-        task_status.started()
+    async def _serve_requests(self, service: Service) -> None:
+        """Core requests, bounded: past the queue a caller hears "busy" at once."""
         limiter = anyio.CapacityLimiter(self.max_inflight)
+        busy = _encoder.encode(ModelResponse(
+            error=f"gateway {self.name!r} is busy; try again", error_type="GatewayBusy",
+            stop_reason="error", retryable=True))
 
         async def serve_limited(req: Request) -> None:
-            self.inflight += 1
             try:
                 async with limiter:
                     await self._serve(req)
             finally:
-                self.inflight -= 1
+                self.requests_waiting -= 1
 
+        async with anyio.create_task_group() as tg:
+            async for req in service:
+                if self.requests_waiting >= self.max_inflight * REQUEST_QUEUE:
+                    await req.respond(busy)
+                    continue
+                self.requests_waiting += 1
+                tg.start_soon(serve_limited, req)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve turn calls and core requests until ``stop()``."""
+        service = await self.bus.serve(subjects.model(self.name), queue=f"model_{self.name}")
         try:
-            async with anyio.create_task_group() as outer:
-                outer.start_soon(self.heartbeat.run)
-                self.link.ready()
-                async with anyio.create_task_group() as tg:  # exits once in-flight requests end
-                    async def intake() -> None:
-                        async for req in service:
-                            tg.start_soon(serve_limited, req)
-
-                    async with anyio.create_task_group() as intake_tg:
-                        intake_tg.start_soon(intake)
-                        await self._stopping.wait()
-                        intake_tg.cancel_scope.cancel()
-                    with anyio.CancelScope(shield=True):
-                        await service.close()
-                outer.cancel_scope.cancel()
-            await self.heartbeat.clear()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._serve_requests, service)
+                await super().run(task_status=task_status)
+                with anyio.CancelScope(shield=True):
+                    await service.close()
+                tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
+                await service.close()
                 for provider in self.providers.values():
                     await provider.aclose()

@@ -11,6 +11,7 @@ import anyio
 import anyio.abc
 
 from actors.agent import AgentActor
+from actors.intake import Intake
 from actors.link import orphaned
 from actors.model import ModelGateway
 from actors.providers import api_key
@@ -82,7 +83,7 @@ def build_actor(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> Any
     if kind == "tool" and name in fleet.tools:
         return ToolActor(bus, name, fleet)
     if kind == "model" and name in fleet.models:
-        return ModelGateway(bus, name, fleet, max_inflight=fleet.runtime.max_inflight)
+        return ModelGateway(bus, name, fleet)
     raise ConfigError(f"no {kind} named {name!r} in this fleet", file=fleet.source)
 
 
@@ -139,5 +140,7 @@ async def serve_one(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) ->
 
         tg.start_soon(on_signals)
         tg.start_soon(orphan_watch)
+        if kind == "agent":  # every agent process answers submissions no agent can take
+            await tg.start(Intake(bus, fleet).run)
         await actor.run()
         tg.cancel_scope.cancel()

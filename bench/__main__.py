@@ -31,11 +31,12 @@ from bench.report import (
     update_readme,
     write_results,
 )
+from bench.slowmodel import run_slow_model
 from bench.supervision import run as run_supervision
 from bus.connection import connect
 
 
-async def run_all(url: str, scale: Scale) -> dict[str, float]:
+async def run_all(url: str, scale: Scale, server_pid: int = 0) -> dict[str, float]:
     """Every figure, against the server at ``url``."""
     results: dict[str, float] = {}
     nc, js = await raw_connect(url)
@@ -60,6 +61,10 @@ async def run_all(url: str, scale: Scale) -> dict[str, float]:
               flush=True)
         t0 = time.perf_counter()
         results.update(await run_gateway(url, scale))
+        print(f"{time.perf_counter() - t0:.0f}s\nslow model, {scale.slow_model_tasks} tasks at "
+              f"once …", end=" ", flush=True)
+        t0 = time.perf_counter()
+        results.update(await run_slow_model(url, scale, server_pid))
         print(f"{time.perf_counter() - t0:.0f}s\nsupervision: kill -9 an agent replica …",
               end=" ", flush=True)
         t0 = time.perf_counter()
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with bench_server() as srv:
         print(f"fresh nats-server at {srv.url} (sync_interval: always), store in {srv.dir}")
-        results = anyio.run(run_all, srv.url, scale)
+        results = anyio.run(run_all, srv.url, scale, srv.proc.pid if srv.proc else 0)
     table = format_table(figures(results))
     print(f"\n{where['date']} · commit {where['commit']} · {where['cpus']} CPUs · "
           f"{where['kernel']} · "

@@ -61,6 +61,7 @@ class Scale:
     gateway_calls: int = 500
     supervision_kills: int = 20
     warmup: int = 30
+    slow_model_tasks: int = 5_000  # submitted at once to an agent whose model takes 2 s
 
     def scaled(self, factor: float) -> Scale:
         """Every count times ``factor`` (at least 10 each, at least one repeat)."""

@@ -83,6 +83,16 @@ LAYOUT: dict[str, tuple[str, str, str]] = {
         "agent task with one tool call, p50", "ms", "completed.time - submitted.time"),
     "agent_tool_task_e2e_p50_ms": (
         "agent task with one tool call, e2e p50", "ms", "submit -> result seen"),
+    "slow_model_tasks_per_s": (
+        "slow model (2 s): tasks/s, all submitted at once", "tasks/s", "single-turn tasks"),
+    "slow_model_ideal_tasks_per_s": (
+        "slow model: ideal = concurrency / latency", "tasks/s", "the bound for that run"),
+    "slow_model_vs_ideal_ratio": (
+        "slow model: achieved / ideal", "ratio", ""),
+    "slow_model_peak_rss_mb": (
+        "slow model: peak RSS, all actors", "MiB", "gateway, agent, client in one process"),
+    "slow_model_server_peak_rss_mb": (
+        "slow model: peak RSS, nats-server", "MiB", "whole bench run so far"),
     "gateway_direct_sdk_p50_ms": (
         "direct AsyncOpenAI call to the stub, p50", "ms", "the provider alone"),
     "gateway_direct_sdk_p99_ms": (

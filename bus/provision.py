@@ -6,6 +6,7 @@ same config is left alone, one with an older config is updated.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 
 import anyio
@@ -28,9 +29,11 @@ from schemas.errors import BusError
 
 __all__ = [
     "ensure_agent_consumer",
+    "ensure_model_consumer",
     "ensure_streams",
     "ensure_tool_consumer",
     "reclaim_orphaned",
+    "reclaim_stranded",
     "stream_configs",
 ]
 
@@ -53,6 +56,11 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_ALL],
+            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
+            duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
+        ),
+        StreamConfig(
+            name=subjects.MODELS_STREAM, subjects=[subjects.LLM_ALL],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
         ),
@@ -152,6 +160,23 @@ async def ensure_tool_consumer(bus: Bus, tool: str, *, ack_wait_s: float,
     return name
 
 
+async def ensure_model_consumer(bus: Bus, alias: str, *, ack_wait_s: float,
+                                max_ack_pending: int = 20_000) -> str:
+    """The durable consumer every gateway replica of ``alias`` pulls model calls from.
+
+    ``max_ack_pending`` is high on purpose: calls waiting out a retry delay
+    (a provider outage) are pending too, and tasks in flight must not be
+    capped by it (ADR 0007).
+    """
+    name = subjects.model_consumer(alias)
+    await _ensure_consumer(bus, subjects.MODELS_STREAM, ConsumerConfig(
+        durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+        filter_subject=subjects.llm(alias), ack_wait=ack_wait_s, max_deliver=-1,
+        max_ack_pending=max_ack_pending, max_waiting=512,
+    ))
+    return name
+
+
 async def reclaim_orphaned(bus: Bus, consumers: list[tuple[str, str]],
                            set_ack_wait: Callable[[str, float], Awaitable[object]],
                            ack_wait_s: float) -> int:
@@ -191,3 +216,43 @@ async def reclaim_orphaned(bus: Bus, consumers: list[tuple[str, str]],
             for consumer in orphaned:
                 await set_ack_wait(consumer, ack_wait_s)
     return sum(orphaned.values())
+
+
+async def reclaim_stranded(bus: Bus, stream: str, consumer: str) -> int:
+    """Deliveries stranded in a dead process's socket come back now, not after ack_wait.
+
+    A process killed while it could not read (hung, SIGSTOP) leaves messages
+    the server pushed into its socket: delivered, never read, so neither it
+    nor its supervisor knew of them to hand back. For a consumer whose
+    deliveries are short (an agent's: ADR 0007), ``ack_wait`` is cut to
+    ``RECLAIM_ACK_WAIT_S`` for a moment and restored: the server queues what
+    nobody acked for redelivery. A live replica's delivery caught in that
+    moment comes back too, which fencing makes harmless. Returns how many
+    deliveries were pending; 0 (and nothing changed) when none were, or when
+    someone else is already reclaiming (its ack_wait is already that short).
+
+    Raises:
+        BusError: the consumer could not be read or updated.
+    """
+    try:
+        info = await bus.js.consumer_info(stream, consumer)
+    except nats.errors.Error as exc:
+        raise BusError(f"cannot read consumer {consumer}: {exc}") from exc
+    normal = info.config.ack_wait or 0.0
+    if not info.num_ack_pending or normal <= RECLAIM_ACK_WAIT_S:
+        return 0
+
+    async def set_ack_wait(seconds: float) -> None:
+        cfg = dataclasses.replace(info.config, ack_wait=seconds)
+        try:
+            await bus.js.add_consumer(stream, cfg)
+        except nats.errors.Error as exc:
+            raise BusError(f"cannot update consumer {consumer}: {exc}") from exc
+
+    try:
+        await set_ack_wait(RECLAIM_ACK_WAIT_S)
+        await anyio.sleep(RECLAIM_ACK_WAIT_S * 1.5)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await set_ack_wait(normal)
+    return int(info.num_ack_pending)

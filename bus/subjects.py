@@ -13,6 +13,7 @@ __all__ = [
     "EVENTS_STREAM",
     "HEARTBEATS_BUCKET",
     "LEDGER_BUCKET",
+    "MODELS_STREAM",
     "SUPERVISORS_BUCKET",
     "SYSTEM_ALL",
     "SYSTEM_STREAM",
@@ -22,7 +23,9 @@ __all__ = [
     "breaker",
     "dlq",
     "events",
+    "llm",
     "model",
+    "model_consumer",
     "results",
     "system",
     "task",
@@ -36,6 +39,7 @@ PREFIX = "corral"
 
 TASKS_STREAM = "CORRAL_TASKS"  # submissions, handoffs and wakes: agents' mailboxes
 TOOLS_STREAM = "CORRAL_TOOLS"  # tool invocations: tools' mailboxes
+MODELS_STREAM = "CORRAL_MODELS"  # turns' model calls: the gateways' mailboxes (ADR 0007)
 EVENTS_STREAM = "CORRAL_EVENTS"  # every task's append-only log
 DLQ_STREAM = "CORRAL_DLQ"  # what no actor could use, with the reason
 LEDGER_BUCKET = "CORRAL_LEDGER"  # tool idempotency ledger
@@ -49,6 +53,7 @@ TASKS_ALL = f"{PREFIX}.tasks.>"
 WAKE_ALL = f"{PREFIX}.wake.>"
 TIMERS_ALL = f"{PREFIX}.timers.>"
 TOOLS_ALL = f"{PREFIX}.tools.>"
+LLM_ALL = f"{PREFIX}.llm.>"
 EVENTS_ALL = f"{PREFIX}.events.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
 SYSTEM_ALL = f"{PREFIX}.system.>"
@@ -88,8 +93,13 @@ def task_id_of(events_subject: str) -> str:
 
 
 def model(alias: str) -> str:
-    """Request/reply subject of the model gateway for ``alias``."""
+    """Request/reply subject of the model gateway for ``alias`` (summaries, replay, probes)."""
     return f"{PREFIX}.models.{alias}"
+
+
+def llm(alias: str) -> str:
+    """Where turns' model calls for ``alias`` wait for a gateway (durable, JetStream)."""
+    return f"{PREFIX}.llm.{alias}"
 
 
 def results(task_id: str) -> str:
@@ -115,6 +125,11 @@ def system(event_type: str) -> str:
 def agent_consumer(agent: str) -> str:
     """Durable consumer shared by every replica of ``agent``."""
     return f"agent_{agent}"
+
+
+def model_consumer(alias: str) -> str:
+    """Durable consumer shared by every gateway replica of ``alias``."""
+    return f"model_{alias}"
 
 
 def tool_consumer(name: str) -> str:

@@ -26,6 +26,7 @@ __all__ = [
     "Event",
     "EventBase",
     "Handoff",
+    "LlmFailed",
     "LlmResponded",
     "TaskCanceled",
     "TaskCompleted",
@@ -99,6 +100,29 @@ class LlmResponded(EventBase, frozen=True, kw_only=True, tag="llm.responded"):
     response: ModelResponse
     alias: str = ""
     team: str = ""
+    attempt: int = 0  # the turn.started attempt it answers (0: written before attempts counted)
+
+
+class LlmFailed(EventBase, frozen=True, kw_only=True, tag="llm.failed"):
+    """A turn's model call failed at the gateway.
+
+    ``retryable``: the gateway keeps the call and tries again with backoff
+    (providers down, circuits open): the task waits, up to its deadline, and
+    the event is written once per call so an operator sees why it waits.
+    Otherwise the call is over (a budget, an invalid request, an oversized
+    response) and the owning agent decides: degrade, or fail the task.
+    """
+
+    agent: str
+    turn: int
+    attempt: int = 1
+    alias: str = ""
+    error: str
+    error_type: str = ""
+    retryable: bool = False
+    budget_scope: str = ""
+    budget_spent_usd: float = 0.0
+    budget_limit_usd: float = 0.0
 
 
 class ToolRequested(EventBase, frozen=True, kw_only=True, tag="tool.requested"):
@@ -219,6 +243,7 @@ Event = (
     TaskSubmitted
     | TurnStarted
     | LlmResponded
+    | LlmFailed
     | ToolRequested
     | ToolCompleted
     | ToolFailed
@@ -237,8 +262,8 @@ Event = (
 EVENT_TYPES: dict[str, type[EventBase]] = {
     str(cls.__struct_config__.tag): cls
     for cls in (
-        TaskSubmitted, TurnStarted, LlmResponded, ToolRequested, ToolCompleted, ToolFailed,
-        Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
+        TaskSubmitted, TurnStarted, LlmResponded, LlmFailed, ToolRequested, ToolCompleted,
+        ToolFailed, Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
         TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed,
     )
 }

@@ -21,6 +21,7 @@ from schemas.events import (
     ContextWarned,
     EventBase,
     Handoff,
+    LlmFailed,
     LlmResponded,
     TaskCanceled,
     TaskCompleted,
@@ -56,6 +57,7 @@ Phase = Literal[
     "new",  # nothing yet
     "ready",  # the owning agent should take a turn
     "thinking",  # a turn is claimed; the model call is under way
+    "model_failed",  # the turn's model call failed for good: the owner decides what next
     "acting",  # the last response asked for tools; some have no outcome yet
     "answering",  # the last response is the final answer: complete the task
     "paused",
@@ -92,6 +94,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     conversation: list[ChatMessage] = msgspec.field(default_factory=list)
     calls: dict[str, CallState] = msgspec.field(default_factory=dict)
     last_response: ModelResponse | None = None
+    llm_failure: LlmFailed | None = None  # the open turn's model call failed (or is retrying)
     usage: Usage = msgspec.field(default_factory=Usage)
     cost_usd: float = 0.0
     tool_calls: int = 0
@@ -161,6 +164,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.phase = "ready"
             state.conversation.append(ChatMessage(role="user", content=event.message.text()))
         case TurnStarted():
+            state.llm_failure = None
             state.turn_holder = event.actor.instance
             state.lease_until = event.lease_until
             if event.turn == state.turn:
@@ -172,7 +176,10 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.status = "working"
             state.phase = "thinking"
         case LlmResponded():
-            if state.phase != "thinking" or event.turn != state.turn:
+            thinking = state.phase == "thinking" or (
+                state.phase == "paused" and state.paused_phase == "thinking")
+            if (not thinking or event.turn != state.turn
+                    or event.attempt not in (0, state.turn_attempt)):
                 return state  # a zombie's late answer: already superseded
             r = event.response
             state.last_response = r
@@ -182,7 +189,23 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 ChatMessage(role="assistant", content=r.text, tool_calls=list(r.tool_calls))
             )
             state.calls = {c.id: CallState(call=c, turn=event.turn) for c in r.tool_calls}
-            state.phase = "acting" if r.tool_calls else "answering"
+            # Paid for while paused: keep it, so resuming does not pay again.
+            after: Phase = "acting" if r.tool_calls else "answering"
+            if state.phase == "paused":
+                state.paused_phase = after
+            else:
+                state.phase = after
+        case LlmFailed():
+            thinking = state.phase == "thinking" or (
+                state.phase == "paused" and state.paused_phase == "thinking")
+            if not thinking or event.turn != state.turn or event.attempt != state.turn_attempt:
+                return state
+            state.llm_failure = event
+            if not event.retryable:  # over for this call: the owner decides
+                if state.phase == "paused":
+                    state.paused_phase = "model_failed"
+                else:
+                    state.phase = "model_failed"
         case ToolRequested():
             cs = state.calls.get(event.call.id)
             if cs is not None and not cs.requested:

@@ -19,6 +19,7 @@ __all__ = [
     "DeadLetter",
     "FilePart",
     "Message",
+    "ModelCall",
     "ModelRequest",
     "ModelResponse",
     "Part",
@@ -200,6 +201,23 @@ class ModelResponse(msgspec.Struct, frozen=True, kw_only=True):
     budget_spent_usd: float = 0.0
     budget_limit_usd: float = 0.0
     fallbacks: list[str] = msgspec.field(default_factory=list)  # why earlier entries were skipped
+    retryable: bool = False  # with an error: may the same request succeed later?
+
+
+class ModelCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A turn's model call as a durable message on ``corral.llm.<alias>``.
+
+    Published by the agent that claimed the turn (``Nats-Msg-Id`` = ``key``)
+    and taken by any gateway replica, which appends the outcome
+    (``llm.responded`` or ``llm.failed``) to the task's log and wakes the
+    agent. While no gateway runs, calls wait in the stream: an outage delays
+    a task, it does not fail it (ADR 0007).
+    """
+
+    key: str  # <task>:<turn>:<attempt>:<alias>
+    attempt: int
+    request: ModelRequest
+    agent_version: str = ""
 
 
 class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):

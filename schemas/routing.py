@@ -102,6 +102,7 @@ class RouteSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     rules: list[ScriptRule] = msgspec.field(default_factory=list)
     latency_ms: float = 0.0
     replicas: int = 1
+    concurrency: int = 256  # model calls one gateway replica makes at once (I/O bound)
 
     def entries(self) -> list[RouteEntry]:
         """The fallback chain, primary first."""

@@ -56,17 +56,17 @@ async def test_malformed_tool_invocation_is_dead_lettered(bus: Bus) -> None:
 
 
 async def test_a_delivery_that_keeps_failing_fails_its_task_visibly(bus: Bus) -> None:
-    # No model gateway runs for this alias: every turn fails, then the task fails.
+    # The model-call stream is gone (deleted by hand): every try to publish the turn's call
+    # fails, the delivery is redelivered up to max_deliver, then the task fails, visibly.
+    # (A gateway that is merely away does not fail anything: see test_outage.py.)
     fleet = demo_fleet(max_deliver=2)
-    async with fleet_in_process(bus, fleet) as actors:
-        gateway = next(a for a in actors if a.actor_name == "model.support-model")
-        gateway.stop()
-        await anyio.sleep(0.2)
+    async with fleet_in_process(bus, fleet):
+        await bus.js.delete_stream(subjects.MODELS_STREAM)
         client = Client(bus)
         task_id = await client.submit("triage", "hello")
         state = await client.wait(task_id, timeout_s=20)
     assert state.status == "failed"
-    assert "gave up" in state.error and "nobody serves" in state.error
+    assert "gave up" in state.error and "corral.llm.support-model" in state.error, state.error
     assert types(await task_events(bus, task_id))[-1] == "task.failed"
     letters = await dead_letters(bus, "agent.triage")
-    assert len(letters) == 1 and "nobody serves" in str(letters[0]["reason"])
+    assert len(letters) == 1 and "corral.llm.support-model" in str(letters[0]["reason"])

@@ -37,8 +37,10 @@ async def test_refund_goes_triage_handoff_billing_tools_completed(bus: Bus, home
     done = [e.tool for e in events if isinstance(e, ToolCompleted)]
     assert done == ["lookup_order", "issue_refund", "send_email"]
     # Every event is stamped with who wrote it and a version of the agent.
-    assert {e.actor.kind for e in events} == {"agent", "tool"}
-    assert all(e.agent_version for e in events if e.actor.kind == "agent")
+    # The gateway writes the model's answers (ADR 0007): every llm.responded, nothing else.
+    assert {e.actor.kind for e in events} == {"agent", "tool", "model"}
+    assert {types([e])[0] for e in events if e.actor.kind == "model"} == {"llm.responded"}
+    assert all(e.agent_version for e in events if e.actor.kind in ("agent", "model"))
     # One refund, one email, each under its own idempotency key.
     effects = outbox(home)
     assert [e["tool"] for e in effects] == ["issue_refund", "send_email"]

@@ -168,3 +168,31 @@ def test_phases_follow_the_loop() -> None:
     assert s.phase == "ready"
     assert [m.is_error for m in s.conversation if m.role == "tool"] == [False, True]
     assert all(m.untrusted for m in s.conversation if m.role == "tool")
+
+
+def test_model_failures_fold_by_attempt_and_an_answer_paid_while_paused_is_kept() -> None:
+    from schemas.events import LlmFailed, TaskPaused, TaskResumed
+
+    start = scripted_log(0, set())[:2]  # submitted, turn 1 claimed (attempt 1)
+    waiting = LlmFailed(**_env(3), agent="a", turn=1, attempt=1,  # type: ignore[arg-type]
+                        error="circuit open", error_type="ProviderUnavailable", retryable=True)
+    s = fold([*start, waiting])
+    assert s.phase == "thinking" and s.llm_failure is not None  # still waiting: retried
+    stale = LlmFailed(**_env(4), agent="a", turn=1, attempt=2,  # type: ignore[arg-type]
+                      error="x", retryable=False)
+    assert fold([*start, waiting, stale]).phase == "thinking"  # another attempt's: ignored
+    final = LlmFailed(**_env(4), agent="a", turn=1, attempt=1,  # type: ignore[arg-type]
+                      error="401", retryable=False)
+    assert fold([*start, waiting, final]).phase == "model_failed"
+    again = TurnStarted(**_env(5), agent="a", turn=1, attempt=2)  # type: ignore[arg-type]
+    s = fold([*start, waiting, final, again])
+    assert s.phase == "thinking" and s.llm_failure is None
+    # The gateway answered while an operator had paused the task: resuming does not pay again.
+    paused = TaskPaused(**_env(3))  # type: ignore[arg-type]
+    answer = LlmResponded(**_env(4), agent="a", turn=1, attempt=1,  # type: ignore[arg-type]
+                          response=ModelResponse(text="done"))
+    s = fold([*start, paused, answer, TaskResumed(**_env(5))])  # type: ignore[arg-type]
+    assert s.phase == "answering" and s.last_response is not None
+    late = LlmResponded(**_env(4), agent="a", turn=1, attempt=2,  # type: ignore[arg-type]
+                        response=ModelResponse(text="late"))
+    assert fold([*start, late]).phase == "thinking"  # an answer to another attempt: ignored

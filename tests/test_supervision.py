@@ -54,14 +54,16 @@ def assert_side_effects_once(home: Path, task_ids: list[str]) -> None:
 
 
 async def test_kill_9_worker_is_restarted_and_its_unacked_work_handed_back(home: Path) -> None:
+    # The model gateway holds a turn's call (an unacked delivery) while the model thinks
+    # (ADR 0007): kill it mid-call and its supervisor must give the calls back at once.
     config = tree_config(home, DEFAULT_TREE, latency_ms=300)
     async with running_fleet(config, load_fleet(config), home=home) as handle:
         client = Client(handle.bus)
         ids = [await client.submit("triage", f"Please refund order {o}") for o in ORDERS * 3]
-        victim = one(handle.actors(), "agent.billing.0")
+        victim = one(handle.actors(), "model.support-model.0")
         assert victim.pid
 
-        async def billing_is_thinking() -> bool:  # holds an unacked delivery right now
+        async def billing_is_thinking() -> bool:  # its call is in the gateway right now
             for t in ids:
                 events = await task_events(handle.bus, t)
                 last = events[-1] if events else None
@@ -69,21 +71,21 @@ async def test_kill_9_worker_is_restarted_and_its_unacked_work_handed_back(home:
                     return True
             return False
 
-        await until(billing_is_thinking, 20, "billing working on a turn")
+        await until(billing_is_thinking, 20, "billing waiting on the model")
         os.kill(victim.pid, signal.SIGKILL)
         states = [await client.wait(t, timeout_s=45) for t in ids]
         for t in ids:
             await check_log(handle.bus, t)
-        now = one(handle.actors(), "agent.billing.0")
+        now = one(handle.actors(), "model.support-model.0")
         events = await system_events(handle.bus)
     assert all(s.status == "completed" for s in states), [s.error for s in states]
     assert_side_effects_once(home, ids)
     assert now.pid != victim.pid and now.restarts == 1
-    exits = [e for e in events if isinstance(e, ActorExited) and e.child == "agent.billing.0"
-             and e.pid == victim.pid]
+    exits = [e for e in events if isinstance(e, ActorExited)
+             and e.child == "model.support-model.0" and e.pid == victim.pid]
     assert len(exits) == 1 and exits[0].status == -signal.SIGKILL and not exits[0].expected
     assert exits[0].handed_back >= 1  # the supervisor gave its messages back itself
-    assert [e.supervisor for e in events if isinstance(e, ActorRestarted)] == ["root/agents"]
+    assert [e.supervisor for e in events if isinstance(e, ActorRestarted)] == ["root/models"]
 
 
 async def test_kill_9_domain_supervisor_leaves_no_orphans_and_the_subtree_returns(
