@@ -18,7 +18,7 @@ from actors.metrics import serve_metrics
 from actors.runtime import load_fleet, serve_one
 from actors.tracing import setup_tracing
 from bus.connection import connect
-from schemas.errors import CorralError
+from schemas.errors import ConfigError, CorralError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,12 +46,28 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         anyio.run(run)
-    except CorralError as exc:
-        print(f"corral: {args.kind}.{args.name}: {exc}", file=sys.stderr)
-        return 2 if exc.__class__.__name__ == "ConfigError" else 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        cause = _corral_error(exc)
+        if cause is None:
+            raise
+        # One line, the exception's message: what `corral ps` and actor.exited show.
+        print(f"corral: {args.kind}.{args.name}: {cause}", file=sys.stderr)
+        return 2 if isinstance(cause, ConfigError) else 1
     return 0
+
+
+def _corral_error(exc: BaseException) -> CorralError | None:
+    """The CorralError inside ``exc``, unwrapping task groups' exception groups."""
+    if isinstance(exc, CorralError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _corral_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

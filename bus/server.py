@@ -4,6 +4,13 @@ When ``NATS_URL`` is unset, corral runs its own server with JetStream, its
 store under ``$CORRAL_HOME`` (default ``.corral/``), ``sync_interval: always``
 (so an acknowledged write survives a power cut), listening on 127.0.0.1. A
 server already running for the same home is reused.
+
+The server runs in its own session, so a terminal's Ctrl-C (SIGINT to the
+foreground process group) does not reach it: the fleet drains first and the
+server is stopped last, by whoever started it. It never outlives that
+process, though: on Linux it is started through a small guard that arms
+PR_SET_PDEATHSIG (SIGTERM) and then execs ``nats-server``, so even a
+``kill -9`` of its owner stops it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,22 @@ from pathlib import Path
 from schemas.errors import BusError
 
 __all__ = ["EmbeddedServer", "corral_home", "find_nats_server", "free_port"]
+
+
+# Runs in the child between fork and exec of nats-server (no preexec_fn: it is not
+# safe with threads). argv: owner pid, then the server's command line. The death
+# signal belongs to the owner's thread that forked: start the server from the
+# thread that owns it (the main thread, in corral up and in the tests).
+_GUARD = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the owner died before the signal was armed\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 
 def corral_home() -> Path:
@@ -74,6 +97,10 @@ def _listening(port: int) -> bool:
 class EmbeddedServer:
     """A nats-server process owned (or reused) for one corral home.
 
+    ``die_with_owner`` (default): the server gets SIGTERM when the thread that
+    called ``start`` dies, however it dies (Linux; elsewhere it may outlive a
+    ``kill -9`` of its owner).
+
     Example:
         >>> srv = EmbeddedServer(Path(".corral"))
         >>> url = srv.start()
@@ -82,8 +109,9 @@ class EmbeddedServer:
     """
 
     def __init__(self, home: Path, *, port: int | None = None,
-                 sync_always: bool = True) -> None:
+                 sync_always: bool = True, die_with_owner: bool = True) -> None:
         self.home = home
+        self.die_with_owner = die_with_owner and sys.platform == "linux"
         self.dir = home / "nats"
         self.port = port
         self.sync_always = sync_always
@@ -131,11 +159,16 @@ class EmbeddedServer:
         port = self.port or free_port()
         conf = self.dir / "nats.conf"
         conf.write_text(self.config_text(port))
+        argv = [find_nats_server(), "-c", str(conf)]
+        if self.die_with_owner:
+            argv = [sys.executable, "-I", "-S", "-c", _GUARD, str(os.getpid()), *argv]
         log = (self.dir / "nats.log").open("ab")
         try:
+            # Its own session: a terminal's SIGINT to `corral up`'s process group must not
+            # stop the server under the drain that SIGINT starts.
             self.proc = subprocess.Popen(
-                [find_nats_server(), "-c", str(conf)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         finally:
             log.close()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import logging
 import os
 import re
+import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,20 +21,25 @@ from actors.runtime import check_fleet
 from bus import subjects
 from bus.connection import Bus, connect
 from bus.provision import (
+    RECLAIM_ACK_WAIT_S,
     ensure_agent_consumer,
+    ensure_model_consumer,
     ensure_streams,
     ensure_tool_consumer,
     reclaim_orphaned,
 )
 from bus.server import EmbeddedServer, corral_home
 from schemas.config import FleetConfig, supervision_tree
-from schemas.errors import BusError, ConfigError
+from schemas.errors import BusError, ConfigError, SupervisorError
 from schemas.supervision import SupervisionTree, SupervisorSpec
 from schemas.system import ChildRecord
+from supervisors.child import actor_secrets
 from supervisors.supervisor import Supervisor
 
 __all__ = ["FleetHandle", "default_node", "nats_url", "provision_fleet", "root_spec",
            "running_fleet"]
+
+log = logging.getLogger("corral.up")
 
 
 def nats_url(home: Path | None = None) -> str:
@@ -71,6 +79,12 @@ async def provision_fleet(bus: Bus, fleet: FleetConfig, *, fresh_server: bool = 
         await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait)
         consumers.append((subjects.TOOLS_STREAM, subjects.tool_consumer(name)))
         kinds[subjects.tool_consumer(name)] = functools.partial(_tool_ack_wait, bus, name)
+    model_wait = max(ack_wait, 30.0)  # as the gateway sets it (actors/model.py)
+    for name in fleet.models:
+        await ensure_model_consumer(bus, name, ack_wait_s=model_wait)
+        consumers.append((subjects.MODELS_STREAM, subjects.model_consumer(name)))
+        kinds[subjects.model_consumer(name)] = functools.partial(_model_ack_wait, bus, name,
+                                                                 model_wait)
     if not fresh_server:
         return 0
 
@@ -80,12 +94,34 @@ async def provision_fleet(bus: Bus, fleet: FleetConfig, *, fresh_server: bool = 
     return await reclaim_orphaned(bus, consumers, set_ack_wait, ack_wait)
 
 
+async def _hurry_on_signal(root: Supervisor) -> None:
+    """While the tree drains: one more SIGINT or SIGTERM (a second Ctrl-C) hurries it."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            async def hurry() -> None:
+                async for signum in signals:
+                    log.warning("%s while stopping: children not stopped yet get at most "
+                                "a few seconds each", signal.Signals(signum).name)
+                    root.stop(hurry=True)
+
+            tg.start_soon(hurry)
+            await root.finished.wait()
+            tg.cancel_scope.cancel()
+
+
 async def _agent_ack_wait(bus: Bus, name: str, ack_wait_s: float) -> str:
     return await ensure_agent_consumer(bus, name, ack_wait_s=ack_wait_s)
 
 
 async def _tool_ack_wait(bus: Bus, name: str, ack_wait_s: float) -> str:
     return await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait_s)
+
+
+async def _model_ack_wait(bus: Bus, name: str, normal_s: float, ack_wait_s: float) -> str:
+    # reclaim_orphaned shortens every ack_wait, then restores the agents' and tools' value:
+    # a gateway's consumer has its own.
+    wanted = ack_wait_s if ack_wait_s <= RECLAIM_ACK_WAIT_S else normal_s
+    return await ensure_model_consumer(bus, name, ack_wait_s=wanted)
 
 
 def default_node() -> str:
@@ -145,8 +181,11 @@ async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
     supervisor process with its actors as child processes. The body runs
     once every child has started (or failed to: the supervisors deal with
     it). On exit the tree is stopped in reverse start order (each actor
-    drains within its grace period) and an embedded server this call
-    started is stopped.
+    drains within its grace period; another SIGINT or SIGTERM meanwhile
+    hurries it) and then, last, an embedded server this call started. That
+    server runs in its own session, so a terminal's Ctrl-C does not stop it
+    under the drain, and it dies with this process if this process is killed
+    (``bus.server``).
 
     Raises:
         RestartIntensityExceeded: the root gave up (after the body ended;
@@ -155,6 +194,52 @@ async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
     check_fleet(fleet)
     tree = supervision_tree(fleet)
     spec = root_spec(tree, domain, fleet.source)
+    with domain_locks(home, [c.id for c in spec.children]):
+        async with _running(config, fleet, tree, spec, home=home, node=node) as handle:
+            yield handle
+
+
+@contextlib.contextmanager
+def domain_locks(home: Path, domains: list[str]) -> Iterator[None]:
+    """One `corral up` per failure domain per ``$CORRAL_HOME``: a second one is refused.
+
+    Two of them would run every actor of a domain twice on one server,
+    silently. Each domain is an exclusive ``flock`` on
+    ``$CORRAL_HOME/locks/up.<domain>.lock`` (holding the owner's pid), held
+    while the fleet runs and released by the kernel if the process dies.
+
+    Raises:
+        SupervisorError: another `corral up` holds one of them.
+    """
+    lock_dir = home / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    held: list[int] = []
+    try:
+        for d in domains:
+            path = lock_dir / f"up.{d}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise SupervisorError(
+                    f"another `corral up` (pid {owner}) already runs failure domain {d!r} "
+                    f"from {home}: stop it first, use another CORRAL_HOME, or give each "
+                    f"`corral up` its own --domain") from None
+            held.append(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)  # closing releases the lock
+
+
+@contextlib.asynccontextmanager
+async def _running(config: Path, fleet: FleetConfig, tree: SupervisionTree,
+                   spec: SupervisorSpec, *, home: Path, node: str | None
+                   ) -> AsyncIterator[FleetHandle]:
     server: EmbeddedServer | None = None
     url = os.environ.get("NATS_URL", "")
     if not url:
@@ -169,13 +254,15 @@ async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
             absolute = Path(await anyio.Path(config).absolute())
             root = Supervisor(spec, tree, config=absolute, node=node, fleet=fleet.name,
                               bus=bus, log_dir=home / "logs",
-                              env={"NATS_URL": url, "CORRAL_HOME": str(home)})
+                              env={"NATS_URL": url, "CORRAL_HOME": str(home)},
+                              secrets=actor_secrets(fleet))
             async with anyio.create_task_group() as tg:
                 await tg.start(root.run)
                 try:
                     yield FleetHandle(bus, root, url, server, home, node)
                 finally:
                     root.stop()
+                    tg.start_soon(_hurry_on_signal, root)
             if root.failure is not None:
                 raise root.failure
         finally:

@@ -4,26 +4,35 @@ Both read only the bus, so they show every `corral up` sharing the NATS
 server: supervisors' records and actors' heartbeats from the liveness KV
 buckets (keys with a TTL: what died without a word is gone within seconds),
 lifecycle events from the system stream.
+
+Anyone who can write to those buckets and that stream can write junk there:
+each record is decoded in one place (``_decode``), and one that cannot be
+read (bad JSON, wrong types, nesting past ``MAX_DEPTH``, numbers that are
+not finite) is reported as a line saying so, with its key and the reason,
+and skipped. Nothing read from the bus crashes these commands.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import msgspec
 
 from bus import subjects
 from bus.connection import Bus
 from bus.liveness import Liveness, follow_system
-from schemas.errors import DecodeError
 from schemas.system import (
     ActorExited,
     ActorRestarted,
     ActorStarted,
+    BreakerChanged,
     ChildRecord,
     Heartbeat,
+    LogRejected,
     SupervisorGaveUp,
     SupervisorRecord,
     SystemEvent,
@@ -32,13 +41,61 @@ from schemas.system import (
     system_event_type,
 )
 
-__all__ = ["live_trees", "print_ps", "print_system_events", "system_line"]
+__all__ = ["MAX_DEPTH", "live_trees", "print_ps", "print_system_events", "system_line"]
+
+MAX_DEPTH = 16  # supervisors below supervisors: deeper than any real tree
+_REASON_CHARS = 200
 
 _records = msgspec.json.Decoder(SupervisorRecord)
 _beats = msgspec.json.Decoder(Heartbeat)
 
+T = TypeVar("T")
+
+
+def _printable(text: str) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text[:_REASON_CHARS])
+    return text + ("…" if len(text) >= _REASON_CHARS else "")
+
+
+def _check_record(record: SupervisorRecord) -> None:
+    """Raise ValueError for what decodes but cannot be shown: deep or non-finite."""
+    numbers = [record.started_at, record.updated_at, record.within_s]
+    stack = [(c, 1) for c in record.children]
+    while stack:
+        child, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"children nested deeper than {MAX_DEPTH}")
+        numbers.append(child.started_at)
+        stack += [(c, depth + 1) for c in child.children]
+    if not all(math.isfinite(x) for x in numbers):
+        raise ValueError("a time is not a finite number")
+
+
+def _check_beat(beat: Heartbeat) -> None:
+    if not (math.isfinite(beat.time) and math.isfinite(beat.started_at)):
+        raise ValueError("a time is not a finite number")
+
+
+def _decode(decoder: msgspec.json.Decoder[T], check: Callable[[T], None], where: str,
+            data: bytes, unreadable: Callable[[str], None]) -> T | None:
+    """One record off the bus, or None (and a line to ``unreadable``) if it is junk."""
+    try:
+        value = decoder.decode(data)
+        check(value)
+    except Exception as exc:  # junk of any kind (deep nesting: RecursionError)
+        unreadable(f"unreadable record {where}: {_printable(f'{type(exc).__name__}: {exc}')} "
+                   f"({len(data)} bytes; skipped)")
+        return None
+    return value
+
+
+def _to_stderr(line: str) -> None:
+    print(f"corral: {line}", file=sys.stderr)
+
 
 def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
     s = int(max(0.0, seconds))
     if s < 60:
         return f"{s}s"
@@ -53,6 +110,8 @@ def _node_tree(root: SupervisorRecord, by_path: dict[str, SupervisorRecord],
         beat = beats.get(rec.heartbeat_key)
         own = by_path.get(f"{path}/{rec.id}") if rec.kind == "supervisor" else None
         kids = own.children if own is not None else rec.children
+        if path.count("/") >= MAX_DEPTH:  # a chain of records, each one level deeper
+            kids = []
         last = beat.time if beat else (own.updated_at if own else 0.0)
         running = rec.state == "running"
         return {
@@ -74,18 +133,30 @@ def _node_tree(root: SupervisorRecord, by_path: dict[str, SupervisorRecord],
     }
 
 
-async def live_trees(bus: Bus) -> list[dict[str, Any]]:
+async def live_trees(bus: Bus, *, unreadable: Callable[[str], None] = _to_stderr
+                     ) -> list[dict[str, Any]]:
     """One entry per running `corral up` (node): its fleet, host and tree.
+
+    A record that cannot be read is skipped; ``unreadable`` gets a line
+    naming it and why (by default, on stderr).
 
     Raises:
         BusError: the buckets cannot be read.
     """
     live = Liveness(bus)
     now = time.time()
-    records = [_records.decode(v)
-               for v in (await live.entries(subjects.SUPERVISORS_BUCKET)).values()]
-    beats = {b.key: b for b in (_beats.decode(v) for v in
-                                (await live.entries(subjects.HEARTBEATS_BUCKET)).values())}
+    records: list[SupervisorRecord] = []
+    for key, data in (await live.entries(subjects.SUPERVISORS_BUCKET)).items():
+        record = _decode(_records, _check_record, f"{subjects.SUPERVISORS_BUCKET}/{key}", data,
+                         unreadable)
+        if record is not None:
+            records.append(record)
+    beats: dict[str, Heartbeat] = {}
+    for key, data in (await live.entries(subjects.HEARTBEATS_BUCKET)).items():
+        beat = _decode(_beats, _check_beat, f"{subjects.HEARTBEATS_BUCKET}/{key}", data,
+                       unreadable)
+        if beat is not None:
+            beats[beat.key] = beat
     out: list[dict[str, Any]] = []
     for node in sorted({r.node for r in records}):
         by_path = {r.path: r for r in records if r.node == node}
@@ -114,7 +185,8 @@ def print_ps(trees: list[dict[str, Any]], url: str) -> None:
             if n["kind"] == "supervisor" and n.get("strategy"):
                 label += f" ({n['strategy']})"
             replica = f"{n['replica'] + 1}/{n['replicas']}" if n["kind"] == "actor" else "-"
-            hb = "-" if n["last_heartbeat_s"] is None else f"{n['last_heartbeat_s']:.1f}s ago"
+            age = n["last_heartbeat_s"]
+            hb = "-" if age is None else f"{max(0.0, age):.1f}s ago"  # clocks: never "-0.0"
             up = "-" if n["uptime_s"] is None else _duration(n["uptime_s"])
             note = n["reason"] if n["state"] != "running" or n["restarts"] else ""
             print(f"{(prefix + branch + label)[:40]:<40} {n['state']:<9} "
@@ -142,6 +214,13 @@ def _describe(event: SystemEvent) -> str:
     if isinstance(event, SupervisorGaveUp):
         return (f"gave up: {event.restarts} restarts within {event.within_s:g}s; "
                 f"last: {event.child} {event.reason}")
+    if isinstance(event, LogRejected):
+        return (f"task {event.task_id}: log entry {event.stream_seq} skipped "
+                f"({event.reason_class}, claimed by {_printable(event.writer)[:60]}): "
+                f"{_printable(event.reason)[:160]}")
+    if isinstance(event, BreakerChanged):
+        why = f" (last error: {_printable(event.last_error)[:160]})" if event.last_error else ""
+        return f"{event.entry}: {event.from_state} → {event.to_state}{why}"
     return ""
 
 
@@ -156,15 +235,16 @@ def system_line(event: SystemEvent) -> str:
 async def print_system_events(bus: Bus, *, follow: bool, as_json: bool) -> None:
     """Print the system stream, oldest first.
 
-    Raises:
-        DecodeError: an event on the stream does not fit the contract.
+    An event that does not fit the contract is reported on stderr and skipped.
     """
     async for data in follow_system(bus, follow=follow):
         try:
             event = decode_system_event(data)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            raise DecodeError(f"undecodable system event: {exc}",
-                              subject=subjects.SYSTEM_ALL) from exc
-        line = encode_system(event).decode() if as_json else system_line(event)
+            line = encode_system(event).decode() if as_json else system_line(event)
+        except Exception as exc:  # junk of any kind is reported, not fatal
+            _to_stderr(f"unreadable system event on {subjects.SYSTEM_ALL}: "
+                       f"{_printable(f'{type(exc).__name__}: {exc}')} ({len(data)} bytes; "
+                       "skipped)")
+            continue
         sys.stdout.write(line + "\n")
         sys.stdout.flush()

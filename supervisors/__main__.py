@@ -26,6 +26,7 @@ from bus.connection import connect
 from bus.server import corral_home
 from schemas.config import supervision_tree
 from schemas.errors import ConfigError, CorralError
+from supervisors.child import actor_secrets
 from supervisors.supervisor import Supervisor
 
 GAVE_UP = 3
@@ -42,7 +43,8 @@ async def _run(args: argparse.Namespace) -> int:
     bus = await connect(name=f"corral-supervisor-{args.supervisor}")
     try:
         sup = Supervisor(tree.spec(args.supervisor), tree, config=config, node=args.node,
-                         fleet=fleet.name, bus=bus, log_dir=corral_home() / "logs", link=link)
+                         fleet=fleet.name, bus=bus, log_dir=corral_home() / "logs", link=link,
+                         secrets=actor_secrets(fleet))
         async with anyio.create_task_group() as tg:
             async def on_signals() -> None:  # for the whole life: PDEATHSIG may come twice
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

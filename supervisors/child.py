@@ -4,6 +4,13 @@ The child gets the write end of a pipe (``CORRAL_LINK_FD``); everything it
 says arrives here (``actors.link`` describes the lines). End of file on the
 pipe means the process is gone: its unsettled deliveries are handed back at
 once, before anything else is decided.
+
+A child runs in its own session: a terminal's Ctrl-C reaches only ``corral
+up``, which drains the tree in order (as for SIGTERM); the child still dies
+with its supervisor (PR_SET_PDEATHSIG, ``actors.link``). Its environment is
+an allow-list of what any process needs to run plus the secrets of that one
+child (``child_env``): provider keys only in model gateways, a tool's
+declared ``env`` only in that tool, nothing secret in agents.
 """
 
 from __future__ import annotations
@@ -11,21 +18,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 
 import anyio
 import anyio.abc
 import msgspec
 
-from schemas.supervision import ChildSpec
+from actors.providers import key_env
+from schemas.config import FleetConfig
+from schemas.supervision import ChildSpec, SupervisionTree
 from schemas.system import ChildRecord, ChildState
 
-__all__ = ["ChildProcess", "child_argv", "describe_exit"]
+__all__ = ["SAFE_ENV", "SAFE_ENV_PREFIXES", "ChildProcess", "actor_secrets", "child_argv",
+           "child_env", "describe_exit", "exit_line", "secrets_of"]
 
 log = logging.getLogger("corral.supervisor")
 
@@ -43,17 +54,87 @@ def child_argv(config: Path, spec: ChildSpec, node: str) -> list[str]:
             spec.id, "--node", node]
 
 
+# What every process needs to run, and nothing secret. A variable not listed
+# here reaches a child only if its spec names it (``actor_secrets``).
+SAFE_ENV = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "TERM", "NO_COLOR", "LANG", "LANGUAGE",
+    "TZ", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "NATS_URL",
+})
+SAFE_ENV_PREFIXES = ("LC_", "PYTHON", "CORRAL_", "OTEL_", "SSL_CERT_")
+# A model gateway calls providers over HTTP: it also gets the proxy settings
+# (which may carry credentials of their own, so not everyone does).
+GATEWAY_ENV = frozenset({"HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                         "https_proxy", "all_proxy", "no_proxy"})
+
+
+def actor_secrets(fleet: FleetConfig) -> dict[str, frozenset[str]]:
+    """The variables beyond ``SAFE_ENV`` each actor spec gets, by id (``model.<alias>``).
+
+    A model gateway: the key variable of every entry of its route (what
+    ``actors.providers.api_key`` reads) and the proxy settings. A tool: the
+    variables its spec lists in ``env``. An agent: none.
+    """
+    out: dict[str, frozenset[str]] = {}
+    for alias, route in fleet.models.items():
+        keys = {v for v in (key_env(e) for e in route.entries()) if v}
+        out[f"model.{alias}"] = frozenset(keys) | GATEWAY_ENV
+    for name, tool in fleet.tools.items():
+        out[f"tool.{name}"] = frozenset(tool.env)
+    return out
+
+
+def secrets_of(spec: ChildSpec, tree: SupervisionTree,
+               secrets: Mapping[str, Collection[str]]) -> frozenset[str]:
+    """What one child needs: an actor its own; a supervisor those of every actor below it."""
+    actors = [spec.id] if spec.kind == "actor" else tree.actors_under(spec.id)
+    return frozenset(v for a in actors for v in secrets.get(a, ()))
+
+
+def child_env(base: Mapping[str, str], secrets: Iterable[str] = ()) -> dict[str, str]:
+    """``base`` cut down to the safe variables, plus the ``secrets`` it holds.
+
+    Example:
+        >>> child_env({"PATH": "/bin", "OPENAI_API_KEY": "sk-…", "TOKEN": "t"}, ["TOKEN"])
+        {'PATH': '/bin', 'TOKEN': 't'}
+    """
+    env = {k: v for k, v in base.items() if k in SAFE_ENV or k.startswith(SAFE_ENV_PREFIXES)}
+    env.update({k: base[k] for k in secrets if k in base})
+    return env
+
+
+_TAIL_BYTES = 16384
+_REASON_CHARS = 300
+_MARGIN = re.compile(r"^\s*\|\s?")  # an exception group's left margin: "    | "
+_NOT_A_REASON = re.compile(r"^(\+-.*|and \d+ more exceptions?|\.\.\.)$")  # borders, elisions
+
+
+def exit_line(text: str) -> str:
+    r"""The line of a child's log that says why it died (the last one that says anything).
+
+    For a traceback that is its exception line; for an exception group (whose
+    traceback ends in ``+----`` borders) the innermost exception's line.
+
+    Example:
+        >>> exit_line("ExceptionGroup: x (1 sub-exception)\n+-+---- 1 ----\n"
+        ...           "  | RecursionError: maximum recursion depth exceeded\n  +------")
+        'RecursionError: maximum recursion depth exceeded'
+    """
+    for raw in reversed(text.splitlines()):
+        line = _MARGIN.sub("", raw).strip()
+        if line and not _NOT_A_REASON.match(line):
+            return line if len(line) <= _REASON_CHARS else line[:_REASON_CHARS - 1] + "…"
+    return ""
+
+
 def _log_tail(path: Path) -> str:
-    """The last non-empty line of a child's log: usually why it died."""
+    """Why the child died, from the end of its log (``exit_line``)."""
     try:
         with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            lines = [x.strip() for x in f.read().decode("utf-8", "replace").splitlines()]
+            f.seek(max(0, f.tell() - _TAIL_BYTES))
+            return exit_line(f.read().decode("utf-8", "replace"))
     except OSError:
         return ""
-    lines = [x for x in lines if x]
-    return lines[-1][-300:] if lines else ""
 
 
 def describe_exit(status: int | None, *, killed_for: str = "", gave_up: str = "",
@@ -74,6 +155,21 @@ def describe_exit(status: int | None, *, killed_for: str = "", gave_up: str = ""
     if status == 0:
         return "exited normally"
     return f"exit status {status}" + (f": {log_tail}" if log_tail else "")
+
+
+def _restarted(old: list[ChildRecord], new: list[ChildRecord], path: str
+               ) -> list[tuple[str, ChildRecord]]:
+    """The records of ``new`` restarted since ``old``, with the path of their supervisor."""
+    before = {r.id: r for r in old}
+    out: list[tuple[str, ChildRecord]] = []
+    for record in new:
+        prev = before.get(record.id)
+        if prev is not None and record.restarts > prev.restarts:
+            out.append((path, record))
+        if record.kind == "supervisor":
+            out += _restarted(prev.children if prev else [], record.children,
+                              f"{path}/{record.id}")
+    return out
 
 
 class ChildProcess:
@@ -103,6 +199,9 @@ class ChildProcess:
         self.unsettled: set[str] = set()  # ack subjects of deliveries it holds
         self.probe = ""  # a subject routed to its NATS connection while that lives
         self.subtree: list[ChildRecord] = []  # a supervisor child's own children
+        # Called for each restart its status lines show below it: (the path, relative to
+        # this child's supervisor, of the supervisor that restarted it; its record).
+        self.on_restart: Callable[[str, ChildRecord], None] | None = None
         self.gave_up = ""
 
     @property
@@ -136,10 +235,12 @@ class ChildProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with self.log_path.open("ab") as out:
+                # Its own session: only the supervisor decides when it stops (a terminal's
+                # SIGINT goes to `corral up` alone, which drains the tree in order).
                 self.process = await anyio.open_process(
                     self.argv, env={**env, "CORRAL_LINK_FD": str(w), "CORRAL_CHILD_KEY": self.key},
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    pass_fds=(w,))
+                    pass_fds=(w,), start_new_session=True)
         except BaseException:
             os.close(r)
             raise
@@ -152,6 +253,7 @@ class ChildProcess:
         self.last_beat = self.started_mono
         self.unsettled.clear()
         self.probe = ""
+        self.subtree = []  # a new process: its children are yet to be reported
         return r
 
     def on_line(self, line: bytes, on_change: Callable[[], None]) -> None:
@@ -173,9 +275,14 @@ class ChildProcess:
             on_change()
         elif tag == b"s":
             try:
-                self.subtree = _records.decode(line[1:])
+                subtree = _records.decode(line[1:])
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 log.warning("%s: bad status line: %s", self.id, exc)
+            else:
+                if self.on_restart is not None:
+                    for under, record in _restarted(self.subtree, subtree, self.id):
+                        self.on_restart(under, record)
+                self.subtree = subtree
             on_change()
         elif tag == b"x":
             try:

@@ -15,7 +15,14 @@ Giving up stops every child in reverse start order, publishes
 ``supervisor.gave_up`` and leaves ``failure`` set for the caller, who fails
 upward (a domain process exits with status 3; ``corral up`` exits non-zero).
 Lifecycle events go to the system stream; the supervisor's record (its
-children, states, pids, restarts) to the supervisors KV bucket.
+children, states, pids, restarts) to the supervisors KV bucket. Every restart,
+its own children's and (from their status lines) those of the supervisors
+below it, is logged as ``restarted <child> (<why>), restart <n> within <s>s``:
+the root's log is `corral up`'s terminal.
+
+Each child's environment is the allow-list of ``supervisors.child.child_env``
+plus its own secrets (``secrets``: the variables each actor spec needs; a
+supervisor child gets those of every actor below it).
 """
 
 from __future__ import annotations
@@ -27,7 +34,8 @@ import os
 import random
 import socket
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from itertools import groupby
 from pathlib import Path
@@ -42,6 +50,7 @@ from bus import subjects
 from bus.connection import Bus
 from bus.liveness import Liveness, wait_disconnected
 from bus.mailbox import hand_back
+from bus.provision import reclaim_stranded
 from schemas.errors import BusError, RestartIntensityExceeded
 from schemas.supervision import SupervisionTree, SupervisorSpec
 from schemas.system import (
@@ -56,7 +65,7 @@ from schemas.system import (
     encode_system,
     system_event_type,
 )
-from supervisors.child import ChildProcess, child_argv
+from supervisors.child import ChildProcess, child_argv, child_env, secrets_of
 from supervisors.strategy import GiveUp, Leave, Restart, RestartPolicy
 
 __all__ = ["Supervisor"]
@@ -79,9 +88,14 @@ _STOP = None  # in the inbox: stop() was called
 class Supervisor:
     """Run one ``SupervisorSpec`` until ``stop()`` or until it gives up.
 
+    ``env``: variables every child gets on top of the allow-list (``NATS_URL``);
+    ``secrets``: what each actor spec may see beyond it (``actor_secrets(fleet)``);
+    without it no child gets anything secret.
+
     Example:
         >>> sup = Supervisor(tree.root, tree, config=path, node="host-1", fleet="demo",
-        ...                  bus=bus, log_dir=home / "logs", env={"NATS_URL": url})
+        ...                  bus=bus, log_dir=home / "logs", env={"NATS_URL": url},
+        ...                  secrets=actor_secrets(fleet))
         >>> async with anyio.create_task_group() as tg:
         ...     await tg.start(sup.run)   # every child started (or failed to)
         ...     ...
@@ -91,6 +105,7 @@ class Supervisor:
 
     def __init__(self, spec: SupervisorSpec, tree: SupervisionTree, *, config: Path, node: str,
                  fleet: str, bus: Bus, log_dir: Path, env: Mapping[str, str] | None = None,
+                 secrets: Mapping[str, Collection[str]] | None = None,
                  link: SupervisorLink | None = None, rng: random.Random | None = None) -> None:
         self.spec = spec
         self.tree = tree
@@ -100,9 +115,13 @@ class Supervisor:
         self.live = Liveness(bus)
         self.link = link or SupervisorLink(None)
         self.key = f"{node}.{spec.path.replace('/', '.')}"
-        self.env = {**os.environ, **(env or {}), "CORRAL_PARENT_PID": str(os.getpid()),
-                    "CORRAL_HEARTBEAT_S": repr(tree.heartbeat_s), "CORRAL_NODE": node}
+        extra = {**(env or {}), "CORRAL_PARENT_PID": str(os.getpid()),
+                 "CORRAL_HEARTBEAT_S": repr(tree.heartbeat_s), "CORRAL_NODE": node}
+        self.envs: dict[str, dict[str, str]] = {  # by child spec id
+            cs.id: {**child_env(os.environ, secrets_of(cs, tree, secrets or {})), **extra}
+            for cs in spec.children}
         self.children: list[ChildProcess] = []
+        self._restarts_seen: dict[str, deque[float]] = {}  # supervisor path → restart times
         for cs in spec.children:
             argv = child_argv(config, cs, node)
             for r in range(cs.replicas if cs.kind == "actor" else 1):
@@ -110,6 +129,7 @@ class Supervisor:
                 child.key = f"{self.key}.{child.id}"
                 child.log_path = log_dir / (f"{child.id}.log" if cs.kind == "actor"
                                             else f"supervisor.{child.id}.log")
+                child.on_restart = self._below_restarted
                 self.children.append(child)
         self.policy = RestartPolicy(
             spec.strategy, spec.max_restarts, spec.within_s, spec.backoff,
@@ -194,7 +214,7 @@ class Supervisor:
         assert self._tg is not None
         for child in group:
             try:
-                fd = await child.spawn(self.env)
+                fd = await child.spawn(self.envs[child.spec.id])
             except OSError as exc:
                 log.error("%s: cannot start %s: %s", self.spec.path, child.id, exc)
                 child.state, child.reason = "down", f"cannot start: {exc}"
@@ -244,20 +264,37 @@ class Supervisor:
         child.last_exit = status
         child.reason = child.exit_reason()
         child.exited.set()
-        if child.stopping:
+        # After stop() an exit is expected even before this child's turn to be stopped
+        # came (it was signalled with the rest, say): it is not restarted either.
+        expected = child.stopping or self._stop_event.is_set()
+        if expected:
             child.state = "down"
         self._emit(ActorExited, child, pid=proc.pid, status=status, reason=child.reason,
-                   expected=child.stopping, handed_back=handed)
+                   expected=expected, handed_back=handed)
         self._changed()
-        if not child.stopping:
+        if not expected:
             log.warning("%s: %s (pid %d) %s", self.spec.path, child.id, proc.pid, child.reason)
             self._inbox_send.send_nowait(_Exit(child, generation))
+            if child.spec.id.startswith("agent.") and self.tree.hand_back:
+                await self._reclaim_stranded(child)
+
+    async def _reclaim_stranded(self, child: ChildProcess) -> None:
+        """What a dead agent never read (hung, then killed) comes back now, not after ack_wait."""
+        consumer = subjects.agent_consumer(child.spec.id.split(".", 1)[1])
+        try:
+            n = await reclaim_stranded(self.bus, subjects.TASKS_STREAM, consumer)
+        except BusError as exc:  # ack_wait brings them back instead
+            log.warning("%s: stranded deliveries not reclaimed: %s", child.id, exc)
+            return
+        if n:
+            log.info("%s: %d unacked deliveries of %s made redeliverable", child.id, n,
+                     consumer)
 
     # -- deciding ------------------------------------------------------------------
 
     async def _supervise(self) -> None:
         async for item in self._inbox:
-            if item is None:  # stop()
+            if item is None or self._stop_event.is_set():  # stop()
                 return
             child, generation = item.child, item.generation
             if generation != child.generation or child.stopping or child not in self.children:
@@ -304,8 +341,36 @@ class Supervisor:
             for child in members:
                 child.restarts += 1
             await self._start(members, reason=reason, delay_s=decision.delay_s)
+            for child in members:
+                if child.ready.is_set() and not child.exited.is_set():
+                    self._notice(self.spec.path, self.spec.within_s, child.id, failed.reason
+                                 if child is failed else f"with {failed.id}", decision.restarts)
             if self._stop_event.is_set():
                 return
+
+    # -- restart notices -------------------------------------------------------------
+
+    def _notice(self, path: str, within_s: float, child: str, why: str, restarts: int) -> None:
+        log.warning("%s: restarted %s (%s), restart %d within %gs", path, child, why, restarts,
+                    within_s)
+
+    def _below_restarted(self, under: str, record: ChildRecord) -> None:
+        """A supervisor child reported a restart below it.
+
+        ``under``: the path, relative to this supervisor's, of the supervisor
+        that restarted ``record``.
+        """
+        path = f"{self.spec.path}/{under}"
+        name = under.rsplit("/", 1)[-1]
+        if name not in self.tree.supervisors:
+            return
+        within_s = self.tree.spec(name).within_s
+        now = time.monotonic()
+        seen = self._restarts_seen.setdefault(path, deque())
+        seen.append(now)
+        while seen and seen[0] <= now - within_s:
+            seen.popleft()
+        self._notice(path, within_s, record.id, record.reason, len(seen))
 
     # -- background loops ------------------------------------------------------------
 

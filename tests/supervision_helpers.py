@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -97,3 +99,40 @@ def env_without_nats(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "CORRAL_FAULTS")}
     env["CORRAL_HOME"] = str(home)
     return env
+
+
+CORRAL = [sys.executable, "-m", "corral"]
+
+
+def start_up(env: dict[str, str], *args: str, own_group: bool = False
+             ) -> tuple[subprocess.Popen[str], list[str]]:
+    """`corral up ARGS` until it says ready; the process and what it printed.
+
+    ``own_group``: in a process group of its own, as a terminal runs it (a
+    Ctrl-C there reaches the whole group).
+    """
+    up = subprocess.Popen([*CORRAL, "up", *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          process_group=0 if own_group else None)
+    assert up.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = up.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "ready" in line:
+            return up, lines
+    up.kill()
+    up.wait()
+    raise AssertionError(f"corral up {' '.join(args)} did not get ready:\n" + "".join(lines))
+
+
+def finish(up: subprocess.Popen[str]) -> None:
+    """Kill a `corral up` a test left running, and close its pipe."""
+    if up.poll() is None:
+        up.kill()
+        up.wait()
+    if up.stdout is not None:
+        up.stdout.close()

@@ -3,53 +3,38 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from bus import subjects
+from bus.connection import Bus
+from bus.liveness import Liveness
 from bus.server import EmbeddedServer
+from corral.ps import live_trees
+from schemas.system import SupervisorRecord, encode_system
 from tests.supervision_helpers import (
     BROKEN_TOOL,
+    CORRAL,
     DEFAULT_TREE,
     LIVENESS,
     alive,
     env_without_nats,
+    start_up,
     tree_config,
 )
 
 pytestmark = pytest.mark.crash
 
-CORRAL = [sys.executable, "-m", "corral"]
-
-
 def corral(env: dict[str, str], *args: str, timeout: float = 60
            ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CORRAL, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
-
-
-def start_up(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], list[str]]:
-    """`corral up ...` until it says ready; returns the process and what it printed."""
-    up = subprocess.Popen([*CORRAL, "up", *args], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    assert up.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = up.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if "ready" in line:
-            return up, lines
-    up.kill()
-    up.wait()
-    raise AssertionError("corral up did not get ready:\n" + "".join(lines))
 
 
 def stop(up: subprocess.Popen[str]) -> str:
@@ -160,3 +145,64 @@ def test_an_unknown_domain_is_a_config_error(home: Path) -> None:
                  "--domain", "nope")
     assert out.returncode == 2
     assert "no failure domain 'nope'" in out.stderr and "models, tools, agents" in out.stderr
+
+
+def test_a_restart_deep_in_the_tree_is_noticed_on_corral_ups_terminal(home: Path) -> None:
+    env = env_without_nats(home)
+    up, _ = start_up(env, "--config", str(tree_config(home, DEFAULT_TREE)))
+    try:
+        trees = json.loads(corral(env, "ps", "--json").stdout)
+        agents = next(d for d in trees[0]["tree"]["children"] if d["id"] == "agents")
+        billing = next(a for a in agents["children"] if a["id"] == "agent.billing.0")
+        os.kill(billing["pid"], signal.SIGKILL)
+
+        def restarted() -> bool:
+            trees = json.loads(corral(env, "ps", "--json").stdout)
+            agents = next(d for d in trees[0]["tree"]["children"] if d["id"] == "agents")
+            return any(a["id"] == "agent.billing.0" and a["restarts"] == 1
+                       and a["state"] == "running" for a in agents["children"])
+
+        deadline = time.monotonic() + 30
+        while not restarted():
+            assert time.monotonic() < deadline, "agent.billing.0 was not restarted"
+            time.sleep(0.1)
+    finally:
+        out = stop(up)
+    assert re.search(r"root/agents: restarted agent\.billing\.0 \(killed by SIGKILL\), "
+                     r"restart 1 within 30s", out), out
+
+
+async def test_ps_reports_junk_records_and_shows_the_rest(bus: Bus, nats_server: EmbeddedServer
+                                                          ) -> None:
+    live = Liveness(bus)
+    good = SupervisorRecord(node="n1", fleet="demo", path="root", pid=1, strategy="one_for_one",
+                            max_restarts=1, within_s=1.0, state="running", started_at=1.0,
+                            updated_at=1.0, host="h")
+    deep = b'{"node": "n2", "children": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    nested: dict[str, object] = {"id": "x", "kind": "supervisor", "spec": "x", "replica": 0,
+                                 "replicas": 1, "state": "running", "children": []}
+    for _ in range(100):  # valid, but deeper than any tree
+        nested = {**nested, "children": [nested]}
+    too_deep = encode_system(good).replace(b'"children":[]', b'"children":'
+                                           + json.dumps([nested]).encode())
+    for key, value in {"n1.root": encode_system(good), "junk": b"garbage", "deep": deep,
+                       "too-deep": too_deep, "inf": encode_system(good).replace(
+                           b'"started_at":1.0', b'"started_at":1e400')}.items():
+        await live.put(subjects.SUPERVISORS_BUCKET, key, value, ttl_s=60)
+    await live.put(subjects.HEARTBEATS_BUCKET, "beat", b"\xff\xfe" + b"{" * 3000, ttl_s=60)
+
+    lines: list[str] = []
+    trees = await live_trees(bus, unreadable=lines.append)
+    assert [t["node"] for t in trees] == ["n1"]  # the good record is still shown
+    said = "\n".join(lines)
+    for key in ("CORRAL_SUPERVISORS/junk", "CORRAL_SUPERVISORS/deep", "CORRAL_SUPERVISORS/too-deep",
+                "CORRAL_SUPERVISORS/inf", "CORRAL_HEARTBEATS/beat"):
+        assert key in said
+    assert len(lines) == 5 and all("unreadable" in x for x in lines)
+
+    env = {**env_without_nats(Path(nats_server.home)), "NATS_URL": nats_server.url}
+    for args in (("ps",), ("ps", "--json")):
+        out = corral(env, *args)
+        assert out.returncode == 0, out.stderr
+        assert "unreadable record CORRAL_SUPERVISORS/junk" in out.stderr
+        assert "n1" in out.stdout

@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 
+from actors.providers import safe_cause, scrub
 from actors.providers._http import is_retryable, retry_after_s
 from schemas.errors import ProviderError
 from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
@@ -50,6 +51,7 @@ class AnthropicProvider:
     name = "anthropic"
 
     def __init__(self, entry: RouteEntry, key: str | None) -> None:
+        self.key = key
         self.client = anthropic.AsyncAnthropic(
             api_key=key or "unused", base_url=entry.base_url or None, max_retries=0,
             timeout=entry.timeout_s, open_telemetry=False,
@@ -67,17 +69,25 @@ class AnthropicProvider:
             kwargs["tools"] = [{"name": t.name, "description": t.description,
                                 "input_schema": t.parameters or {"type": "object"}}
                                for t in req.tools]
+        # Error text may echo the key (a 401's "Incorrect API key provided: sk-…"): every
+        # message is scrubbed, and a cause that holds key material is not kept.
         try:
             msg = await self.client.messages.create(**kwargs)
         except anthropic.APIStatusError as exc:
             status = exc.status_code
             raise ProviderError(
-                f"anthropic {entry.model}: HTTP {status}: {exc.message}", provider=self.name,
-                status=status, retry_after_s=retry_after_s(exc.response.headers),
-                retryable=is_retryable(status)) from exc
+                scrub(f"anthropic {entry.model}: HTTP {status}: {exc.message}", [self.key]),
+                provider=self.name, status=status,
+                retry_after_s=retry_after_s(exc.response.headers),
+                retryable=is_retryable(status)) from safe_cause(exc, [self.key])
         except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
-            raise ProviderError(f"anthropic {entry.model}: {type(exc).__name__}: {exc}",
-                                provider=self.name, retryable=True) from exc
+            raise ProviderError(
+                scrub(f"anthropic {entry.model}: {type(exc).__name__}: {exc}", [self.key]),
+                provider=self.name, retryable=True) from safe_cause(exc, [self.key])
+        except anthropic.APIError as exc:  # a response the SDK could not read, say
+            raise ProviderError(
+                scrub(f"anthropic {entry.model}: {type(exc).__name__}: {exc}", [self.key]),
+                provider=self.name, retryable=True) from safe_cause(exc, [self.key])
         text = "".join(b.text for b in msg.content if b.type == "text")
         calls = [ToolCall(id=b.id, name=b.name, arguments=dict(b.input or {}))
                  for b in msg.content if b.type == "tool_use"]

@@ -11,6 +11,7 @@ from typing import Any
 
 import openai
 
+from actors.providers import safe_cause, scrub
 from actors.providers._http import is_retryable, retry_after_s
 from schemas.errors import ProviderError
 from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
@@ -54,6 +55,7 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(self, entry: RouteEntry, key: str | None) -> None:
+        self.key = key
         # A local OpenAI-compatible server usually needs no key, but the SDK insists on one.
         self.client = openai.AsyncOpenAI(
             api_key=key or "unused",
@@ -73,17 +75,25 @@ class OpenAIProvider:
             kwargs["tools"] = [{"type": "function", "function": {
                 "name": t.name, "description": t.description,
                 "parameters": t.parameters or {"type": "object"}}} for t in req.tools]
+        # Error text may echo the key (a 401's "Incorrect API key provided: sk-…"): every
+        # message is scrubbed, and a cause that holds key material is not kept.
         try:
             completion = await self.client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
             status = exc.status_code
             raise ProviderError(
-                f"openai {entry.model}: HTTP {status}: {exc.message}", provider=self.name,
-                status=status, retry_after_s=retry_after_s(exc.response.headers),
-                retryable=is_retryable(status)) from exc
+                scrub(f"openai {entry.model}: HTTP {status}: {exc.message}", [self.key]),
+                provider=self.name, status=status,
+                retry_after_s=retry_after_s(exc.response.headers),
+                retryable=is_retryable(status)) from safe_cause(exc, [self.key])
         except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-            raise ProviderError(f"openai {entry.model}: {type(exc).__name__}: {exc}",
-                                provider=self.name, retryable=True) from exc
+            raise ProviderError(
+                scrub(f"openai {entry.model}: {type(exc).__name__}: {exc}", [self.key]),
+                provider=self.name, retryable=True) from safe_cause(exc, [self.key])
+        except openai.APIError as exc:  # a response the SDK could not read, say
+            raise ProviderError(
+                scrub(f"openai {entry.model}: {type(exc).__name__}: {exc}", [self.key]),
+                provider=self.name, retryable=True) from safe_cause(exc, [self.key])
         if not completion.choices:
             raise ProviderError(f"openai {entry.model}: response has no choices",
                                 provider=self.name, retryable=True)
