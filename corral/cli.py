@@ -34,18 +34,19 @@ import msgspec
 
 from actors.replay import replay_task
 from actors.runtime import load_fleet
-from bus.connection import connect
-from bus.eventlog import EventLog
+from bus.connection import Bus, connect
+from bus.eventlog import EventLog, LoggedEvent
 from bus.server import corral_home
+from corral import doctor
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
-from corral.fleetrun import nats_url, running_fleet
+from corral.fleetrun import FleetHandle, nats_url, running_fleet
 from corral.ps import live_trees, print_ps, print_system_events
-from corral.render import event_line
+from corral.render import event_line, json_line
 from corral.trace import render_tree
 from schemas.errors import BusTimeout, ConfigError, CorralError, RestartIntensityExceeded
-from schemas.events import encode_event
+from schemas.verify import Rejected
 
 __all__ = ["main"]
 
@@ -53,51 +54,74 @@ REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
-    """Run the supervision tree until SIGINT/SIGTERM, or until the root gives up."""
+    """Run the supervision tree until SIGINT/SIGTERM, or until the root gives up.
+
+    Signals are taken from the first moment, so a Ctrl-C while the fleet is
+    still starting drains it like one after "ready" (never a traceback).
+    """
     config = Path(args.config)
     fleet = load_fleet(config)
     home = corral_home()
     only = f", domain {args.domain} only" if args.domain else ""
     print(f"corral up: fleet {fleet.name!r} from {config}{only}")
-    try:
-        async with running_fleet(config, fleet, home=home, domain=args.domain,
-                                 node=args.node) as handle:
-            where = "embedded, " + str(home / "nats") if handle.server else "from NATS_URL"
-            print(f"  NATS      {handle.url} ({where})")
-            print(f"  logs      {home / 'logs'}")
-            print(f"  node      {handle.node} (see the tree with `corral ps`)")
-            for domain in handle.root.records():
-                if domain.kind == "supervisor":
-                    print(f"  domain    {domain.id:<28} supervisor pid {domain.pid or '-'} "
-                          f"({domain.state})")
-            for actor in handle.actors():
-                if actor.state == "running":
-                    print(f"  started   {actor.id:<28} pid {actor.pid}")
-                else:
-                    print(f"  {actor.state:<9} {actor.id:<28} {actor.reason[:80]}")
-            print("  ready: submit with `corral submit <agent> <text> --wait`; Ctrl-C to stop")
-            sys.stdout.flush()
-            async with anyio.create_task_group() as tg:
-                async def on_signal() -> None:
-                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                        async for signum in signals:
-                            print(f"\n{signal.Signals(signum).name}: draining (grace "
-                                  f"{fleet.runtime.grace_s:g}s), stopping in reverse order…",
-                                  flush=True)
-                            tg.cancel_scope.cancel()
+    stop = anyio.Event()
+    failure: CorralError | None = None
+    async with anyio.create_task_group() as outer:
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    if not stop.is_set():
+                        print(f"\n{signal.Signals(signum).name}: draining (grace "
+                              f"{fleet.runtime.grace_s:g}s), stopping in reverse order…",
+                              flush=True)
+                        stop.set()
 
-                async def on_give_up() -> None:
-                    await handle.root.finished.wait()
-                    tg.cancel_scope.cancel()
+        outer.start_soon(on_signal)
+        try:
+            async with running_fleet(config, fleet, home=home, domain=args.domain,
+                                     node=args.node) as handle:
+                _print_ready(handle, home)
+                async with anyio.create_task_group() as tg:
+                    async def on_stop() -> None:
+                        await stop.wait()
+                        tg.cancel_scope.cancel()
 
-                tg.start_soon(on_signal)
-                tg.start_soon(on_give_up)
-    except RestartIntensityExceeded as exc:
+                    async def on_give_up() -> None:
+                        await handle.root.finished.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(on_stop)
+                    tg.start_soon(on_give_up)
+        except CorralError as exc:  # raised outside the task group: main() reports it
+            failure = exc
+        finally:
+            outer.cancel_scope.cancel()
+    if isinstance(failure, RestartIntensityExceeded):
         print(f"corral up: giving up, the root supervisor could not keep child "
-              f"{exc.child!r} running: {exc}", file=sys.stderr)
+              f"{failure.child!r} running: {failure}", file=sys.stderr)
         return 3
+    if failure is not None:
+        raise failure
     print("stopped")
     return 0
+
+
+def _print_ready(handle: FleetHandle, home: Path) -> None:
+    where = "embedded, " + str(home / "nats") if handle.server else "from NATS_URL"
+    print(f"  NATS      {handle.url} ({where})")
+    print(f"  logs      {home / 'logs'}")
+    print(f"  node      {handle.node} (see the tree with `corral ps`)")
+    for domain in handle.root.records():
+        if domain.kind == "supervisor":
+            print(f"  domain    {domain.id:<28} supervisor pid {domain.pid or '-'} "
+                  f"({domain.state})")
+    for actor in handle.actors():
+        if actor.state == "running":
+            print(f"  started   {actor.id:<28} pid {actor.pid}")
+        else:
+            print(f"  {actor.state:<9} {actor.id:<28} {actor.reason[:80]}")
+    print("  ready: submit with `corral submit <agent> <text> --wait`; Ctrl-C to stop")
+    sys.stdout.flush()
 
 
 async def cmd_ps(args: argparse.Namespace) -> int:
@@ -143,8 +167,16 @@ async def cmd_control(args: argparse.Namespace) -> int:
     """Cancel, pause or resume a task."""
     bus = await connect(nats_url(), name="corral-control")
     try:
-        state = await Client(bus).control(args.task, args.command, by=args.by,
-                                          reason=args.reason)
+        client = Client(bus)
+        before = await client.state(args.task)
+        if before.terminal:
+            # Nothing to do. Canceling a canceled task is a no-op that succeeded; anything
+            # else on a finished task is a mistake worth an exit code.
+            done = args.command == "cancel" and before.status == "canceled"
+            print(f"task {args.task} already ended ({before.status}): nothing to "
+                  f"{args.command}", file=sys.stdout if done else sys.stderr)
+            return 0 if done else 1
+        state = await client.control(args.task, args.command, by=args.by, reason=args.reason)
     finally:
         await bus.close()
     print(f"task {args.task}: {state.status}" + (" (paused)" if state.phase == "paused" else ""))
@@ -155,14 +187,22 @@ async def cmd_trace(args: argparse.Namespace) -> int:
     """Print a task as a tree."""
     bus = await connect(nats_url(), name="corral-trace")
     try:
-        logged, _ = await EventLog(bus).read(args.task)
+        logged, rejected = await _verified_log(bus, args.task, "corral-trace")
     finally:
         await bus.close()
     if not logged:
         print(f"corral: no events for task {args.task}", file=sys.stderr)
         return 1
-    print(render_tree([e.event for e in logged]))
+    print(render_tree([e.event for e in logged], rejected))
     return 0
+
+
+async def _verified_log(bus: Bus, task_id: str, reader: str
+                        ) -> tuple[list[LoggedEvent], list[Rejected]]:
+    """A task's accepted events and the entries its readers skip (shown as notes)."""
+    entries, _ = await EventLog(bus, reader=reader).entries(task_id)
+    return ([e for e in entries if isinstance(e, LoggedEvent)],
+            [e for e in entries if isinstance(e, Rejected)])
 
 
 async def cmd_replay(args: argparse.Namespace) -> int:
@@ -170,19 +210,22 @@ async def cmd_replay(args: argparse.Namespace) -> int:
     fleet = load_fleet(Path(args.config))
     bus = await connect(nats_url(), name="corral-replay")
     try:
-        logged, _ = await EventLog(bus).read(args.task)
+        logged, rejected = await _verified_log(bus, args.task, "corral-replay")
     finally:
         await bus.close()
     if not logged:
         print(f"corral: no events for task {args.task}", file=sys.stderr)
         return 1
     report = await replay_task(args.task, [e.raw for e in logged], [e.event for e in logged],
-                               fleet, live=args.live)
+                               fleet, live=args.live, rejected=rejected)
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
         return 1 if report.diverged else 0
     chain = "verified" if report.chain_ok else f"BROKEN: {report.chain_problem}"
     print(f"task {report.task_id}: {report.status}, {report.events} events, hash chain {chain}")
+    for note in rejected:
+        print(f"  note: log entry {note.stream_seq} skipped ({note.reason_class}): "
+              f"{note.reason[:200]}")
     for agent, (then, now) in report.versions_changed.items():
         print(f"  agent {agent}: version {then} when recorded, {now} in {args.config}")
     for t in report.turns:
@@ -206,12 +249,20 @@ async def cmd_events(args: argparse.Namespace) -> int:
             await print_system_events(bus, follow=args.follow, as_json=args.json)
             return 0
         client = Client(bus)
-        async for event in client.follow(args.task, follow=args.follow):
-            if args.json:
-                sys.stdout.write(encode_event(event).decode() + "\n")
-            else:
-                sys.stdout.write(event_line(event) + "\n")
-            sys.stdout.flush()
+        printed = 0
+        try:
+            async for event in client.follow(args.task, follow=args.follow):
+                sys.stdout.write((json_line(event) if args.json else event_line(event)) + "\n")
+                sys.stdout.flush()
+                printed += 1
+        except BrokenPipeError:  # `corral events | head`: the reader is gone; so are we
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            await bus.abort()
+            return 0
+        if args.task and not printed and not args.follow:
+            print(f"corral: no events for task {args.task} (is the id complete? list tasks "
+                  f"with `corral events`)", file=sys.stderr)
+            return 1
     finally:
         await bus.close()
     return 0
@@ -337,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=120.0,
                       help="seconds to allow for all tasks (default: %(default)s)")
     demo.set_defaults(func=run_demo)
+    doctor.add_parser(sub)
     return parser
 
 

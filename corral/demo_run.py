@@ -13,14 +13,13 @@ from pathlib import Path
 import anyio
 
 from actors.runtime import load_fleet
-from bus import subjects
-from bus.reader import read_stream
 from bus.server import corral_home
 from corral.client import Client
 from corral.fleetrun import running_fleet
-from corral.render import describe
-from schemas.events import TERMINAL_EVENTS, Event, decode_event, event_type
+from corral.render import describe, plural
+from schemas.events import TERMINAL_EVENTS, event_type
 from schemas.fold import TaskState, apply
+from schemas.verify import Rejected
 
 __all__ = ["DEMO_TASKS", "run_demo"]
 
@@ -66,18 +65,16 @@ async def run_demo(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         for i, (agent, text) in enumerate(DEMO_TASKS, start=1):
             task_id = f"demo-{run}-{i}"
-            labels[task_id] = f"task {i}"
+            labels[task_id] = task_id  # the real id: what `corral trace` and events take
             states[task_id] = TaskState()
             await client.submit(agent, text, task_id=task_id)
-            print(f"  task {i}  submitted to {agent}: {text!r}")
+            print(f"  {task_id}  submitted to {agent}: {text!r}")
         print()
         done: set[str] = set()
         with anyio.move_on_after(args.timeout) as scope:
-            async for msg in read_stream(handle.bus, subjects.EVENTS_STREAM, subjects.EVENTS_ALL,
-                                         follow=True, since=since):
-                event: Event = decode_event(msg.data)
-                if event.task_id not in labels:
-                    continue
+            async for event in client.follow(follow=True, since=since):
+                if isinstance(event, Rejected) or event.task_id not in labels:
+                    continue  # a skipped entry is reported by the reader itself
                 apply(states[event.task_id], event)
                 elapsed = time.monotonic() - t0
                 out.write(f"  {elapsed:6.2f}s  {labels[event.task_id]}  "
@@ -90,21 +87,31 @@ async def run_demo(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - t0
         effects = _outbox_lines(home, set(labels))
         print("\nsummary")
-        print(f"  {'task':<7} {'status':<10} {'path':<24} {'turns':>5} {'tools':>5}  answer")
+        width = max(len(x) for x in labels)
+        print(f"  {'task':<{width}} {'status':<10} {'path':<24} {'turns':>5} {'tools':>5}  answer")
         for task_id, label in labels.items():
             st = states[task_id]
             path = " → ".join([st.origin, *st.handoffs])
             answer = (st.answer or st.error or "(unfinished)")[:70]
-            print(f"  {label:<7} {st.status:<10} {path:<24} {st.turn:>5} {st.tool_calls:>5}"
+            print(f"  {label:<{width}} {st.status:<10} {path:<24} {st.turn:>5} {st.tool_calls:>5}"
                   f"  {answer}")
         ok = sum(1 for s in states.values() if s.status == "completed")
         print(f"\n  {ok}/{len(labels)} tasks completed in {elapsed:.2f}s · "
-              f"{sum(s.turn for s in states.values())} turns · "
-              f"{sum(s.tool_calls for s in states.values())} tool calls · "
-              f"{len(effects)} side effects recorded in {home / 'outbox.jsonl'}")
+              f"{plural(sum(s.turn for s in states.values()), 'turn')} · "
+              f"{plural(sum(s.tool_calls for s in states.values()), 'tool call')} · "
+              f"{plural(len(effects), 'side effect')} recorded in {home / 'outbox.jsonl'}")
         if scope.cancelled_caught:
             print(f"  timed out after {args.timeout:g}s", file=sys.stderr)
         print(f"  audit trail: the log is kept in {home / 'nats'}; to read it later run "
               f"`CORRAL_HOME={home} corral up` and `CORRAL_HOME={home} corral events`")
         print("\nstopping the fleet …", flush=True)
+    first = next(iter(labels))
+    print(f"""
+next: run the fleet yourself (the `corral` command lives in .venv/bin):
+  . .venv/bin/activate
+  corral up &                                   # the demo fleet, until Ctrl-C
+  corral submit triage "Please refund order 1234" --wait
+  corral events --follow                        # the audit trail, live
+  CORRAL_HOME={home} corral up                  # or look back at this run: then
+  CORRAL_HOME={home} corral trace {first}""")
     return 0 if ok == len(labels) else 1

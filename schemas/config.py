@@ -6,6 +6,7 @@ so an operator at 2 AM knows exactly which line to fix.
 
 from __future__ import annotations
 
+import difflib
 import re
 import tomllib
 from typing import Any, Literal, TypeVar
@@ -151,6 +152,28 @@ _UNKNOWN_RE = re.compile(r"unknown field `(?P<field>[^`]+)`")
 _MISSING_RE = re.compile(r"missing required field `(?P<field>[^`]+)`")
 
 
+def did_you_mean(word: str, candidates: Any) -> str:
+    """``"; did you mean 'x'?"`` when ``word`` is close to one of ``candidates``, else ``""``."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _fields(tp: Any) -> set[str]:
+    """Every field name of a config Struct and of the Structs nested in it."""
+    out: set[str] = set()
+    seen: set[Any] = set()
+    todo = [tp]
+    while todo:
+        t = todo.pop()
+        if t in seen or not (isinstance(t, type) and issubclass(t, msgspec.Struct)):
+            continue
+        seen.add(t)
+        out.update(t.__struct_fields__)
+        for f in msgspec.structs.fields(t):
+            todo.extend(getattr(f.type, "__args__", ()) or (f.type,))
+    return out
+
+
 def _split_path(path: str) -> list[str]:
     parts = re.findall(r"\.([^.\[]+)|\[(\d+)\]", path)
     return [a or f"[{b}]" for a, b in parts]
@@ -182,8 +205,11 @@ def _convert(value: Any, spec_type: type[_S], source: str, table: str) -> _S:
     except msgspec.ValidationError as exc:
         err = _validation_error(exc, source)
         inner = table + ("" if not err.table or err.table.startswith("[") else ".") + err.table
-        raise ConfigError(_PATH_RE.sub("", str(exc)).strip(), file=source, table=inner,
-                          key=err.key) from exc
+        message = _PATH_RE.sub("", str(exc)).strip()
+        if _UNKNOWN_RE.search(str(exc)):
+            pool = set(spec_type.__struct_fields__) if not err.table else _fields(spec_type)
+            message += did_you_mean(err.key, pool)
+        raise ConfigError(message, file=source, table=inner, key=err.key) from exc
 
 
 def _check_names(kind: str, names: Any, source: str) -> None:
@@ -217,16 +243,19 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
         table = f"agents.{name}"
         if a.model not in fleet.models:
             raise ConfigError(f"unknown model alias {a.model!r}; defined: "
-                              f"{', '.join(sorted(fleet.models)) or 'none'}",
+                              f"{', '.join(sorted(fleet.models)) or 'none'}"
+                              f"{did_you_mean(a.model, fleet.models)}",
                               file=source, table=table, key="model")
         for t in a.tools:
             if t not in fleet.tools:
                 raise ConfigError(f"unknown tool {t!r}; defined: "
-                                  f"{', '.join(sorted(fleet.tools)) or 'none'}",
+                                  f"{', '.join(sorted(fleet.tools)) or 'none'}"
+                                  f"{did_you_mean(t, fleet.tools)}",
                                   file=source, table=table, key="tools")
         for h in a.handoffs:
             if h not in fleet.agents or h == name:
-                raise ConfigError(f"handoff target {h!r} is not another agent of this fleet",
+                raise ConfigError(f"handoff target {h!r} is not another agent of this fleet"
+                                  f"{did_you_mean(h, set(fleet.agents) - {name})}",
                                   file=source, table=table, key="handoffs")
         for key in ("max_turns", "replicas", "max_tokens"):
             if getattr(a, key) < 1:
@@ -257,7 +286,7 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             raise ConfigError("must be at least 1", file=source, table=table, key="replicas")
         for agent in tspec.allowed_agents:
             if agent not in fleet.agents:
-                raise ConfigError(f"unknown agent {agent!r}",
+                raise ConfigError(f"unknown agent {agent!r}{did_you_mean(agent, fleet.agents)}",
                                   file=source, table=table, key="allowed_agents")
         for var in tspec.env:
             if not ENV_RE.match(var):
@@ -290,6 +319,9 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             if entry.max_retries < 0:
                 raise ConfigError("must be 0 or more", file=source, table=table,
                                   key="max_retries")
+        if m.concurrency < 1:
+            raise ConfigError("must be at least 1", file=source, table=f"models.{alias}",
+                              key="concurrency")
         if m.breaker_failures < 1:
             raise ConfigError("must be at least 1", file=source, table=f"models.{alias}",
                               key="breaker_failures")
@@ -356,14 +388,16 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
         raise ConfigError("must be a table", file=source, table="fleet")
     unknown = set(fleet_table) - {"name"}
     if unknown:
-        raise ConfigError("unknown key", file=source, table="fleet", key=sorted(unknown)[0])
+        key = sorted(unknown)[0]
+        raise ConfigError(f"unknown key{did_you_mean(key, ['name'])}", file=source,
+                          table="fleet", key=key)
     name = fleet_table.get("name", "fleet")
     known = {"fleet", "runtime", "limits", "agents", "tools", "models", "prices", "teams",
              "supervision", "supervisors"}
     for key in raw:
         if key not in known:
-            raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}",
-                              file=source, key=key)
+            raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}"
+                              f"{did_you_mean(key, known)}", file=source, key=key)
     for required in ("agents", "models"):
         if not raw.get(required):
             raise ConfigError(f"a fleet needs at least one [{required}.<name>] table",

@@ -55,7 +55,9 @@ def plan_cut(conversation: list[ChatMessage], *, system: str, tools: list[ToolSc
         if estimate_tokens(kept, system, tools) <= budget:
             return end - 1
     # Nothing fits the target: drop all but the last turn.
-    last_start = max(b for b in _boundaries(conversation) if b < len(conversation))
+    # (The first turn's own tool results may be all there is after the first message:
+    # then nothing can go, and the model gets the window's error, not us a crash.)
+    last_start = max((b for b in _boundaries(conversation) if b < len(conversation)), default=1)
     return max(0, last_start - 1)
 
 

@@ -215,7 +215,15 @@ class _Resolver:
                 raise self.error(f"unknown actor {e.actor!r} (write kind.name; actors of "
                                  f"this fleet: {known})", table)
             shutdown = e.shutdown_s or self.grace_s + 5.0
-            return ChildSpec(id=e.actor, kind="actor", replicas=e.replicas or self.actors[e.actor],
+            own = self.actors[e.actor]  # the actor's own table (1 when it does not say)
+            if e.replicas and own != 1 and e.replicas != own:
+                # One value, two places: say so instead of letting the quiet one win.
+                kind, name = e.actor.split(".", 1)
+                raise self.error(
+                    f"{e.actor!r} gets replicas = {e.replicas} here but replicas = {own} in "
+                    f"[{kind}s.{name}]: set it in one place (the actor's table, or here when "
+                    f"that table leaves it at 1)", table)
+            return ChildSpec(id=e.actor, kind="actor", replicas=e.replicas or own,
                              restart=e.restart, shutdown_s=shutdown)
         if e.supervisor not in self.raw_supervisors:
             known = ", ".join(self.raw_supervisors) or "none"

@@ -91,6 +91,27 @@ def test_up_submit_events_and_graceful_stop(home: Path) -> None:
         readable = corral(home, "events", "--task", "cli-1")
         assert "handoff triage → support" in readable.stdout
 
+        # A second `corral up` on the same CORRAL_HOME would run every actor twice: refused.
+        second = corral(home, "up", "--config", str(DEMO_CONFIG), timeout=30)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert "another `corral up`" in second.stderr and "--domain" in second.stderr
+        # A closed pipe ends `corral events` at once and quietly (it used to hang 30 s).
+        piped = subprocess.run(f"{sys.executable} -m corral events | head -2", shell=True,
+                               env=env_for(home), capture_output=True, text=True, timeout=20,
+                               check=False)
+        assert len(piped.stdout.splitlines()) == 2
+        assert "timeout" not in piped.stderr and "Traceback" not in piped.stderr, piped.stderr
+        # Mistakes get an exit code and a hint, not silence.
+        unknown = corral(home, "events", "--task", "cli-")
+        assert unknown.returncode == 1 and "no events for task cli-" in unknown.stderr
+        resume = corral(home, "resume", "cli-1")
+        assert resume.returncode == 1 and "already ended (completed)" in resume.stderr
+        # A task for an agent the fleet does not have is rejected within seconds, helpfully.
+        typo = corral(home, "submit", "triag", "Where is order 5678?", "--wait",
+                      "--timeout", "20")
+        assert typo.returncode == 1, typo.stdout + typo.stderr
+        assert "rejected" in typo.stderr and "did you mean 'triage'?" in typo.stderr
+
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
     finally:
