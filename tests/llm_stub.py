@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -39,15 +39,19 @@ class Stub:
         self.seen: list[Seen] = []
         self.lock = threading.Lock()
         self.url = ""
+        # Computes a reply from (path, body) when nothing is queued; set by `answer_any`.
+        self.answer: Callable[[str, dict[str, Any]], Reply] | None = None
 
     def queue(self, *replies: Reply) -> None:
         with self.lock:
             self.replies.extend(replies)
 
-    def next_reply(self) -> Reply:
+    def next_reply(self, path: str = "", body: dict[str, Any] | None = None) -> Reply:
         with self.lock:
             if self.replies:
                 return self.replies.popleft()
+        if self.answer is not None:
+            return self.answer(path, body or {})
         if self.default is None:
             return Reply(500, {"error": {"type": "api_error", "message": "stub: no reply queued"}})
         return self.default
@@ -110,7 +114,7 @@ def error(status: int, message: str = "stub error", **headers: str) -> Reply:
 
 
 @contextmanager
-def serve_stub() -> Iterator[Stub]:
+def serve_stub(port: int = 0) -> Iterator[Stub]:
     stub = Stub()
 
     class Handler(BaseHTTPRequestHandler):
@@ -119,7 +123,7 @@ def serve_stub() -> Iterator[Stub]:
             body = json.loads(self.rfile.read(length) or b"{}")
             stub.seen.append(Seen(self.path, {k.lower(): v for k, v in self.headers.items()},
                                   body))
-            reply = stub.next_reply()
+            reply = stub.next_reply(self.path, body)
             data = json.dumps(reply.body).encode()
             self.send_response(reply.status)
             self.send_header("content-type", "application/json")
@@ -133,7 +137,7 @@ def serve_stub() -> Iterator[Stub]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     stub.url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -143,3 +147,65 @@ def serve_stub() -> Iterator[Stub]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def answer_any(stub: Stub, fail: int = 0) -> None:
+    """Answer every request in the wire format its path asks for, naming the model.
+
+    ``/v1/messages`` gets an Anthropic reply, anything else an OpenAI one; the text
+    says which model answered and repeats the question, so a reader sees the route.
+    With ``fail``, every request gets that HTTP status instead (a provider that is down).
+    """
+    stub.answer = lambda path, body: _answer(path, body, fail)
+
+
+def _answer(path: str, body: dict[str, Any], fail: int) -> Reply:
+    if fail:
+        return error(fail, f"stub: answering {fail} on purpose")
+    model = str(body.get("model", ""))
+    asked = ""
+    for message in body.get("messages", []):
+        if message.get("role") == "user" and isinstance(message.get("content"), str):
+            asked = message["content"]
+            break
+        if message.get("role") == "user" and isinstance(message.get("content"), list):
+            texts = [p.get("text", "") for p in message["content"] if isinstance(p, dict)]
+            asked = " ".join(t for t in texts if t)
+            break
+    text = f"({model} at the stub) you asked: {asked}"
+    if path.rstrip("/").endswith("/messages"):
+        return anthropic_text(text, model=model, input_tokens=900, output_tokens=60)
+    return openai_text(text, model=model, prompt=900, completion=60)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.llm_stub [--port 8999] [--fail 503]``: a stand-in for a provider.
+
+    It speaks both the OpenAI Chat Completions (``/v1/chat/completions``) and the
+    Anthropic Messages (``/v1/messages``) formats, prints its URL, and answers every
+    request until it is stopped (900 input and 60 output tokens each).
+    """
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m tests.llm_stub", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--fail", type=int, default=0, metavar="STATUS",
+                        help="answer every request with this HTTP status (e.g. 503)")
+    args = parser.parse_args(argv)
+    with serve_stub(port=args.port) as stub:
+        answer_any(stub, args.fail)
+        print(stub.url, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    main()
