@@ -35,6 +35,7 @@ import msgspec
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from actors.base import Actor
+from actors.deadletter import bounded_dead_letter
 from actors.faults import crash_point
 from actors.metrics import BREAKER_CODES, BREAKER_STATE, MODEL_CALLS, MODEL_COST, MODEL_TOKENS
 from actors.providers import Provider, make_provider, scrub
@@ -52,7 +53,6 @@ from schemas.errors import ActorError, BudgetExceeded, BusError, FencedWrite, Pr
 from schemas.events import ActorRef, LlmFailed, LlmResponded
 from schemas.fold import TaskState
 from schemas.messages import (
-    DeadLetter,
     ModelCall,
     ModelRequest,
     ModelResponse,
@@ -178,10 +178,9 @@ class ModelGateway(Actor[ModelCall]):
             await self.dead_letter(delivery, f"refused: {reason}")
             await delivery.term()
             return
-        letter = DeadLetter(actor=self.actor_name, subject=subject, reason=f"refused: {reason}",
-                            payload=data[:self.dlq_payload_bytes].decode("utf-8", "replace"),
-                            payload_bytes=len(data), truncated=len(data) > self.dlq_payload_bytes,
-                            time=time.time())
+        letter = bounded_dead_letter(actor=self.actor_name, subject=subject,
+                                     reason=f"refused: {reason}", data=data,
+                                     payload_bytes=self.dlq_payload_bytes)
         try:
             await self.bus.js_publish(subjects.dlq(self.actor_name), _encoder.encode(letter))
         except BusError as exc:

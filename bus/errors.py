@@ -73,7 +73,7 @@ def nats_errors(what: str, *, subject: str = "") -> Iterator[None]:
         if exc.code == 404:
             raise NotFound(f"{what}: not found ({exc.description})", subject=subject) from exc
         raise BusError(f"{what}: JetStream refused: {exc.description} (code {exc.err_code})",
-                       subject=subject) from exc
+                       subject=subject, code=exc.err_code or 0) from exc
     except (nats.errors.TimeoutError, TimeoutError) as exc:
         raise BusTimeout(f"{what}: no answer in time", subject=subject) from exc
     except (nats.errors.Error, OSError) as exc:

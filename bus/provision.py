@@ -6,12 +6,10 @@ same config is left alone, one with an older config is updated.
 
 from __future__ import annotations
 
-import dataclasses
+import json
 from collections.abc import Awaitable, Callable
 
 import anyio
-import nats.errors
-import nats.js.errors
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -25,6 +23,7 @@ from nats.js.api import (
 
 from bus import subjects
 from bus.connection import Bus
+from bus.errors import NotFound, nats_errors
 from schemas.errors import BusError
 
 __all__ = [
@@ -95,15 +94,13 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
     """
     for cfg in stream_configs(replicas):
         try:
-            await bus.js.add_stream(cfg)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code != STREAM_IN_USE:
-                raise BusError(f"cannot create stream {cfg.name}: {exc.description}") from exc
-            try:
+            with nats_errors(f"cannot create stream {cfg.name}"):
+                await bus.js.add_stream(cfg)
+        except BusError as exc:
+            if exc.code != STREAM_IN_USE:
+                raise
+            with nats_errors(f"stream {cfg.name} exists with a config corral cannot update"):
                 await bus.js.update_stream(cfg)
-            except nats.js.errors.APIError as exc2:
-                raise BusError(f"stream {cfg.name} exists with a config corral cannot "
-                               f"update: {exc2.description}") from exc2
     buckets = [
         KeyValueConfig(bucket=subjects.LEDGER_BUCKET, history=1, replicas=replicas,
                        description="tool idempotency ledger"),
@@ -121,18 +118,13 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
                        description="supervision trees of running `corral up`s"),
     ]
     for kv in buckets:
-        try:
+        with nats_errors(f"cannot create KV bucket {kv.bucket}"):
             await bus.js.create_key_value(kv)
-        except nats.js.errors.APIError as exc:
-            raise BusError(f"cannot create KV bucket {kv.bucket}: {exc.description}") from exc
 
 
 async def _ensure_consumer(bus: Bus, stream: str, cfg: ConsumerConfig) -> None:
-    try:
+    with nats_errors(f"cannot create consumer {cfg.durable_name} on {stream}"):
         await bus.js.add_consumer(stream, cfg)
-    except nats.js.errors.APIError as exc:
-        raise BusError(f"cannot create consumer {cfg.durable_name} on {stream}: "
-                       f"{exc.description}") from exc
 
 
 async def ensure_agent_consumer(bus: Bus, agent: str, *, ack_wait_s: float,
@@ -199,10 +191,8 @@ async def reclaim_orphaned(bus: Bus, consumers: list[tuple[str, str]],
     """
     orphaned: dict[str, int] = {}
     for stream, consumer in consumers:
-        try:
+        with nats_errors(f"cannot read consumer {consumer}"):
             info = await bus.js.consumer_info(stream, consumer)
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot read consumer {consumer}: {exc}") from exc
         if info.num_ack_pending:
             orphaned[consumer] = info.num_ack_pending
     if not orphaned:
@@ -218,41 +208,60 @@ async def reclaim_orphaned(bus: Bus, consumers: list[tuple[str, str]],
     return sum(orphaned.values())
 
 
-async def reclaim_stranded(bus: Bus, stream: str, consumer: str) -> int:
-    """Deliveries stranded in a dead process's socket come back now, not after ack_wait.
+async def reclaim_stranded(bus: Bus, stream: str, consumer: str, *, limit: int = 1000) -> int:
+    """Copies of a dead agent's stranded deliveries, so they are handled now, not after ack_wait.
 
     A process killed while it could not read (hung, SIGSTOP) leaves messages
     the server pushed into its socket: delivered, never read, so neither it
-    nor its supervisor knew of them to hand back. For a consumer whose
-    deliveries are short (an agent's: ADR 0007), ``ack_wait`` is cut to
-    ``RECLAIM_ACK_WAIT_S`` for a moment and restored: the server queues what
-    nobody acked for redelivery. A live replica's delivery caught in that
-    moment comes back too, which fencing makes harmless. Returns how many
-    deliveries were pending; 0 (and nothing changed) when none were, or when
-    someone else is already reclaiming (its ack_wait is already that short).
+    nor its supervisor knew of them to hand back, and shortening ``ack_wait``
+    afterwards does not bring them back sooner (the server's redelivery timer
+    was set with the old value). What is unacked is still in the work-queue
+    stream, between the consumer's ack floor and its last delivery: each such
+    message is published again as a new message on its subject. For an
+    agent that is harmless by design: a wake is a nudge, a submission (or
+    handoff) names its task, and the fold decides; the stranded original,
+    redelivered after ``ack_wait``, is a duplicate like any other. A
+    submission without an id is left alone (its task is named after its own
+    stream sequence). Returns how many copies were published.
 
     Raises:
-        BusError: the consumer could not be read or updated.
+        BusError: the consumer or the stream could not be read, or a copy published.
     """
-    try:
+    with nats_errors(f"cannot read consumer {consumer}"):
         info = await bus.js.consumer_info(stream, consumer)
-    except nats.errors.Error as exc:
-        raise BusError(f"cannot read consumer {consumer}: {exc}") from exc
-    normal = info.config.ack_wait or 0.0
-    if not info.num_ack_pending or normal <= RECLAIM_ACK_WAIT_S:
+    if not info.num_ack_pending:
         return 0
+    first = (info.ack_floor.stream_seq or 0) + 1 if info.ack_floor else 1
+    last = info.delivered.stream_seq or 0 if info.delivered else 0
+    filters = info.config.filter_subjects or [info.config.filter_subject or ">"]
+    copied = 0
+    for subject in filters:
+        seq = first
+        while seq <= last and copied < limit:
+            try:
+                with nats_errors(f"cannot read {stream}", subject=subject):
+                    msg = await bus.js.get_msg(stream, seq=seq, subject=subject, next=True,
+                                               direct=True)
+            except NotFound:
+                break
+            msg_seq = int(msg.seq or 0)
+            if msg_seq > last or msg_seq < seq:
+                break
+            seq = msg_seq + 1
+            data, where = msg.data or b"", msg.subject or subject
+            if where.startswith(subjects.task("")) and not _names_its_task(data):
+                continue
+            headers = {k: v for k, v in (msg.headers or {}).items()
+                       if not k.startswith("Nats-")}
+            await bus.js_publish(where, data, headers=headers,
+                                 msg_id=f"reclaim:{stream}:{msg_seq}")
+            copied += 1
+    return copied
 
-    async def set_ack_wait(seconds: float) -> None:
-        cfg = dataclasses.replace(info.config, ack_wait=seconds)
-        try:
-            await bus.js.add_consumer(stream, cfg)
-        except nats.errors.Error as exc:
-            raise BusError(f"cannot update consumer {consumer}: {exc}") from exc
 
+def _names_its_task(data: bytes) -> bool:
     try:
-        await set_ack_wait(RECLAIM_ACK_WAIT_S)
-        await anyio.sleep(RECLAIM_ACK_WAIT_S * 1.5)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await set_ack_wait(normal)
-    return int(info.num_ack_pending)
+        body = json.loads(data)
+    except Exception:  # anything at all (deep nesting included): not a task we can name
+        return False
+    return isinstance(body, dict) and bool(body.get("id"))

@@ -100,9 +100,11 @@ class BusError(CorralError):
 
     retryable = True
 
-    def __init__(self, message: str, *, subject: str = "", retryable: bool | None = None) -> None:
+    def __init__(self, message: str, *, subject: str = "", retryable: bool | None = None,
+                 code: int = 0) -> None:
         super().__init__(message, retryable=retryable)
         self.subject = subject
+        self.code = code  # JetStream's error code when it refused (10058, ...); 0 otherwise
 
 
 class BusTimeout(BusError, TimeoutError):

@@ -287,8 +287,7 @@ class Supervisor:
             log.warning("%s: stranded deliveries not reclaimed: %s", child.id, exc)
             return
         if n:
-            log.info("%s: %d unacked deliveries of %s made redeliverable", child.id, n,
-                     consumer)
+            log.info("%s: %d unacked messages of %s published again", child.id, n, consumer)
 
     # -- deciding ------------------------------------------------------------------
 
