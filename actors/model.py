@@ -45,6 +45,7 @@ from actors.tracing import parent_context, traceparent, tracer
 from bus import subjects
 from bus.budget import BudgetCounters, Reservation, day_key
 from bus.connection import Bus, Request, Service
+from bus.eventlog import LogHead
 from bus.mailbox import Delivery
 from bus.provision import ensure_model_consumer
 from bus.respcache import ResponseCache
@@ -354,10 +355,14 @@ class ModelGateway(Actor[ModelCall]):
         if refusal:
             await self._refuse(delivery, delivery.subject, delivery.data, refusal)
             return
-        state, _ = await self.view.load(req.task_id)
+        state, head = await self.view.load(req.task_id)
         if not self._open(state, msg):
             log.debug("%s: call %s is not open (phase %s): dropped", self.actor_name, msg.key,
                       state.phase)
+            if state.phase not in ("new", "done"):
+                # Perhaps answered by a gateway that died before it woke the agent: wake it
+                # (a nudge: harmless when nothing is new, and deduplicated by its id).
+                await self._wake(state.agent, req.task_id, msg.key)
             return
         response = await self.traced_call(req)
         crash_point("model.after_call", self.name)
@@ -372,18 +377,21 @@ class ModelGateway(Actor[ModelCall]):
         if response.error and response.retryable:
             # Providers are down: keep the call and try again later. Say so once per call.
             if state.llm_failure is None:
-                await self._record(msg, self._failure_event(msg, response))
+                await self._record(msg, self._failure_event(msg, response), (state, head))
             delay = min(RETRY_CAP_S, 0.5 * 2 ** min(delivery.deliveries, 8))
             await delivery.nak(delay * (0.5 + random.random() / 2))
             return
         event = (self._failure_event(msg, response) if response.error else LlmResponded(
             **self._envelope(msg), agent=req.agent, turn=req.turn, attempt=msg.attempt,
             response=response, alias=req.alias, team=self._team(req)))
-        if await self._record(msg, event):
+        if await self._record(msg, event, (state, head)):
             crash_point("model.after_llm", self.name)
-            wake = Wake(task_id=req.task_id, reason=f"model {req.alias} answered")
-            await self.bus.js_publish(subjects.wake(req.agent), _encoder.encode(wake),
-                                      msg_id=f"wake:{msg.key}")
+            await self._wake(req.agent, req.task_id, msg.key)
+
+    async def _wake(self, agent: str, task_id: str, key: str) -> None:
+        wake = Wake(task_id=task_id, reason=f"model {self.name} answered")
+        await self.bus.js_publish(subjects.wake(agent), _encoder.encode(wake),
+                                  msg_id=f"wake:{key}")
 
     def _team(self, req: ModelRequest) -> str:
         agent = self.fleet.agents.get(req.agent)
@@ -404,11 +412,18 @@ class ModelGateway(Actor[ModelCall]):
                          budget_spent_usd=response.budget_spent_usd,
                          budget_limit_usd=response.budget_limit_usd)
 
-    async def _record(self, msg: ModelCall, event: LlmResponded | LlmFailed) -> bool:
-        """Append ``event`` while the call's turn is still open; False once it is not."""
+    async def _record(self, msg: ModelCall, event: LlmResponded | LlmFailed,
+                      known: tuple[TaskState, LogHead] | None = None) -> bool:
+        """Append ``event`` while the call's turn is still open; False once it is not.
+
+        ``known``: the state and head read before the call. Tried first without
+        reading again: the append is fenced, so if anything was appended since,
+        it fails and the log is read then.
+        """
         task_id = msg.request.task_id
         for _ in range(MAX_APPEND_RETRIES):
-            state, head = await self.view.load(task_id)
+            state, head = known or await self.view.load(task_id)
+            known = None
             if not self._open(state, msg, paid=True):
                 log.info("%s: call %s: the turn moved on before its answer was recorded",
                          self.actor_name, msg.key)

@@ -1,7 +1,11 @@
 """Benchmark: kill -9 of an agent replica → replacement serving, and the task moving again.
 
-For each kill: a refund task is submitted, and the billing replica that holds
-its turn (waiting on the model) is killed with SIGKILL. Measured from the kill:
+For each kill: a refund task is submitted, and the billing replica that claimed
+its turn is killed with SIGKILL while the model thinks. Since ADR 0007 that
+replica holds nothing while it waits (the call is a durable message the
+gateway answers into the log), so *progress* is the model's remaining
+latency (300 ms here), not a recovery: the kill does not interrupt the turn.
+*Serving* still measures the supervisor's restart. Measured from the kill:
 
 - *serving*: the supervisor's ``actor.started`` for the replacement process;
 - *progress*: the next event appended to the interrupted task's log.

@@ -25,7 +25,7 @@ from corral.client import Client
 from corral.fleetrun import running_fleet
 from schemas.events import LlmResponded, ToolCompleted, ToolFailed, TurnStarted, verify_chain
 from schemas.fold import TaskState, fold
-from tests.conftest import DEMO_CONFIG, outbox
+from tests.conftest import DEMO_CONFIG, outbox, types
 
 pytestmark = pytest.mark.crash
 
@@ -87,12 +87,17 @@ async def run_refund(home: Path, faults: str) -> tuple[TaskState, list[object]]:
     "agent.after_tool_requested:billing",
     "tool.before_run:issue_refund",
     "tool.after_run:issue_refund",
+    "model.after_llm:support-model",
 ])
 async def test_crash_before_or_during_a_keyed_side_effect_still_refunds_once(
         home: Path, fault: str) -> None:
-    state, _ = await run_refund(home, fault)
+    state, events = await run_refund(home, fault)
     assert state.status == "completed", state.error
     assert "Refunded $42.5" in state.answer
+    # Each turn was claimed once and answered (paid) once, whoever died where: the answer
+    # is in the log before anyone is woken, so no crash makes anyone ask again (ADR 0007).
+    kinds = types(events)
+    assert kinds.count("turn.started") == kinds.count("llm.responded") == state.turn
     effects = outbox(home)
     assert sorted(e["tool"] for e in effects) == ["issue_refund", "send_email"]
     assert len({e["idempotency_key"] for e in effects}) == len(effects)
