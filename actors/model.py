@@ -141,6 +141,7 @@ class ModelGateway(Actor[ModelCall]):
         self.calls = 0  # provider calls made (attempts included)
         self.refused = 0  # requests the fleet did not ask for
         self.requests_waiting = 0
+        self._calling: set[str] = set()  # keys of the calls this replica is making now
         self._sleep = sleep
 
     async def setup(self) -> None:
@@ -355,6 +356,10 @@ class ModelGateway(Actor[ModelCall]):
         if refusal:
             await self._refuse(delivery, delivery.subject, delivery.data, refusal)
             return
+        if msg.key in self._calling:  # a copy of a call this replica is making: one pays
+            log.debug("%s: call %s already in progress here: duplicate dropped",
+                      self.actor_name, msg.key)
+            return
         state, head = await self.view.load(req.task_id)
         if not self._open(state, msg):
             log.debug("%s: call %s is not open (phase %s): dropped", self.actor_name, msg.key,
@@ -364,6 +369,16 @@ class ModelGateway(Actor[ModelCall]):
                 # (a nudge: harmless when nothing is new, and deduplicated by its id).
                 await self._wake(state.agent, req.task_id, msg.key)
             return
+        self._calling.add(msg.key)
+        try:
+            await self._answer(msg, delivery, state, head)
+        finally:
+            self._calling.discard(msg.key)
+
+    async def _answer(self, msg: ModelCall, delivery: Delivery, state: TaskState,
+                      head: LogHead) -> None:
+        """Make the call and record its outcome (the turn was open when it was read)."""
+        req = msg.request
         response = await self.traced_call(req)
         crash_point("model.after_call", self.name)
         size = len(_encoder.encode(response))

@@ -222,7 +222,9 @@ async def reclaim_stranded(bus: Bus, stream: str, consumer: str, *, limit: int =
     handoff) names its task, and the fold decides; the stranded original,
     redelivered after ``ack_wait``, is a duplicate like any other. A
     submission without an id is left alone (its task is named after its own
-    stream sequence). Returns how many copies were published.
+    stream sequence). For a gateway, a copy of a model call answers the turn;
+    the original, when it comes back, finds the turn answered and is dropped
+    unpaid. Returns how many copies were published.
 
     Raises:
         BusError: the consumer or the stream could not be read, or a copy published.

@@ -275,14 +275,21 @@ class Supervisor:
         if not expected:
             log.warning("%s: %s (pid %d) %s", self.spec.path, child.id, proc.pid, child.reason)
             self._inbox_send.send_nowait(_Exit(child, generation))
-            if child.spec.id.startswith("agent.") and self.tree.hand_back:
+            if child.spec.id.startswith(("agent.", "model.")) and self.tree.hand_back:
                 await self._reclaim_stranded(child)
 
     async def _reclaim_stranded(self, child: ChildProcess) -> None:
-        """What a dead agent never read (hung, then killed) comes back now, not after ack_wait."""
-        consumer = subjects.agent_consumer(child.spec.id.split(".", 1)[1])
+        """What a dead agent or gateway never read comes back now, not after ack_wait.
+
+        (Tools are left to ``ack_wait``: a copy of a call could race its original into a
+        second run; their ledger makes that safe, but not free.)
+        """
+        kind, name = child.spec.id.split(".", 1)
+        stream, consumer = ((subjects.TASKS_STREAM, subjects.agent_consumer(name))
+                            if kind == "agent" else
+                            (subjects.MODELS_STREAM, subjects.model_consumer(name)))
         try:
-            n = await reclaim_stranded(self.bus, subjects.TASKS_STREAM, consumer)
+            n = await reclaim_stranded(self.bus, stream, consumer)
         except BusError as exc:  # ack_wait brings them back instead
             log.warning("%s: stranded deliveries not reclaimed: %s", child.id, exc)
             return

@@ -157,3 +157,24 @@ async def test_a_forged_durable_call_is_dead_lettered_and_never_paid(bus: Bus) -
         assert isinstance(gateway, ModelGateway)
         assert gateway.calls == 0
     assert await task_events(bus, "t9") == [] and await task_events(bus, "t8") == []
+
+
+async def test_a_copy_of_a_call_in_progress_is_not_paid_twice(bus: Bus) -> None:
+    # A stranded call republished by a supervisor, racing its original: one pays.
+    async with fleet_in_process(bus, demo_fleet(latency_ms=400)) as actors:
+        gateway = next(a for a in actors if isinstance(a, ModelGateway))
+        client = Client(bus)
+        task_id = await client.submit("triage", "Hello, who am I talking to?")
+        with anyio.fail_after(10):
+            while "turn.started" not in types(await task_events(bus, task_id)):
+                await anyio.sleep(0.01)
+        copy = {"key": f"{task_id}:1:1:support-model", "attempt": 1,
+                "request": msgspec.json.decode(_request(task_id=task_id))}
+        await bus.js_publish(subjects.llm("support-model"), _enc.encode(copy),
+                             msg_id=f"copy-of-{task_id}")
+        state = await client.wait(task_id, timeout_s=20)
+        await anyio.sleep(0.5)  # the copy is handled by now too
+    assert state.status == "completed"
+    assert gateway.calls == 1  # one turn, one provider call
+    kinds = types(await task_events(bus, task_id))
+    assert kinds.count("llm.responded") == 1
