@@ -26,6 +26,7 @@ from tests.supervision_helpers import (
     DEFAULT_TREE,
     alive,
     env_without_nats,
+    finish,
     start_up,
     system_events,
     tree_config,
@@ -113,11 +114,7 @@ def test_kill_9_of_corral_up_takes_its_embedded_server_along(home: Path) -> None
         up.wait()
         assert wait_dead(nats_pid, 15), "the embedded nats-server outlived a kill -9 of its owner"
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        if up.stdout is not None:
-            up.stdout.close()
+        finish(up)
 
 
 def test_exit_line_of_an_exception_group_is_the_innermost_exception() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DEMO_CONFIG
+from tests.supervision_helpers import finish
 
 CORRAL = [sys.executable, "-m", "corral"]
 
@@ -115,11 +116,7 @@ def test_up_submit_events_and_graceful_stop(home: Path) -> None:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0
     finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-        if up.stdout is not None:
-            up.stdout.close()
+        finish(up)
     for pid in pids:  # no actor outlives `corral up`
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

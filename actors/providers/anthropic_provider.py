@@ -80,11 +80,7 @@ class AnthropicProvider:
                 provider=self.name, status=status,
                 retry_after_s=retry_after_s(exc.response.headers),
                 retryable=is_retryable(status)) from safe_cause(exc, [self.key])
-        except (anthropic.APITimeoutError, anthropic.APIConnectionError) as exc:
-            raise ProviderError(
-                scrub(f"anthropic {entry.model}: {type(exc).__name__}: {exc}", [self.key]),
-                provider=self.name, retryable=True) from safe_cause(exc, [self.key])
-        except anthropic.APIError as exc:  # a response the SDK could not read, say
+        except anthropic.APIError as exc:  # timeouts, connection errors, an unreadable response
             raise ProviderError(
                 scrub(f"anthropic {entry.model}: {type(exc).__name__}: {exc}", [self.key]),
                 provider=self.name, retryable=True) from safe_cause(exc, [self.key])

@@ -86,11 +86,7 @@ class OpenAIProvider:
                 provider=self.name, status=status,
                 retry_after_s=retry_after_s(exc.response.headers),
                 retryable=is_retryable(status)) from safe_cause(exc, [self.key])
-        except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-            raise ProviderError(
-                scrub(f"openai {entry.model}: {type(exc).__name__}: {exc}", [self.key]),
-                provider=self.name, retryable=True) from safe_cause(exc, [self.key])
-        except openai.APIError as exc:  # a response the SDK could not read, say
+        except openai.APIError as exc:  # timeouts, connection errors, an unreadable response
             raise ProviderError(
                 scrub(f"openai {entry.model}: {type(exc).__name__}: {exc}", [self.key]),
                 provider=self.name, retryable=True) from safe_cause(exc, [self.key])
