@@ -22,6 +22,7 @@ from nats.js.client import JetStreamContext
 
 from bus.errors import nats_errors
 from schemas.errors import BusError, FencedWrite
+from schemas.identity import KeySet, Signer
 
 __all__ = ["Bus", "PubResult", "Request", "Service", "connect"]
 
@@ -91,6 +92,12 @@ class Bus:
         self.url = url
         self.timeout_s = timeout_s
         self._lost = anyio.Event()
+        # Who this connection is (ADR 0008): set by ``connect`` from its credential;
+        # None on an unauthenticated connection (nothing is signed).
+        self.signer: Signer | None = None
+        # The fleet's public keys (CORRAL_KEYS), when the fleet has identities:
+        # readers then require a valid signature on what they verify.
+        self.keys: KeySet | None = None
 
     async def publish(self, subject: str, data: bytes,
                       headers: dict[str, str] | None = None) -> None:

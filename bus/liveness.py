@@ -62,25 +62,30 @@ class Liveness:
     async def entries(self, bucket: str) -> dict[str, bytes]:
         """Every live key of ``bucket`` and its value.
 
+        Lists the bucket's subjects from the stream's own state and reads the
+        last message of each (no watcher: nats-py's ``keys()`` can decide "no
+        keys" before the first delivery arrives, which showed a running fleet
+        as "no running `corral up`").
+
         Raises:
             BusError: the bucket cannot be read.
         """
+        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
         try:
-            with nats_errors(f"cannot open KV bucket {bucket}"):
-                kv = await self.bus.js.key_value(bucket)
             with nats_errors(f"cannot list KV bucket {bucket}"):
-                keys = await kv.keys()
+                info = await self.bus.js.stream_info(stream, subjects_filter=prefix + ">")
         except NotFound:
             return {}
         out: dict[str, bytes] = {}
-        for key in keys:
+        for subject in sorted((info.state.subjects or {}) if info.state else {}):
             try:
-                with nats_errors(f"cannot read {bucket}/{key}"):
-                    entry = await kv.get(key)
+                with nats_errors(f"cannot read {subject}"):
+                    msg = await self.bus.js.get_msg(stream, subject=subject)
             except NotFound:
                 continue  # expired or deleted between listing and reading
-            if entry.value:
-                out[key] = entry.value
+            op = (msg.headers or {}).get("KV-Operation")
+            if msg.data and op not in ("DEL", "PURGE"):
+                out[subject[len(prefix):]] = msg.data
         return out
 
     async def event(self, event_type: str, data: bytes) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,6 +122,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
     up = subprocess.Popen([sys.executable, "-m", "corral", "up", "--config", "config/demo.toml"],
                           cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
+    drain: threading.Thread | None = None
     try:
         assert up.stdout is not None
         seen: list[str] = []
@@ -131,6 +133,10 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
             if "ready" in line or not line:
                 break
         assert any("ready" in x for x in seen), "".join(seen)
+        # Keep reading what `corral up` prints (restart notices, warnings): a full pipe
+        # would block its root supervisor, and the fleet would look dead to `corral ps`.
+        drain = threading.Thread(target=lambda: seen.extend(up.stdout or ()), daemon=True)
+        drain.start()
         yield cwd, env
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
@@ -138,6 +144,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict
         if up.poll() is None:
             up.kill()
             up.wait()
+        if drain is not None:
+            drain.join(timeout=10)
         if up.stdout is not None:
             up.stdout.close()
 
