@@ -57,11 +57,13 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_ALL],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
+            allow_direct=True,  # reclaim_stranded reads unacked calls back
         ),
         StreamConfig(
             name=subjects.MODELS_STREAM, subjects=[subjects.LLM_ALL],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
+            allow_direct=True,  # reclaim_stranded reads unacked calls back
         ),
         # The truth: append-only, nobody may delete or purge it.
         StreamConfig(
