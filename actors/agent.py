@@ -52,6 +52,7 @@ from schemas.events import (
     TurnStarted,
 )
 from schemas.fold import HANDOFF_TOOL, CallState, TaskState, call_signature
+from schemas.identity import SIGNER_HEADER
 from schemas.messages import (
     ChatMessage,
     Message,
@@ -65,6 +66,7 @@ from schemas.messages import (
     Usage,
     Wake,
 )
+from schemas.verify import submitter
 
 __all__ = ["AgentActor", "agent_version"]
 
@@ -130,9 +132,15 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         await ensure_agent_consumer(self.bus, self.name, ack_wait_s=self.ack_wait_s)
 
     def decode(self, delivery: Delivery) -> TaskSubmit | Wake:
-        """Submissions and handoffs on ``corral.tasks.*``, wakes on ``corral.wake.*``."""
+        """Submissions and handoffs on ``corral.tasks.*``, wakes on ``corral.wake.*``.
+
+        With the fleet's key set, a submission must be signed by an identity
+        that may submit (else it is dead-lettered with the reason); wakes are
+        nudges with no authority and are not signed.
+        """
         if delivery.subject.startswith(subjects.wake(self.name)):
             return _wake_decoder.decode(delivery.data)
+        submitter(self.bus.keys, delivery.data, delivery.headers)
         return _submit_decoder.decode(delivery.data)
 
     # -- state ---------------------------------------------------------------
@@ -201,8 +209,12 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 return
             head = await self._append(task_id, state, head, TaskSubmitted(
                 **self._envelope(task_id), agent=self.name, message=msg.message,
-                context_id=msg.context_id or task_id, metadata=msg.metadata))
+                context_id=msg.context_id or task_id, metadata=msg.metadata,
+                submitted_by=self._submitted_by(delivery)))
             crash_point("agent.after_submit", self.name)
+        elif state.terminal:  # a writer that died between a task's end and its anchor
+            await self.view.log.ensure_anchor(task_id)
+            return
         while True:
             if (not state.terminal and state.handoffs and state.agent != self.name
                     and state.agent_turns == 0 and state.phase == "ready"):
@@ -249,6 +261,13 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 return
             else:
                 return
+
+    def _submitted_by(self, delivery: Delivery) -> str:
+        """Who signed the submission (``decode`` verified it); "" without a key set."""
+        keys = self.bus.keys
+        if keys is None:
+            return ""
+        return keys.identity_of(delivery.headers.get(SIGNER_HEADER, "")) or ""
 
     def _lease_until(self) -> float:
         """How long a claimed turn is ours: the longest the model call may take."""
@@ -447,7 +466,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             inv = ToolInvocation(task_id=task_id, call_id=cs.call.id, tool=cs.call.name,
                                  arguments=cs.call.arguments, idempotency_key=cs.idempotency_key,
                                  agent=self.name, turn=cs.turn, agent_version=self.version,
-                                 traceparent=traceparent())
+                                 traceparent=traceparent(), on_behalf_of=state.submitted_by)
             # Nats-Msg-Id = idempotency key: a republish inside the window is dropped.
             await self.bus.js_publish(subjects.tool(cs.call.name), _encoder.encode(inv),
                                       msg_id=cs.idempotency_key)
@@ -474,7 +493,10 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         transfer = TaskSubmit(id=task_id, context_id=state.context_id,
                               message=Message(role="user", parts=[TextPart(text=first_user)]),
                               metadata={"handoff_from": self.name, "reason": reason})
-        await self.bus.js_publish(subjects.task(state.agent), _encoder.encode(transfer),
+        data = _encoder.encode(transfer)
+        signer = self.bus.signer  # a handoff is a submission: signed like a client's
+        await self.bus.js_publish(subjects.task(state.agent), data,
+                                  headers=signer.headers(data) if signer else None,
                                   msg_id=f"{task_id}:handoff:{len(state.handoffs)}")
 
     async def _complete(self, task_id: str, state: TaskState, head: LogHead) -> None:

@@ -15,8 +15,9 @@ stream's ``max_age``, silently. The intake runs in every agent process and:
   a submission with a usable id gets ``task.rejected`` (a fenced append at
   the empty head: written once, never over a real task) with the reason and
   the fleet's agents, and its result notice; anything else (undecodable,
-  oversized, an invalid id, a wake for no agent, an id already taken) is
-  dead-lettered on ``corral.dlq.intake.fleet`` with the reason. Then it is
+  oversized, an invalid id, a wake for no agent, an id already taken, and
+  with the fleet's key set a submission not signed by an identity that may
+  submit: ADR 0008) is dead-lettered on ``corral.dlq.intake.fleet`` with the reason. Then it is
   acked: it does not linger.
 
 Example:
@@ -48,9 +49,10 @@ from bus.eventlog import EventLog, LogHead
 from bus.intake_io import StoredMessage, claim_subject, watch_subjects
 from bus.reader import stream_subjects
 from schemas.config import FleetConfig
-from schemas.errors import BusError, FencedWrite
+from schemas.errors import BusError, DecodeError, FencedWrite
 from schemas.events import ActorRef, TaskRejected
 from schemas.messages import is_task_id
+from schemas.verify import submitter
 
 __all__ = ["ACTOR_NAME", "INTAKE_QUEUE", "Intake"]
 
@@ -221,7 +223,10 @@ class Intake:
                                             f"limits.submission_bytes ({limit}); {reason}")
         else:
             try:
+                submitter(self.bus.keys, data, stored.headers)
                 head = _head_decoder.decode(data)
+            except DecodeError as exc:  # not signed by anyone who may submit
+                await self._dead_letter(stored, f"{exc}; {reason}")
             except Exception as exc:  # RecursionError, ValidationError, ...: hostile bytes
                 await self._dead_letter(stored, f"undecodable submission: {type(exc).__name__}: "
                                                 f"{str(exc)[:ERROR_CHARS]}; {reason}")
@@ -247,6 +252,7 @@ class Intake:
                 await self._dead_letter(stored, f"task id {task_id!r} is another task's; "
                                                 f"this submission was dropped: {reason}")
                 return
+            await self.log.ensure_anchor(task_id)  # we may have died before anchoring it
         else:
             self._rejected.inc()
             log.info("%s: task %s rejected: %s", ACTOR_NAME, task_id, reason)

@@ -88,6 +88,7 @@ class _Request(NamedTuple):
     args_sha256: str
     writer_kind: str
     writer_name: str
+    submitted_by: str = ""  # who asked for the task, as its log says (ADR 0008)
 
 
 class _Book:
@@ -185,7 +186,7 @@ class ToolActor(Actor[ToolInvocation]):
                 if isinstance(ev, ToolRequested) and ev.call.name == self.name:
                     book.requests.setdefault(ev.idempotency_key, _Request(
                         ev.call.id, ev.call.name, ev.turn, args_sha256(ev.call.arguments),
-                        ev.actor.kind, ev.actor.name))
+                        ev.actor.kind, ev.actor.name, book.state.submitted_by))
             found = book.requests.get(key)
             if found is not None:
                 break
@@ -207,7 +208,9 @@ class ToolActor(Actor[ToolInvocation]):
                             genuine=False)
         differ = [what for what, logged, sent in (
             ("call id", req.call_id, inv.call_id), ("turn", req.turn, inv.turn),
-            ("arguments", req.args_sha256, args_hash)) if logged != sent]
+            ("arguments", req.args_sha256, args_hash),
+            ("submitter", req.submitted_by, inv.on_behalf_of or req.submitted_by),
+        ) if logged != sent]
         if differ:
             return _Refusal(f"it does not match the tool.requested {inv.idempotency_key!r} of "
                             f"task {inv.task_id!r}: different {', '.join(differ)}",
@@ -250,7 +253,8 @@ class ToolActor(Actor[ToolInvocation]):
         if self.wants_ctx:
             kwargs["ctx"] = ToolContext(task_id=inv.task_id, call_id=inv.call_id,
                                         tool=self.name, agent=inv.agent,
-                                        idempotency_key=inv.idempotency_key, attempt=attempt)
+                                        idempotency_key=inv.idempotency_key, attempt=attempt,
+                                        on_behalf_of=inv.on_behalf_of)
         try:
             with anyio.fail_after(self.spec.timeout_s):
                 if self.is_async:

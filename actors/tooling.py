@@ -31,6 +31,8 @@ class ToolContext(msgspec.Struct, frozen=True, kw_only=True):
 
     ``idempotency_key`` is stable across retries of the same call: pass it to
     the system you change (payment, email) so it can refuse a duplicate.
+    ``on_behalf_of``: the identity that submitted the task (``client``,
+    ``operator``...), checked against the task's log; "" when unknown.
     """
 
     task_id: str
@@ -39,6 +41,7 @@ class ToolContext(msgspec.Struct, frozen=True, kw_only=True):
     agent: str
     idempotency_key: str
     attempt: int = 1
+    on_behalf_of: str = ""
 
 
 def load_callable(spec: ToolSpec, *, name: str, source: str = "") -> Callable[..., Any]:

@@ -11,6 +11,14 @@ reported, never raised and never obeyed. The head a reader gets back keeps
 the stream sequence of the last entry *seen* (the fence must match the
 stream) but the ``seq`` and hash of the last *accepted* event, so honest
 writers chain past a bad entry and the task goes on.
+
+Identities (ADR 0008): an append by a connection with an identity
+(``bus.signer``) carries its signature over the exact stored bytes in the
+``Corral-Signer``/``Corral-Sig`` headers; with the fleet's key set
+(``bus.keys``) every read requires one, by an identity that may write as the
+event's actor. A terminal event's append also anchors the chain head
+(``bus.anchors``). With neither (an unauthenticated fleet) nothing is signed
+or required.
 """
 
 from __future__ import annotations
@@ -25,11 +33,22 @@ from collections.abc import Callable
 import msgspec
 
 from bus import subjects
+from bus.anchors import anchor_problem, last_anchor, write_anchor
 from bus.connection import Bus
 from bus.errors import NotFound, nats_errors
 from schemas.errors import BusError
-from schemas.events import GENESIS_HASH, Event, EventBase, encode_event, event_hash
+from schemas.events import (
+    GENESIS_HASH,
+    TERMINAL_EVENTS,
+    Anchor,
+    Event,
+    EventBase,
+    encode_event,
+    event_hash,
+    event_type,
+)
 from schemas.fold import TaskState
+from schemas.identity import may_claim
 from schemas.system import LogRejected, encode_system
 from schemas.verify import LogVerifier, Rejected
 
@@ -89,7 +108,9 @@ class EventLog:
                      msg_id: str | None = None) -> tuple[LogHead, EventBase]:
         """Append ``event`` right after ``head``; returns the new head and the event.
 
-        The event's ``seq``, ``prev_hash`` and ``time`` are set here.
+        The event's ``seq``, ``prev_hash`` and ``time`` are set here, and it is
+        signed by the connection's identity (when it has one). A terminal
+        event's chain head is anchored too (best effort: see ``ensure_anchor``).
 
         Raises:
             FencedWrite: someone appended since ``head`` was read.
@@ -98,15 +119,59 @@ class EventLog:
                                      time=event.time or time.time())
         raw = encode_event(ev)
         subject = subjects.events(ev.task_id)
+        kind = event_type(ev)
+        headers = {subjects.EVENT_TYPE_HEADER: kind}
+        if self.bus.signer is not None:
+            headers.update(self.bus.signer.headers(raw))
         ack = await self.bus.js_publish(
             subject, raw, msg_id=msg_id, expected_last_subject_seq=head.stream_seq,
-            headers={subjects.EVENT_TYPE_HEADER: str(type(ev).__struct_config__.tag)},
-        )
+            headers=headers)
         if ack.duplicate:  # an identical append already landed: the log did not move
             raise BusError(f"duplicate append {msg_id} to {subject}", subject=subject,
                            retryable=False)
+        new_head = LogHead(ack.seq, ev.seq, event_hash(raw))
         await self._appended(ev.task_id, head, ack.seq, raw)
-        return LogHead(ack.seq, ev.seq, event_hash(raw)), ev
+        if kind in TERMINAL_EVENTS:
+            await self._anchor(ev, new_head)
+        return new_head, ev
+
+    async def _anchor(self, event: EventBase, head: LogHead) -> bool:
+        """Anchor a terminal event's chain head; False if it could not be stored now."""
+        anchor = Anchor(task_id=event.task_id, seq=head.seq, hash=head.hash,
+                        stream_seq=head.stream_seq, event_type=event_type(event),
+                        actor=event.actor, time=event.time)  # same event, same bytes
+        try:
+            await write_anchor(self.bus, anchor)
+        except BusError as exc:  # the event stands; whoever looks at the task again anchors it
+            log.warning("task %s: chain head not anchored (%s); ensure_anchor will",
+                        event.task_id, exc)
+            return False
+        return True
+
+    async def ensure_anchor(self, task_id: str) -> bool:
+        """Anchor a finished task's end if nobody did (a writer died between the two).
+
+        Only the identity that may write as the terminal event's actor
+        anchors it (anyone else's anchor would not verify); a last anchor
+        that does not verify (a forger's) does not count. Cheap when the
+        anchor exists: one direct get. Returns whether an anchor was written.
+
+        Raises:
+            BusError: the anchor or the log could not be read.
+        """
+        last = await last_anchor(self.bus, task_id)
+        if last is not None and not anchor_problem(last, self.bus.keys):
+            return False
+        logged, _ = await self.read(task_id, state=TaskState())
+        end = next((e for e in logged if event_type(e.event) in TERMINAL_EVENTS), None)
+        if end is None:
+            return False
+        signer = self.bus.signer
+        if signer is not None and not may_claim(signer.identity, end.event.actor.kind,
+                                                end.event.actor.name):
+            return False
+        return await self._anchor(end.event, LogHead(end.stream_seq, end.event.seq,
+                                                     event_hash(end.raw)))
 
     async def head(self, task_id: str) -> LogHead:
         """The current head of a task's log (``LogHead()`` when it is empty).
@@ -162,7 +227,7 @@ class EventLog:
                 state, start = cached
             else:
                 state, start = TaskState(), LogHead()
-        verifier = LogVerifier(task_id, state)
+        verifier = LogVerifier(task_id, state, keys=self.bus.keys)
         subject = subjects.events(task_id)
         out: list[LoggedEvent | Rejected] = []
         head = start
@@ -178,7 +243,7 @@ class EventLog:
             if until is not None and stream_seq >= until:
                 break
             raw = msg.data or b""
-            verdict = verifier.feed(raw)
+            verdict = verifier.feed(raw, msg.headers)
             head = LogHead(stream_seq, verifier.chain.seq, verifier.chain.hash)
             seq = stream_seq + 1
             if isinstance(verdict, Rejected):
@@ -231,8 +296,10 @@ class EventLog:
         cached = self._states.get(task_id)
         if cached is None or cached[1].stream_seq != before.stream_seq:
             return
-        verifier = LogVerifier(task_id, cached[0])
-        verdict = verifier.feed(raw)
+        # Our own bytes and signature: only whether our identity may write it is checked.
+        verifier = LogVerifier(task_id, cached[0], keys=self.bus.keys)
+        signer = self.bus.signer
+        verdict = verifier.feed(raw, signer=signer.identity if signer is not None else "")
         if isinstance(verdict, Rejected):  # a writer of ours broke the rules: say so loudly
             await self.report(msgspec.structs.replace(verdict, stream_seq=stream_seq))
         self._remember(task_id, cached[0],

@@ -75,6 +75,14 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
         # Lifecycle events of supervision: an audit trail, kept a while.
         StreamConfig(
             name=subjects.SYSTEM_STREAM, subjects=[subjects.SYSTEM_ALL],
+        # Finished tasks' signed chain heads: what a log cut short or rewritten whole
+        # is compared with (ADR 0008). Apart from the logs, and as undeletable.
+        StreamConfig(
+            name=subjects.ANCHORS_STREAM, subjects=[subjects.ANCHORS_ALL],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            deny_delete=True, deny_purge=True, allow_direct=True,
+            duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
+        ),
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             num_replicas=replicas, max_age=30 * DAY_S, max_msgs=1_000_000,
             discard=DiscardPolicy.OLD,

@@ -7,6 +7,7 @@ every language breaks, so names are versioned with the contract.
 from __future__ import annotations
 
 __all__ = [
+    "ANCHORS_STREAM",
     "BUDGET_BUCKET",
     "CACHE_BUCKET",
     "DLQ_STREAM",
@@ -21,6 +22,7 @@ __all__ = [
     "TOOLS_STREAM",
     "agent_consumer",
     "breaker",
+    "anchors",
     "dlq",
     "events",
     "llm",
@@ -42,6 +44,7 @@ TOOLS_STREAM = "CORRAL_TOOLS"  # tool invocations: tools' mailboxes
 MODELS_STREAM = "CORRAL_MODELS"  # turns' model calls: the gateways' mailboxes (ADR 0007)
 EVENTS_STREAM = "CORRAL_EVENTS"  # every task's append-only log
 DLQ_STREAM = "CORRAL_DLQ"  # what no actor could use, with the reason
+ANCHORS_STREAM = "CORRAL_ANCHORS"  # finished tasks' signed chain heads (ADR 0008)
 LEDGER_BUCKET = "CORRAL_LEDGER"  # tool idempotency ledger
 BUDGET_BUCKET = "CORRAL_BUDGETS"  # spend counters per team / agent per day
 CACHE_BUCKET = "CORRAL_MODEL_CACHE"  # responses for a route's cached fallback
@@ -57,6 +60,7 @@ LLM_ALL = f"{PREFIX}.llm.>"
 EVENTS_ALL = f"{PREFIX}.events.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
 SYSTEM_ALL = f"{PREFIX}.system.>"
+ANCHORS_ALL = f"{PREFIX}.anchors.>"
 
 # Header carrying an event's type, so a reader can filter without decoding.
 EVENT_TYPE_HEADER = "Corral-Event-Type"
@@ -89,6 +93,11 @@ def events(task_id: str) -> str:
 
 def task_id_of(events_subject: str) -> str:
     """The task id in an events subject."""
+def anchors(task_id: str) -> str:
+    """Where a finished task's chain head is anchored."""
+    return f"{PREFIX}.anchors.{task_id}"
+
+
     return events_subject.rsplit(".", 1)[-1]
 
 

@@ -15,7 +15,7 @@ from actors.tracing import TRACEPARENT, traceparent
 from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog
-from bus.reader import read_stream
+from bus.reader import StreamMessage, read_stream
 from schemas.errors import BusError, BusTimeout, FencedWrite, SchemaError
 from schemas.events import (
     TERMINAL_EVENTS,
@@ -62,9 +62,12 @@ class Client:
                           metadata=dict(metadata or {}))
         # Submitting inside a span of yours? The task's trace continues it.
         parent = traceparent()
-        ack = await self.bus.js_publish(subjects.task(agent), _encoder.encode(task),
-                                        msg_id=task_id,
-                                        headers={TRACEPARENT: parent} if parent else None)
+        data = _encoder.encode(task)
+        headers = {TRACEPARENT: parent} if parent else {}
+        if self.bus.signer is not None:  # who asked: the agent records it (ADR 0008)
+            headers.update(self.bus.signer.headers(data))
+        ack = await self.bus.js_publish(subjects.task(agent), data, msg_id=task_id,
+                                        headers=headers or None)
         if ack.stream != subjects.TASKS_STREAM:
             raise BusError(f"{subjects.task(agent)} is captured by stream {ack.stream}")
         return task_id
@@ -81,6 +84,14 @@ class Client:
         ``since`` it starts at that time (each task's earlier events are read
         first, to check against).
         """
+        async for _, verdict in self.follow_entries(task_id, follow=follow, idle_s=idle_s,
+                                                    since=since):
+            yield verdict
+
+    async def follow_entries(self, task_id: str | None = None, *, follow: bool = True,
+                             idle_s: float = 1.0, since: dt.datetime | None = None,
+                             ) -> AsyncIterator[tuple[StreamMessage, Event | Rejected]]:
+        """Like ``follow``, with each verdict's stored message (its bytes, headers, sequence)."""
         subject = subjects.events(task_id) if task_id else subjects.EVENTS_ALL
         verifiers: OrderedDict[str, LogVerifier] = OrderedDict()
         rebuild = task_id is None or since is not None
@@ -94,19 +105,19 @@ class Client:
             verifiers[tid] = verifier
             while len(verifiers) > MAX_FOLLOWED_TASKS:
                 verifiers.popitem(last=False)
-            verdict = verifier.feed(msg.data)
+            verdict = verifier.feed(msg.data, msg.headers)
             verifier.state.conversation.clear()  # the checks do not need it; callers fold
             if isinstance(verdict, Rejected):
                 verdict = msgspec.structs.replace(verdict, stream_seq=msg.stream_seq)
                 await self.log.report(verdict)
-            yield verdict
+            yield msg, verdict
 
     async def _verifier(self, task_id: str, stream_seq: int, *, rebuild: bool) -> LogVerifier:
         """A verifier for a task met at ``stream_seq``: from its log so far, if asked."""
         state = TaskState()
         if rebuild:  # this task may have started before (or its verifier been dropped)
             await self.log.read(task_id, state=state, until=stream_seq)
-        return LogVerifier(task_id, state)
+        return LogVerifier(task_id, state, keys=self.bus.keys)
 
     async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
         """Follow a task until it ends; returns its folded state.

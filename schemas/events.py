@@ -20,6 +20,7 @@ __all__ = [
     "GENESIS_HASH",
     "TERMINAL_EVENTS",
     "ActorRef",
+    "Anchor",
     "BudgetExceededEvent",
     "ContextTruncated",
     "ContextWarned",
@@ -39,7 +40,9 @@ __all__ = [
     "ToolFailed",
     "ToolRequested",
     "TurnStarted",
+    "decode_anchor",
     "decode_event",
+    "encode_anchor",
     "encode_event",
     "event_hash",
     "event_type",
@@ -71,12 +74,18 @@ class EventBase(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class TaskSubmitted(EventBase, frozen=True, kw_only=True, tag="task.submitted"):
-    """A client asked ``agent`` to work on ``message``."""
+    """A client asked ``agent`` to work on ``message``.
+
+    ``submitted_by``: the identity whose signature the submission carried
+    (``client``, ``operator``, ``agent.triage`` ...; ADR 0008), checked
+    against the fleet's key set; "" in a fleet without identities.
+    """
 
     agent: str
     message: Message
     context_id: str = ""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    submitted_by: str = ""
 
 
 class TurnStarted(EventBase, frozen=True, kw_only=True, tag="turn.started"):
@@ -269,8 +278,41 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
 }
 TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})
 
+
+class Anchor(msgspec.Struct, frozen=True, kw_only=True):
+    """A finished task's chain head, kept apart from its log (``corral.anchors.<task>``).
+
+    Written (and signed) by whoever appended the terminal event: its ``seq``,
+    chain ``hash`` (of its stored bytes), stream sequence, type and actor. A
+    log cut short or rewritten whole no longer holds this head (ADR 0008).
+    """
+
+    task_id: str
+    seq: int
+    hash: str
+    stream_seq: int
+    event_type: str
+    actor: ActorRef
+    time: float = 0.0  # the terminal event's: an anchor of one event is always the same bytes
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Event)
+_anchor_decoder = msgspec.json.Decoder(Anchor)
+
+
+def encode_anchor(anchor: Anchor) -> bytes:
+    """An anchor's JSON bytes (what its signature covers)."""
+    return _encoder.encode(anchor)
+
+
+def decode_anchor(data: bytes) -> Anchor:
+    """Decode an anchor.
+
+    Raises:
+        msgspec.ValidationError / msgspec.DecodeError: not an anchor.
+    """
+    return _anchor_decoder.decode(data)
 
 
 def encode_event(event: EventBase) -> bytes:

@@ -84,6 +84,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     phase: Phase = "new"
     agent: str = ""
     origin: str = ""  # the agent the task was submitted to
+    submitted_by: str = ""  # the identity that signed the submission (ADR 0008)
     traceparent: str = ""  # the task's trace: every step's span is its child
     submitted_at: float = 0.0
     turn: int = 0  # the latest turn claimed (across agents)
@@ -159,6 +160,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.task_id = event.task_id
             state.context_id = event.context_id
             state.agent = state.origin = event.agent
+            state.submitted_by = event.submitted_by
             state.submitted_at = event.time
             state.traceparent = event.traceparent
             state.phase = "ready"

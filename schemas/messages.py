@@ -221,7 +221,12 @@ class ModelCall(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):
-    """Published to ``corral.tools.<tool>`` (Nats-Msg-Id = idempotency key)."""
+    """Published to ``corral.tools.<tool>`` (Nats-Msg-Id = idempotency key).
+
+    ``on_behalf_of``: who asked for the task (its ``task.submitted``'s
+    ``submitted_by``, e.g. ``client``): the authority the tool runs on. The
+    tool checks it against the task's log; "" when unknown.
+    """
 
     task_id: TaskId
     call_id: str
@@ -232,6 +237,7 @@ class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):
     turn: int
     agent_version: str = ""
     traceparent: str = ""
+    on_behalf_of: str = ""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,7 +10,12 @@ accept (the decoded event) or reject (a ``Rejected`` with the reason):
 2. it belongs to the subject's task;
 3. its ``seq`` follows the last accepted event's, and its ``prev_hash`` is
    that event's hash;
-4. with the task's state (``TaskState`` folded from the accepted events): its
+4. with the fleet's key set (``KeySet``, when the fleet has identities): it
+   carries a valid ed25519 signature over its exact bytes by a key of the
+   set, and the signing identity may claim the event's ``actor``
+   (``may_claim``: ``agent.triage`` writes as agent triage, ``operator`` as
+   the operator...); without a key set nothing is signed and this is skipped;
+5. with the task's state (``TaskState`` folded from the accepted events): its
    writer's role may write this type, in this phase, with this content —
    ``RULES`` below, one line per event type. Nothing follows a terminal event
    but late reports of work under way (``LATE``).
@@ -18,25 +23,33 @@ accept (the decoded event) or reject (a ``Rejected`` with the reason):
 A rejected entry is skipped: the next honest writer chains onto the last
 accepted event (seq + 1, its hash), so the log goes on past it.
 
-What this cannot catch: a forger who publishes exactly the owner's next
-legal step (right writer claimed, right phase, right content). Writers'
-signatures come with issue 8; until then the bus credentials are the guard.
+What this cannot catch. With a key set: a writer whose own key is stolen or
+misused (the owner's process itself lying, within its rules), and the
+*end* of a log — a log cut short, or replaced whole by a consistent copy,
+verifies entry by entry; the chain head anchored in ``CORRAL_ANCHORS`` when a
+task ends is what ``corral audit verify`` compares it with (ADR 0008).
+Without a key set (an unauthenticated fleet): a forger who publishes exactly
+the owner's next legal step (right writer claimed, right phase, right
+content), since anyone reads the last event and computes a valid
+``prev_hash``; the bus credentials are then the only guard.
 
 Example:
-    >>> verifier = LogVerifier("t-1")
-    >>> for raw in raws:
-    ...     verdict = verifier.feed(raw)        # an Event, or a Rejected
+    >>> verifier = LogVerifier("t-1", keys=bus.keys)
+    >>> for raw, headers in entries:
+    ...     verdict = verifier.feed(raw, headers)   # an Event, or a Rejected
     >>> verifier.state.phase, verifier.state.seq, verifier.state.last_hash
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from itertools import accumulate
 from typing import Literal
 
 import msgspec
 
+from schemas.errors import DecodeError
 from schemas.events import (
     GENESIS_HASH,
     Event,
@@ -53,24 +66,34 @@ from schemas.events import (
     event_type,
 )
 from schemas.fold import HANDOFF_TOOL, Phase, TaskState, apply
+from schemas.identity import SIGNATURE_HEADER, SIGNER_HEADER, KeySet, may_claim
 
 __all__ = [
     "LATE",
     "LIVE",
     "MAX_DEPTH",
     "RULES",
+    "SUBMITTERS",
     "Chain",
     "LogVerifier",
     "RejectClass",
     "Rejected",
     "Rule",
+    "Signature",
     "check",
     "json_depth",
+    "signer_of",
+    "submitter",
 ]
 
 MAX_DEPTH = 64  # nesting of any stored event's JSON; deeper is hostile (and crashes printers)
 
-RejectClass = Literal["undecodable", "foreign", "sequence", "chain", "writer", "transition"]
+RejectClass = Literal["undecodable", "foreign", "sequence", "chain", "signature", "writer",
+                      "transition"]
+
+# Who may submit a task (publish on ``corral.tasks.<agent>``) in a fleet with identities:
+# the client roles that act for people, and any agent (a handoff is a submission).
+SUBMITTERS: frozenset[str] = frozenset({"client", "operator", "admin"})
 
 
 class Rejected(msgspec.Struct, frozen=True, kw_only=True, tag_field="type",
@@ -221,12 +244,58 @@ def _writer(event: EventBase) -> str:
     return f"{event.actor.kind[:40]}/{event.actor.name[:80]}"  # from the wire: bounded
 
 
-def check(task_id: str, raw: bytes, prev: TaskState | Chain) -> Event | Rejected:
+class Signature(msgspec.Struct, frozen=True):
+    """Who signed an entry: ``identity`` ("" when nobody valid did, and ``problem`` says why)."""
+
+    identity: str = ""
+    problem: str = ""
+
+
+def signer_of(keys: KeySet, raw: bytes, headers: Mapping[str, str] | None) -> Signature:
+    """Check the signature headers of ``raw`` (as stored) against the fleet's key set."""
+    hdrs = headers or {}
+    key, sig = hdrs.get(SIGNER_HEADER, ""), hdrs.get(SIGNATURE_HEADER, "")
+    if not key or not sig:
+        return Signature(problem="not signed")
+    if keys.identity_of(key) is None:
+        return Signature(problem=f"signed with key {key[:12]!r}…, which is no identity of "
+                                 f"fleet {keys.fleet!r}")
+    identity = keys.check(raw, key, sig)
+    if not identity:
+        return Signature(problem=f"the signature by {keys.identity_of(key)} does not verify "
+                                 "(the bytes were changed, or the signature forged)")
+    return Signature(identity)
+
+
+def submitter(keys: KeySet | None, data: bytes, headers: Mapping[str, str] | None) -> str:
+    """Who signed a submission (``corral.tasks.<agent>``); "" when the fleet has no key set.
+
+    Any of ``SUBMITTERS`` or an agent (a handoff) may submit.
+
+    Raises:
+        DecodeError: with a key set, the submission is not validly signed by one of them.
+    """
+    if keys is None:
+        return ""
+    signed = signer_of(keys, data, headers)
+    if not signed.identity:
+        raise DecodeError(f"submission refused: {signed.problem}; sign it with the "
+                          f"credential of one of {', '.join(sorted(SUBMITTERS))} or an agent")
+    if signed.identity not in SUBMITTERS and not signed.identity.startswith("agent."):
+        raise DecodeError(f"submission refused: {signed.identity} may not submit tasks "
+                          f"(only {', '.join(sorted(SUBMITTERS))} or an agent)")
+    return signed.identity
+
+
+def check(task_id: str, raw: bytes, prev: TaskState | Chain,
+          signature: Signature | None = None) -> Event | Rejected:
     """Accept (the decoded event) or reject (why) the next stored entry of a task log.
 
     ``prev`` is the task's state folded from the entries accepted so far (it
     is only read): then every check applies. With only a ``Chain`` (the last
     accepted seq and hash) the writer and transition checks are skipped.
+    ``signature``: who signed the entry (``signer_of``), when the fleet has a
+    key set; None checks no signature (an unauthenticated fleet).
     """
     def reject(cls: RejectClass, reason: str, event: EventBase | None = None) -> Rejected:
         if event is None:
@@ -249,6 +318,12 @@ def check(task_id: str, raw: bytes, prev: TaskState | Chain) -> Event | Rejected
         return reject("sequence", f"claims seq {event.seq}, expected {seq + 1}", event)
     if event.prev_hash != hash_:
         return reject("chain", f"prev_hash does not match event {seq}", event)
+    if signature is not None:
+        if not signature.identity:
+            return reject("signature", signature.problem, event)
+        if not may_claim(signature.identity, event.actor.kind, event.actor.name):
+            return reject("signature", f"signed by {signature.identity}, which may not write "
+                                       f"as {_writer(event)}", event)
     if not isinstance(prev, TaskState):
         return event
     state, kind = prev, event_type(event)
@@ -272,19 +347,33 @@ class LogVerifier:
     """Verify one task's log entry by entry, folding each accepted event.
 
     With ``full=False`` (a reader that joins in the middle and has no state)
-    only the decode, task and chain checks apply.
+    only the decode, task, chain and signature checks apply. With ``keys``
+    (the fleet's ``KeySet``) every entry must be signed by an identity that
+    may write as its actor; without, signatures are not looked at.
     """
 
     def __init__(self, task_id: str, state: TaskState | None = None, *,
-                 chain: Chain | None = None, full: bool = True) -> None:
+                 chain: Chain | None = None, full: bool = True,
+                 keys: KeySet | None = None) -> None:
         self.task_id = task_id
         self.state = state if state is not None else TaskState()
         self.full = full
+        self.keys = keys
         self.chain = chain or Chain(self.state.seq, self.state.last_hash)
 
-    def feed(self, raw: bytes) -> Event | Rejected:
-        """Check the next stored entry; an accepted one moves the state and chain on."""
-        verdict = check(self.task_id, raw, self.state if self.full else self.chain)
+    def feed(self, raw: bytes, headers: Mapping[str, str] | None = None, *,
+             signer: str | None = None) -> Event | Rejected:
+        """Check the next stored entry; an accepted one moves the state and chain on.
+
+        ``headers``: the stored message's headers (the signature travels there).
+        ``signer``: the identity that signed ``raw``, when the caller knows it
+        without verifying (its own append): only the claim is checked then.
+        """
+        signature: Signature | None = None
+        if self.keys is not None:
+            signature = (signer_of(self.keys, raw, headers) if signer is None
+                         else Signature(signer, "" if signer else "not signed"))
+        verdict = check(self.task_id, raw, self.state if self.full else self.chain, signature)
         if isinstance(verdict, Rejected):
             return verdict
         self.chain = Chain(verdict.seq, event_hash(raw))
