@@ -31,6 +31,7 @@ from bench.report import (
     update_readme,
     write_results,
 )
+from bench.signing import run_signing
 from bench.slowmodel import run_slow_model
 from bench.supervision import run as run_supervision
 from bus.connection import connect
@@ -57,6 +58,10 @@ async def run_all(url: str, scale: Scale, server_pid: int = 0) -> dict[str, floa
               flush=True)
         t0 = time.perf_counter()
         results.update(await run_agent(url, scale))
+        print(f"{time.perf_counter() - t0:.0f}s\nsigned events: per event, append, turn …",
+              end=" ", flush=True)
+        t0 = time.perf_counter()
+        results.update(await run_signing(url, scale))
         print(f"{time.perf_counter() - t0:.0f}s\nmodel gateway vs direct SDK …", end=" ",
               flush=True)
         t0 = time.perf_counter()

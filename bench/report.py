@@ -82,6 +82,32 @@ LAYOUT: dict[str, tuple[str, str, str]] = {
         "agent task with one tool call, p50", "ms", "completed.time - submitted.time"),
     "agent_tool_task_e2e_p50_ms": (
         "agent task with one tool call, e2e p50", "ms", "submit -> result seen"),
+    "sign_event_p50_us": (
+        "sign one event (ed25519, nkey), p50", "µs", "an llm.responded, ~0.6 KB"),
+    "verify_signature_p50_us": (
+        "verify one signature against the key set, p50", "µs", "KeySet.check"),
+    "read_entry_unsigned_p50_us": (
+        "reader's checks per log entry, no key set, p50", "µs", "LogVerifier.feed: as before"),
+    "read_entry_signed_p50_us": (
+        "reader's checks per log entry, key set, p50", "µs", "+ signature and claim"),
+    "raw_event_publish_p50_ms": (
+        "raw js.publish of an event, fenced, p50", "ms", "the physical limit"),
+    "append_unsigned_p50_ms": (
+        "EventLog.append, unsigned, p50", "ms", "interleaved with the two others"),
+    "append_signed_p50_ms": (
+        "EventLog.append, signed, p50", "ms", ""),
+    "signing_off_turn_p50_ms": (
+        "agent turn overhead, unsigned fleet, p50", "ms", "same run, alternating rounds"),
+    "signing_on_turn_p50_ms": (
+        "agent turn overhead, signed fleet, p50", "ms", "every actor its own identity"),
+    "signing_turn_added_p50_ms": (
+        "turn overhead added by signing, p50", "ms", "signed - unsigned"),
+    "signing_off_e2e_p50_ms": (
+        "agent task end to end, unsigned fleet, p50", "ms", "submit -> result seen"),
+    "signing_on_e2e_p50_ms": (
+        "agent task end to end, signed fleet, p50", "ms", ""),
+    "signing_e2e_added_p50_ms": (
+        "end to end added by signing, p50", "ms", "signed - unsigned"),
     "slow_model_tasks_per_s": (
         "slow model (2 s): tasks/s, all submitted at once", "tasks/s", "single-turn tasks"),
     "slow_model_ideal_tasks_per_s": (
@@ -156,6 +182,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:.2f}"
     if unit == "ms":
         return f"{value:.2f}"
+    if unit == "µs":
+        return f"{value:.1f}"
     return f"{value:,.0f}"
 
 
