@@ -40,7 +40,7 @@ from actors.runtime import load_fleet
 from bus.connection import Bus, connect
 from bus.eventlog import EventLog, LoggedEvent
 from bus.server import corral_home
-from corral import audit, doctor
+from corral import audit, doctor, policy_cli
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
@@ -407,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=run_demo)
     doctor.add_parser(sub)
     audit.add_parser(sub)
+    policy_cli.add_parser(sub)
     return parser
 
 

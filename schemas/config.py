@@ -20,9 +20,12 @@ from schemas.supervision import RawSupervision, RawSupervisor, SupervisionTree, 
 
 __all__ = [
     "AgentSpec",
+    "ApprovalLevel",
+    "ApprovalSpec",
     "FleetConfig",
     "LimitsSpec",
     "ModelSpec",
+    "PolicySpec",
     "RuntimeSpec",
     "ScriptRule",
     "ToolSpec",
@@ -66,6 +69,10 @@ class AgentSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     allow_cached: bool = False  # may a route serve a cached answer when every provider fails?
     # Context: warn at 70% of the model's window, act at 85%.
     on_context_full: Literal["truncate", "summarize"] = "truncate"
+    # Autonomy (docs/approvals.md): 1 auto, 2 supervised, 3 assisted, 4 manual.
+    tier: int = 1
+    approver: str = ""  # the approval group of tiers 3 and 4
+    spot_check: float = 0.1  # tier 2: the share of completed actions sampled for review
 
 
 class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -88,6 +95,33 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # The environment variables this tool's processes get (its credentials, say).
     # Nothing else of the parent's environment reaches a tool: secrets stay where used.
     env: list[str] = msgspec.field(default_factory=list)
+    # Declared risk class, seen by policies as context.risk; unset: derived from side_effect.
+    risk: Literal["low", "medium", "high"] | None = None
+
+
+class PolicySpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[policy]``: the Cedar policy files of the tool gate (docs/approvals.md).
+
+    Paths are relative to the fleet file. ``shadow`` is a second set evaluated
+    beside the live one: its decisions are reported, never enforced.
+    """
+
+    files: list[str] = msgspec.field(default_factory=list)
+    shadow: list[str] = msgspec.field(default_factory=list)
+    default: Literal["deny", "allow"] = "deny"
+
+
+class ApprovalLevel(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One level of an approval's escalation: who decides, and within how long."""
+
+    group: str
+    within_s: float
+
+
+class ApprovalSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[approvals.<group>]``: the escalation levels of an approver group (L1 first)."""
+
+    levels: list[ApprovalLevel]
 
 
 class RuntimeSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -129,6 +163,8 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     teams: dict[str, TeamSpec] = msgspec.field(default_factory=dict)
     supervision: RawSupervision | None = None
     supervisors: dict[str, RawSupervisor] = msgspec.field(default_factory=dict)
+    policy: PolicySpec | None = None  # None: no [policy] table, the gate allows the tool list
+    approvals: dict[str, ApprovalSpec] = msgspec.field(default_factory=dict)
     name: str = "fleet"
     source: str = ""
 
@@ -226,6 +262,7 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
     _check_names("tools", fleet.tools, source)
     _check_names("models", fleet.models, source)
     _check_names("teams", fleet.teams, source)
+    _check_names("approvals", fleet.approvals, source)
     for team, team_spec in fleet.teams.items():
         if team_spec.usd_per_day < 0:
             raise ConfigError("must be 0 (no limit) or positive", file=source,
@@ -370,6 +407,54 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                                   key="replicas")
 
 
+TIERS = {1: "auto", 2: "supervised", 3: "assisted", 4: "manual"}
+
+
+def _check_autonomy(fleet: FleetConfig, source: str) -> None:
+    """Tiers, approver groups and ``[policy]``/``[approvals.*]`` (docs/approvals.md)."""
+    for name, a in fleet.agents.items():
+        table = f"agents.{name}"
+        if a.tier not in TIERS:
+            raise ConfigError("must be 1 (auto), 2 (supervised), 3 (assisted) or 4 (manual)",
+                              file=source, table=table, key="tier")
+        if a.approver and not NAME_RE.match(a.approver):
+            raise ConfigError(f"approver group {a.approver!r} must match {NAME_RE.pattern}",
+                              file=source, table=table, key="approver")
+        if a.tier >= 3 and not a.approver:
+            raise ConfigError(f"tier {a.tier} ({TIERS[a.tier]}) needs the approver group "
+                              "that decides its calls, e.g. approver = \"billing-lead\"",
+                              file=source, table=table, key="approver")
+        if not 0.0 <= a.spot_check <= 1.0:
+            raise ConfigError("must be a share between 0 and 1", file=source, table=table,
+                              key="spot_check")
+    if fleet.policy is not None:
+        for key in ("files", "shadow"):
+            paths = getattr(fleet.policy, key)
+            for path in paths:
+                if not path.strip():
+                    raise ConfigError("a policy file path cannot be empty", file=source,
+                                      table="policy", key=key)
+            if len(set(paths)) != len(paths):
+                raise ConfigError("lists a file twice", file=source, table="policy", key=key)
+    for group, spec in fleet.approvals.items():
+        table = f"approvals.{group}"
+        if not spec.levels:
+            raise ConfigError("needs at least one level, e.g. levels = [{ group = "
+                              f"\"{group}\", within_s = 300 }}]",
+                              file=source, table=table, key="levels")
+        if spec.levels[0].group != group:
+            raise ConfigError(f"the first level is the group itself ({group!r}); later levels "
+                              "name who it escalates to", file=source, table=table,
+                              key="levels")
+        for i, level in enumerate(spec.levels):
+            if not NAME_RE.match(level.group):
+                raise ConfigError(f"group {level.group!r} must match {NAME_RE.pattern}",
+                                  file=source, table=f"{table}.levels[{i}]", key="group")
+            if not level.within_s > 0:
+                raise ConfigError("must be positive", file=source,
+                                  table=f"{table}.levels[{i}]", key="within_s")
+
+
 def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     """Parse and validate a fleet file's text.
 
@@ -393,7 +478,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
                           table="fleet", key=key)
     name = fleet_table.get("name", "fleet")
     known = {"fleet", "runtime", "limits", "agents", "tools", "models", "prices", "teams",
-             "supervision", "supervisors"}
+             "supervision", "supervisors", "policy", "approvals"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}"
@@ -405,7 +490,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     sections: dict[str, Any] = {}
     for section, spec_type in (("agents", AgentSpec), ("tools", ToolSpec),
                                ("models", ModelSpec), ("prices", PriceSpec),
-                               ("teams", TeamSpec)):
+                               ("teams", TeamSpec), ("approvals", ApprovalSpec)):
         tables = raw.get(section, {})
         if not isinstance(tables, dict):
             raise ConfigError("must be a table of tables", file=source, table=section)
@@ -422,9 +507,11 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
         raise ConfigError("must be a table of tables", file=source, table="supervisors")
     supervisors = {n: _convert(v, RawSupervisor, source, f"supervisors.{n}")
                    for n, v in sups.items()}
+    policy = _convert(raw["policy"], PolicySpec, source, "policy") if "policy" in raw else None
     fleet = FleetConfig(name=str(name), source=source, runtime=runtime, limits=limits,
-                        supervision=supervision,
+                        supervision=supervision, policy=policy,
                         supervisors=supervisors, **sections)
     _check_refs(fleet, source)
+    _check_autonomy(fleet, source)
     supervision_tree(fleet)  # validated now, so a bad tree fails at load, not at start
     return fleet
