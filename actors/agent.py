@@ -286,8 +286,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         """A finished task needs no deadline wakes (best effort: a late one is harmless)."""
         for agent in {state.origin, *state.handoffs}:
             try:
-                await self.bus.purge_subject(subjects.TASKS_STREAM,
-                                             subjects.timer(task_id, agent))
+                await self.bus.unschedule(subjects.timer(task_id, agent),
+                                          target=subjects.wake(agent))
             except BusError as exc:
                 log.info("%s: task %s: deadline not disarmed: %s", self.actor_name, task_id, exc)
 

@@ -11,7 +11,11 @@ import datetime as dt
 import logging
 import math
 import os
+import re
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,8 +25,8 @@ from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
 from bus.errors import nats_errors
-from schemas.errors import BusError, FencedWrite
-from schemas.identity import KeySet, Signer
+from schemas.errors import BusError, BusTimeout, FencedWrite
+from schemas.identity import Creds, KeySet, Signer, inbox_prefix
 
 __all__ = ["Bus", "PubResult", "Request", "Service", "connect"]
 
@@ -98,6 +102,7 @@ class Bus:
         # The fleet's public keys (CORRAL_KEYS), when the fleet has identities:
         # readers then require a valid signature on what they verify.
         self.keys: KeySet | None = None
+        self._denied: OrderedDict[str, None] = OrderedDict()  # subjects the server refused
 
     async def publish(self, subject: str, data: bytes,
                       headers: dict[str, str] | None = None) -> None:
@@ -137,7 +142,28 @@ class Bus:
                 f"{expected_last_subject_seq})",
                 subject=subject, expected_seq=expected_last_subject_seq or 0,
             ) from exc.__cause__
+        except BusTimeout as exc:
+            raise self._refusal(subject) or exc from exc
         return PubResult(ack.stream, ack.seq, bool(ack.duplicate))
+
+    def denied(self, subject: str) -> None:
+        """The server refused a publish to ``subject`` (a permissions violation, reported late)."""
+        self._denied[subject] = None
+        self._denied.move_to_end(subject)
+        while len(self._denied) > 256:
+            self._denied.popitem(last=False)
+
+    def _refusal(self, subject: str) -> BusError | None:
+        """Why nothing answered a publish to ``subject``, if the server refused it outright.
+
+        NATS reports a permissions violation asynchronously and drops the
+        message: to the publisher it looks like a timeout. This says what it was.
+        """
+        if subject not in self._denied:
+            return None
+        who = self.signer.identity if self.signer is not None else "this connection"
+        return BusError(f"publish to {subject} refused by the server: {who} may not publish "
+                        "there (its permissions, ADR 0008)", subject=subject, retryable=False)
 
     async def schedule(self, subject: str, data: bytes, *, at: float, target: str) -> None:
         """Have the server publish ``data`` to ``target`` at unix time ``at`` (2.12+).
@@ -150,10 +176,19 @@ class Bus:
         await self.js_publish(subject, data, headers={"Nats-Schedule": f"@at {when}",
                                                       "Nats-Schedule-Target": target})
 
-    async def purge_subject(self, stream: str, subject: str) -> None:
-        """Remove every message on ``subject`` from ``stream`` (e.g. a pending schedule)."""
-        with nats_errors(f"purge of {subject}", subject=subject):
-            await self.js.purge_stream(stream, subject=subject)
+    async def unschedule(self, subject: str, *, target: str) -> None:
+        """Disarm the schedule stored on ``subject``: it never fires.
+
+        A newer schedule on the same subject replaces the pending one; this one
+        is due in a year and carries a one-second ``Nats-TTL``, so it expires
+        unfired and the subject is empty again. A publish, not a purge: nobody
+        but admin may purge a stream (ADR 0008), and a purge of the mailbox
+        stream by a compromised writer would take every queued task with it.
+        """
+        when = dt.datetime.fromtimestamp(math.ceil(time.time()) + 365 * 86400, dt.UTC)
+        await self.js_publish(subject, b"", headers={
+            "Nats-Schedule": f"@at {when.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+            "Nats-Schedule-Target": target, "Nats-TTL": "1s"})
 
     async def serve(self, subject: str, queue: str) -> Service:
         """Receive requests on ``subject``, load-balanced across the ``queue`` group."""
@@ -198,6 +233,8 @@ class Bus:
         if not errors:
             raise BusError(f"connection lost while waiting for a reply on {subject}",
                            subject=subject)
+        if isinstance(errors[0], BusTimeout):
+            raise self._refusal(subject) or errors[0]
         raise errors[0]
 
     async def flush(self) -> None:
@@ -235,9 +272,14 @@ class Bus:
             log.debug("%s", exc)
 
 
+_AUTH_VIOLATION = "Authorization Violation"
+_DENIED_PUBLISH = re.compile(r'(?i)permissions violation for publish to "([^"]+)"')
+_REFUSALS = 2  # refused this often while connecting: the credential is wrong, not the moment
+
+
 async def connect(url: str | None = None, *, name: str = "corral",
                   timeout_s: float = DEFAULT_TIMEOUT_S, first_attempts: int = -1,
-                  **options: Any) -> Bus:
+                  creds: Creds | None = None, **options: Any) -> Bus:
     """Connect to ``url`` (default ``$NATS_URL``), reconnecting forever once connected.
 
     ``first_attempts``: how many times the *first* connection is tried before
@@ -245,12 +287,41 @@ async def connect(url: str | None = None, *, name: str = "corral",
     wants). A command a person typed gives up after a few, with a message,
     instead of hanging on a dead ``$NATS_URL``.
 
+    ``creds``: the identity to connect as (ADR 0008): the connection
+    authenticates with its nkey seed, receives replies only under
+    ``_INBOX.<identity>`` (the only inbox its permissions let it subscribe
+    to), and signs what it appends (``bus.signer``). Without it,
+    ``$CORRAL_CREDS`` (a ``.creds`` file) is used when set; else the
+    connection is anonymous. An authenticated connection also loads the
+    fleet's public keys (``CORRAL_KEYS``) into ``bus.keys``.
+
     Raises:
-        BusError: the server could not be reached.
+        BusError: the server could not be reached, or it refused the credential
+            (not retryable: says which identity, and what to do).
+        ConfigError: ``$CORRAL_CREDS`` names a file that is not a credential.
     """
+    # bus.auth reads credential files and the key set through a Bus: imported here, not
+    # at the top, because it imports this module.
+    from bus.auth import load_creds, load_keyset
+
     url = url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
+    source = "given"
+    if creds is None and os.environ.get("CORRAL_CREDS"):
+        source = f"$CORRAL_CREDS={os.environ['CORRAL_CREDS']}"
+        creds = load_creds(Path(os.environ["CORRAL_CREDS"]))
+    refusals = 0
+    refused = anyio.Event()
 
     async def on_error(exc: Exception) -> None:
+        nonlocal refusals
+        if _AUTH_VIOLATION in str(exc) and not nc.is_connected:
+            refusals += 1
+            if refusals >= _REFUSALS:
+                refused.set()
+            return
+        denied = _DENIED_PUBLISH.search(str(exc))
+        if denied:
+            bus.denied(denied[1])
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
@@ -261,16 +332,53 @@ async def connect(url: str | None = None, *, name: str = "corral",
     async def on_reconnect() -> None:
         log.info("nats: reconnected to %s", url)
 
+    if creds is not None:
+        options = {"nkeys_seed_str": creds.seed.decode(),
+                   "inbox_prefix": inbox_prefix(creds.identity), **options}
     nc = Client()
     bus = Bus(nc, url, timeout_s)
-    with nats_errors(f"cannot connect to NATS at {url}"):
-        await nc.connect(
-            url, name=name, connect_timeout=int(max(1, timeout_s)),
-            max_reconnect_attempts=first_attempts, reconnect_time_wait=1,
-            error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
-            **options,
-        )
+    failure: BusError | None = None
+    async with anyio.create_task_group() as tg:
+        async def attempt() -> None:
+            nonlocal failure
+            try:
+                with nats_errors(f"cannot connect to NATS at {url}"):
+                    await nc.connect(
+                        url, name=name, connect_timeout=int(max(1, timeout_s)),
+                        max_reconnect_attempts=first_attempts, reconnect_time_wait=1,
+                        error_cb=on_error, disconnected_cb=on_disconnect,
+                        reconnected_cb=on_reconnect, **options,
+                    )
+            except BusError as exc:
+                failure = exc
+            finally:
+                tg.cancel_scope.cancel()
+
+        tg.start_soon(attempt)
+        await refused.wait()  # returns only if the server keeps refusing who we are
+        tg.cancel_scope.cancel()
+    if refusals and not nc.is_connected:
+        with anyio.CancelScope(shield=True):
+            await bus.abort()
+        raise BusError(_refused(url, creds, source), retryable=False)
+    if failure is not None:
+        raise failure
     # Once connected, a lost connection is always retried: a server restart must not
     # end a follower or an actor. (nats-py reads this option on every attempt.)
     nc.options["max_reconnect_attempts"] = -1
+    if creds is not None:
+        bus.signer = creds.signer()
+        bus.keys = await load_keyset(bus)
     return bus
+
+
+def _refused(url: str, creds: Creds | None, source: str) -> str:
+    """What to say when the server refuses a connection's identity."""
+    if creds is None:
+        return (f"NATS at {url} refused an anonymous connection: it requires a credential. "
+                "Pass --creds FILE or set CORRAL_CREDS (`corral nats-config --config FLEET "
+                "--out DIR` writes one per identity in DIR/creds)")
+    return (f"NATS at {url} refused identity {creds.identity} ({source}): the server does not "
+            "know its key. Regenerate with `corral nats-config --config FLEET --out DIR` "
+            "(keys are kept), reload the server (`nats-server --signal reload`), and use a "
+            "credential of this fleet")

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
+from typing import Any
 
 import msgspec
 from nats.aio.client import Client
@@ -22,6 +23,7 @@ from bus.connection import Bus
 from bus.errors import NotFound, nats_errors
 from bus.provision import stream_configs
 from schemas.errors import BusError
+from schemas.identity import Creds, inbox_prefix
 
 __all__ = [
     "BUCKETS",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 BUCKETS = (subjects.LEDGER_BUCKET, subjects.BUDGET_BUCKET, subjects.CACHE_BUCKET,
-           subjects.HEARTBEATS_BUCKET, subjects.SUPERVISORS_BUCKET)
+           subjects.HEARTBEATS_BUCKET, subjects.SUPERVISORS_BUCKET, subjects.KEYS_BUCKET)
 
 # The settings of a stream that corral relies on (retention decides whether a mailbox
 # empties, deny_* whether the truth can be erased, allow_msg_schedules whether deadlines
@@ -98,13 +100,18 @@ class ClockReading(msgspec.Struct, frozen=True, kw_only=True):
 
 
 async def connect_once(url: str, *, name: str = "corral-doctor",
-                       timeout_s: float = 2.0) -> Bus:
+                       timeout_s: float = 2.0, creds: Creds | None = None) -> Bus:
     """Connect to ``url`` or fail fast: no reconnect loop (``bus.connect`` retries forever).
 
+    ``creds``: connect as that identity (its nkey, its inbox), else anonymously.
+
     Raises:
-        BusError: nothing answers at ``url`` within ``timeout_s``.
+        BusError: nothing answers at ``url`` within ``timeout_s`` (or it refused us).
     """
     nc = Client()
+    options: dict[str, Any] = ({"nkeys_seed_str": creds.seed.decode(),
+                                "inbox_prefix": inbox_prefix(creds.identity)}
+                               if creds is not None else {})
 
     async def quiet(exc: Exception) -> None:  # the raised error says it; no log spam
         return None
@@ -114,8 +121,10 @@ async def connect_once(url: str, *, name: str = "corral-doctor",
         # NoServersError instead of nats-py's endless initial-connect loop.
         await nc.connect(url, name=name, connect_timeout=max(1, int(timeout_s)),
                          allow_reconnect=False, max_reconnect_attempts=1,
-                         reconnect_time_wait=0, error_cb=quiet)
-    return Bus(nc, url, timeout_s)
+                         reconnect_time_wait=0, error_cb=quiet, **options)
+    bus = Bus(nc, url, timeout_s)
+    bus.signer = creds.signer() if creds is not None else None
+    return bus
 
 
 async def server_report(bus: Bus) -> ServerReport:

@@ -31,10 +31,22 @@ log = logging.getLogger("corral.intake")
 
 WQ_NOT_UNIQUE = 10100  # "filtered consumer not unique on workqueue stream"
 WQ_MULTIPLE_UNFILTERED = 10099  # "multiple non-filtered consumers not allowed on workqueue"
+CONSUMER_EXISTS = 10148  # "consumer already exists" (a create that would have been an update)
 CLAIM_INACTIVE_S = 10.0  # a claim left behind by a dead process frees its subject after this
 CLAIM_ACK_WAIT_S = 30.0
 PULL_MAX_BYTES = 4 * 1024 * 1024  # one pull never buffers more than this
 RING_BUFFER = 256  # subjects heard and not yet looked at; past it they wait for a sweep
+
+
+def _claim_name(bus: Bus) -> str:
+    """The claim consumer's name: ``intake_<agent>`` for an agent, else a fresh one.
+
+    An agent's permissions allow it that one consumer and no other (ADR 0008).
+    """
+    identity = bus.signer.identity if bus.signer is not None else ""
+    if identity.startswith("agent."):
+        return f"intake_{identity.removeprefix('agent.')}"
+    return f"intake_{uuid.uuid4().hex[:12]}"
 
 
 class StoredMessage:
@@ -124,22 +136,28 @@ async def claim_subject(bus: Bus, stream: str, subject: str) -> AsyncIterator[Cl
     Raises:
         BusError: the consumer could not be created for another reason.
     """
-    name = f"intake_{uuid.uuid4().hex[:12]}"
+    name = _claim_name(bus)
     config = ConsumerConfig(
         name=name, filter_subject=subject, ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL, ack_wait=CLAIM_ACK_WAIT_S, max_deliver=-1,
         inactive_threshold=CLAIM_INACTIVE_S, mem_storage=True,
     )
+    # ``action: create``: refused (not updated) when a consumer of that name exists, so an
+    # agent's replicas, which share their one claim name, never move each other's claim.
+    request = {"stream_name": stream, "config": config.as_dict(), "action": "create"}
+    reply = await bus.request(f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{subject}",
+                              json.dumps(request).encode())
     try:
-        with nats_errors(f"claim {subject}", subject=subject):
-            await bus.js.add_consumer(stream, config)
-    except BusError as exc:
-        if getattr(exc.__cause__, "err_code", None) not in (WQ_NOT_UNIQUE,
-                                                            WQ_MULTIPLE_UNFILTERED):
-            raise
-        taken = True  # an agent's consumer or another intake covers it
-    else:
-        taken = False
+        error = json.loads(reply.data).get("error")
+    except (ValueError, AttributeError) as exc:
+        raise BusError(f"claim {subject}: not a JetStream answer", subject=subject) from exc
+    taken = False
+    if error:
+        code = int(error.get("err_code") or 0)
+        if code not in (WQ_NOT_UNIQUE, WQ_MULTIPLE_UNFILTERED, CONSUMER_EXISTS):
+            raise BusError(f"claim {subject}: JetStream refused: {error.get('description')} "
+                           f"(code {code})", subject=subject, code=code)
+        taken = True  # an agent's consumer, another intake, or a replica's claim covers it
     if taken:
         yield None
         return

@@ -31,6 +31,7 @@ __all__ = [
     "ensure_model_consumer",
     "ensure_streams",
     "ensure_tool_consumer",
+    "provisions",
     "reclaim_orphaned",
     "reclaim_stranded",
     "stream_configs",
@@ -52,6 +53,8 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
             duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
             allow_direct=True, allow_msg_schedules=True,  # deadlines are scheduled wakes
+            # A disarmed deadline is a newer schedule that expires unfired (Bus.unschedule).
+            allow_msg_ttl=True,
         ),
         StreamConfig(
             name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_ALL],
@@ -102,6 +105,8 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
     truth should survive losing a server: Jepsen's 2025 analysis of NATS is
     why the embedded server also syncs every write (``sync_interval: always``).
     """
+    if not provisions(bus):
+        return  # admin provisioned everything before this process started (ADR 0008)
     for cfg in stream_configs(replicas):
         try:
             with nats_errors(f"cannot create stream {cfg.name}"):
@@ -126,13 +131,35 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
         KeyValueConfig(bucket=subjects.SUPERVISORS_BUCKET, history=1, replicas=replicas,
                        storage=StorageType.MEMORY, ttl=LIVENESS_MAX_AGE_S,
                        description="supervision trees of running `corral up`s"),
+        KeyValueConfig(bucket=subjects.KEYS_BUCKET, history=1, replicas=replicas,
+                       description="the fleet's public keys (ADR 0008)"),
     ]
     for kv in buckets:
         with nats_errors(f"cannot create KV bucket {kv.bucket}"):
             await bus.js.create_key_value(kv)
 
 
+def provisions(bus: Bus) -> bool:
+    """Whether this connection creates what it uses: anonymous (no identities), or admin.
+
+    With identities only ``admin`` may create streams, consumers and buckets
+    (``corral up`` does, before any actor starts); everyone else checks that
+    what it needs is there.
+    """
+    return bus.signer is None or bus.signer.identity == "admin"
+
+
 async def _ensure_consumer(bus: Bus, stream: str, cfg: ConsumerConfig) -> None:
+    if not provisions(bus):
+        try:
+            with nats_errors(f"consumer {cfg.durable_name} on {stream}"):
+                await bus.js.consumer_info(stream, str(cfg.durable_name))
+        except NotFound as exc:
+            raise BusError(f"consumer {cfg.durable_name} on {stream} does not exist and "
+                           f"{bus.signer.identity if bus.signer else 'this identity'} may not "
+                           "create it: `corral up` (as admin) provisions it",
+                           retryable=False) from exc
+        return
     with nats_errors(f"cannot create consumer {cfg.durable_name} on {stream}"):
         await bus.js.add_consumer(stream, cfg)
 

@@ -3,7 +3,10 @@
 When ``NATS_URL`` is unset, corral runs its own server with JetStream, its
 store under ``$CORRAL_HOME`` (default ``.corral/``), ``sync_interval: always``
 (so an acknowledged write survives a power cut), listening on 127.0.0.1. A
-server already running for the same home is reused.
+server already running for the same home is reused. ``corral up`` starts it
+with ``auth``: the generated ``auth.conf`` (``bus.auth``) is included, so
+every connection needs the key of one of the fleet's identities (ADR 0008),
+and a reused server must have been started that way too.
 
 The server runs in its own session, so a terminal's Ctrl-C (SIGINT to the
 foreground process group) does not reach it: the fleet drains first and the
@@ -109,11 +112,13 @@ class EmbeddedServer:
     """
 
     def __init__(self, home: Path, *, port: int | None = None,
-                 sync_always: bool = True, die_with_owner: bool = True) -> None:
+                 sync_always: bool = True, die_with_owner: bool = True,
+                 auth: Path | None = None) -> None:
         self.home = home
         self.die_with_owner = die_with_owner and sys.platform == "linux"
         self.dir = home / "nats"
         self.port = port
+        self.auth = auth  # an auth.conf to include (bus.auth): then nobody connects without a key
         self.sync_always = sync_always
         self.proc: subprocess.Popen[bytes] | None = None
         self.reused = False
@@ -124,21 +129,39 @@ class EmbeddedServer:
         """Where the running server's pid and URL are recorded."""
         return self.dir / "server.json"
 
-    def running(self) -> str | None:
-        """The URL of a live server already running for this home, if any."""
+    def _live_state(self) -> dict[str, object] | None:
         try:
             state = json.loads(self.state_file.read_text())
-        except (OSError, ValueError):
+            pid, port = int(state.get("pid", 0)), int(state.get("port", 0))
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
-        pid, port = int(state.get("pid", 0)), int(state.get("port", 0))
         if pid and _alive(pid) and _listening(port):
-            return str(state["url"])
+            return dict(state)
         return None
+
+    def running(self) -> str | None:
+        """The URL of a live server already running for this home, if any."""
+        state = self._live_state()
+        return str(state["url"]) if state else None
+
+    def reload(self) -> None:
+        """Have the running server read its config again (a regenerated ``auth.conf``).
+
+        Raises:
+            BusError: no server runs for this home.
+        """
+        state = self._live_state()
+        if state is None:
+            raise BusError(f"no nats-server runs for {self.home} to reload")
+        os.kill(int(str(state["pid"])), signal.SIGHUP)  # nats-server: reload the configuration
 
     def config_text(self, port: int) -> str:
         """The server configuration corral writes."""
         store = self.dir / "store"
         sync = "\n    sync_interval: always" if self.sync_always else ""
+        # Relative to this file, as nats-server resolves an include.
+        auth = (f'include "{os.path.relpath(self.auth, self.dir)}"\n'
+                if self.auth is not None else "")
         return (
             f'listen: "127.0.0.1:{port}"\n'
             f'server_name: "corral_{port}"\n'
@@ -147,14 +170,20 @@ class EmbeddedServer:
             "jetstream {\n"
             f'    store_dir: "{store}"{sync}\n'
             "}\n"
+            f"{auth}"
         )
 
     def start(self, timeout_s: float = 10.0) -> str:
         """Start (or reuse) the server and return its URL."""
-        existing = self.running()
+        existing = self._live_state()
         if existing:
-            self.reused, self.url = True, existing
-            return existing
+            if self.auth is not None and not existing.get("auth"):
+                raise BusError(
+                    f"a nats-server without authentication runs for {self.home} (pid "
+                    f"{existing.get('pid')}, {existing.get('url')}): stop it (and what uses "
+                    "it) so `corral up` can start one that requires each process's key")
+            self.reused, self.url = True, str(existing["url"])
+            return self.url
         self.dir.mkdir(parents=True, exist_ok=True)
         port = self.port or free_port()
         conf = self.dir / "nats.conf"
@@ -183,7 +212,7 @@ class EmbeddedServer:
             time.sleep(0.02)
         self.url = f"nats://127.0.0.1:{port}"
         self.state_file.write_text(json.dumps({"pid": self.proc.pid, "port": port,
-                                               "url": self.url}))
+                                               "url": self.url, "auth": self.auth is not None}))
         return self.url
 
     def stop(self, timeout_s: float = 10.0) -> None:

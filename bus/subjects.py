@@ -13,6 +13,7 @@ __all__ = [
     "DLQ_STREAM",
     "EVENTS_STREAM",
     "HEARTBEATS_BUCKET",
+    "KEYS_BUCKET",
     "LEDGER_BUCKET",
     "MODELS_STREAM",
     "SUPERVISORS_BUCKET",
@@ -51,6 +52,7 @@ CACHE_BUCKET = "CORRAL_MODEL_CACHE"  # responses for a route's cached fallback
 SYSTEM_STREAM = "CORRAL_SYSTEM"  # lifecycle events of supervision (audit)
 HEARTBEATS_BUCKET = "CORRAL_HEARTBEATS"  # one live key per actor process (TTL)
 SUPERVISORS_BUCKET = "CORRAL_SUPERVISORS"  # one live key per supervisor: its children (TTL)
+KEYS_BUCKET = "CORRAL_KEYS"  # the fleet's public keys (ADR 0008): written by admin, read by all
 
 TASKS_ALL = f"{PREFIX}.tasks.>"
 WAKE_ALL = f"{PREFIX}.wake.>"

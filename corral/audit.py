@@ -36,11 +36,11 @@ import msgspec
 
 from bus import subjects
 from bus.anchors import StoredAnchor, anchor_problem, read_anchors
-from bus.connection import Bus, connect
+from bus.connection import Bus
 from bus.reader import read_stream
+from corral.access import connect_command
 from corral.client import Client
 from corral.cost import parse_duration
-from corral.fleetrun import nats_url
 from schemas.errors import SchemaError
 from schemas.events import TERMINAL_EVENTS, Anchor, event_hash, event_type
 from schemas.messages import is_task_id
@@ -48,7 +48,6 @@ from schemas.verify import Rejected
 
 __all__ = ["AuditReport", "Finding", "add_parser", "audit", "cmd_audit", "format_report"]
 
-CONNECT_ATTEMPTS = 3  # a command a person typed: say so instead of hanging
 READER = "corral-audit"
 
 class Finding(msgspec.Struct, frozen=True, kw_only=True):
@@ -232,7 +231,7 @@ def format_report(report: AuditReport) -> str:
 
 
 async def cmd_audit(args: argparse.Namespace) -> int:
-    """``corral audit verify``: 1 on any finding, 0 when clean, 2 on a usage error."""
+    """``corral audit verify``: 1 on a finding (or no such task), 0 when clean, 2 on bad usage."""
     if args.task is not None and not is_task_id(args.task):
         print(f"corral audit: --task {args.task!r} is no task id (1-128 letters, digits, "
               f"- or _)", file=sys.stderr)
@@ -244,11 +243,15 @@ async def cmd_audit(args: argparse.Namespace) -> int:
         except SchemaError as exc:
             print(f"corral audit: --since: {exc}", file=sys.stderr)
             return 2
-    bus = await connect(nats_url(), name=READER, first_attempts=CONNECT_ATTEMPTS)
+    bus = await connect_command("auditor", READER, creds_file=getattr(args, "creds", None))
     try:
         report = await audit(bus, task_id=args.task, since=since)
     finally:
         await bus.close()
+    if args.task is not None and report.tasks == 0:
+        print(f"corral audit: no log and no anchor for task {args.task} (is the id complete? "
+              f"list tasks with `corral events`)", file=sys.stderr)
+        return 1
     if args.json:
         sys.stdout.write(msgspec.json.encode(report).decode() + "\n")
     else:

@@ -37,14 +37,16 @@ import msgspec
 
 from actors.replay import replay_task
 from actors.runtime import load_fleet
-from bus.connection import Bus, connect
+from bus.auth import write_nats_config
+from bus.connection import Bus
 from bus.eventlog import EventLog, LoggedEvent
 from bus.server import corral_home
 from corral import audit, doctor, policy_cli
+from corral.access import connect_command
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
-from corral.fleetrun import FleetHandle, nats_url, running_fleet
+from corral.fleetrun import FleetHandle, running_fleet
 from corral.ps import live_trees, print_ps, print_system_events
 from corral.render import event_line, json_line
 from corral.trace import render_tree
@@ -54,7 +56,6 @@ from schemas.verify import Rejected
 __all__ = ["main"]
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config"
-CLI_CONNECT_ATTEMPTS = 3  # then say so, instead of hanging on a server that is not there
 
 
 async def cmd_up(args: argparse.Namespace) -> int:
@@ -113,6 +114,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
 def _print_ready(handle: FleetHandle, home: Path) -> None:
     where = "embedded, " + str(home / "nats") if handle.server else "from NATS_URL"
     print(f"  NATS      {handle.url} ({where})")
+    if handle.creds_dir is not None:
+        print(f"  auth      one nkey identity per process, credentials in {handle.creds_dir}")
+    else:
+        print("  auth      NONE: unauthenticated (set CORRAL_CREDS_DIR; docs/security.md)")
     print(f"  logs      {home / 'logs'}")
     print(f"  node      {handle.node} (see the tree with `corral ps`)")
     for domain in handle.root.records():
@@ -130,7 +135,7 @@ def _print_ready(handle: FleetHandle, home: Path) -> None:
 
 async def cmd_ps(args: argparse.Namespace) -> int:
     """Show the live supervision tree of every `corral up` on this NATS server."""
-    bus = await connect(nats_url(), name="corral-ps", first_attempts=CLI_CONNECT_ATTEMPTS)
+    bus = await connect_command("operator", "corral-ps", creds_file=args.creds)
     try:
         trees = await live_trees(bus)
     finally:
@@ -144,7 +149,7 @@ async def cmd_ps(args: argparse.Namespace) -> int:
 
 async def cmd_submit(args: argparse.Namespace) -> int:
     """Publish one task; with --wait, follow it to the end."""
-    bus = await connect(nats_url(), name="corral-submit", first_attempts=CLI_CONNECT_ATTEMPTS)
+    bus = await connect_command("client", "corral-submit", creds_file=args.creds)
     try:
         client = Client(bus)
         task_id = await client.submit(args.agent, args.text, task_id=args.id)
@@ -169,7 +174,7 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 async def cmd_control(args: argparse.Namespace) -> int:
     """Cancel, pause or resume a task."""
-    bus = await connect(nats_url(), name="corral-control", first_attempts=CLI_CONNECT_ATTEMPTS)
+    bus = await connect_command("operator", "corral-control", creds_file=args.creds)
     try:
         client = Client(bus)
         before = await client.state(args.task)
@@ -189,7 +194,7 @@ async def cmd_control(args: argparse.Namespace) -> int:
 
 async def cmd_trace(args: argparse.Namespace) -> int:
     """Print a task as a tree."""
-    bus = await connect(nats_url(), name="corral-trace", first_attempts=CLI_CONNECT_ATTEMPTS)
+    bus = await connect_command("auditor", "corral-trace", creds_file=args.creds)
     try:
         logged, rejected = await _verified_log(bus, args.task, "corral-trace")
     finally:
@@ -212,7 +217,7 @@ async def _verified_log(bus: Bus, task_id: str, reader: str
 async def cmd_replay(args: argparse.Namespace) -> int:
     """Re-ask every recorded turn of a task; exit 1 on divergence."""
     fleet = load_fleet(Path(args.config))
-    bus = await connect(nats_url(), name="corral-replay", first_attempts=CLI_CONNECT_ATTEMPTS)
+    bus = await connect_command("auditor", "corral-replay", creds_file=args.creds)
     try:
         logged, rejected = await _verified_log(bus, args.task, "corral-replay")
     finally:
@@ -247,7 +252,9 @@ async def cmd_replay(args: argparse.Namespace) -> int:
 
 async def cmd_events(args: argparse.Namespace) -> int:
     """Print events, readably or as JSON lines."""
-    bus = await connect(nats_url(), name="corral-events", first_attempts=CLI_CONNECT_ATTEMPTS)
+    # Task events are a client's to follow; lifecycle events an auditor's.
+    bus = await connect_command("auditor" if args.system else "client", "corral-events",
+                                creds_file=args.creds)
     try:
         if args.system:
             await print_system_events(bus, follow=args.follow, as_json=args.json)
@@ -275,7 +282,7 @@ async def cmd_events(args: argparse.Namespace) -> int:
 async def cmd_cost(args: argparse.Namespace) -> int:
     """Print spend attribution."""
     since = parse_duration(args.since) if args.since else None
-    bus = await connect(nats_url(), name="corral-cost", first_attempts=CLI_CONNECT_ATTEMPTS)
+    bus = await connect_command("auditor", "corral-cost", creds_file=args.creds)
     try:
         rows = await collect_costs(bus, by=args.by, since_s=since)
     finally:
@@ -286,6 +293,30 @@ async def cmd_cost(args: argparse.Namespace) -> int:
         print("no model calls" + (f" in the last {args.since}" if args.since else ""))
     else:
         print(format_table(rows, args.by))
+    return 0
+
+
+async def cmd_nats_config(args: argparse.Namespace) -> int:
+    """Write auth.conf, keys.json and the credentials for a server of your own."""
+    fleet = load_fleet(Path(args.config))
+    out = Path(args.out)
+    files = write_nats_config(fleet, out, reuse=not args.new_keys)
+    kept = len(files.keyset.identities) - len(files.created)
+    print(f"corral nats-config: fleet {fleet.name!r} from {args.config}: "
+          f"{len(files.keyset.identities)} identities ({len(files.created)} new keys, "
+          f"{kept} kept)")
+    print(f"  {files.auth_conf}  (server config fragment{', changed' if files.changed else ''})")
+    print(f"  {files.keys_file}  (public keys)")
+    print(f"  {files.creds_dir}/  (mode 0700; one <identity>.creds each, mode 0600: secret)")
+    for identity in files.keyset.identities:
+        print(f"    {identity}.creds")
+    print(f"""next:
+  1. in the server's config:   include {files.auth_conf.resolve()}
+     then start it, or reload a running one: nats-server --signal reload
+  2. run the fleet against it:  NATS_URL=nats://HOST:4222 CORRAL_CREDS_DIR={files.creds_dir} \\
+                                  corral up --config {args.config}
+  3. commands take a role's credential:  corral --creds {files.creds_dir}/client.creds submit ...
+     (or CORRAL_CREDS=FILE; or CORRAL_CREDS_DIR={files.creds_dir}, each picks the role it needs)""")
     return 0
 
 
@@ -307,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="corral", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--creds", metavar="FILE",
+                        help="connect with this credential (default: $CORRAL_CREDS, else the "
+                        "role the command needs from $CORRAL_CREDS_DIR or from the embedded "
+                        "server's keys under $CORRAL_HOME; see docs/security.md)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", help="run a fleet as a supervision tree",
@@ -405,6 +440,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=120.0,
                       help="seconds to allow for all tasks (default: %(default)s)")
     demo.set_defaults(func=run_demo)
+    nc = sub.add_parser(
+        "nats-config", help="write the NATS auth config and one credential per identity",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Write what a NATS server of your own needs to run the fleet with one identity
+per process (ADR 0008, docs/security.md):
+
+  DIR/auth.conf               one nkey user per identity, deny-by-default permissions
+                              generated from the fleet: `include auth.conf` in nats.conf
+  DIR/keys.json               the public keys (nothing secret)
+  DIR/creds/<identity>.creds  each identity's secret seed, mode 0600: agent.<name>,
+                              tool.<name>, model.<alias>, supervisor.<name>, and the roles
+                              client, auditor, operator, admin
+
+Running it again keeps every existing key (a running fleet keeps working):
+after a fleet change, run it again and reload the server.
+
+Then:
+  nats-server -c nats.conf                      # nats.conf has: include auth.conf
+  NATS_URL=nats://HOST:4222 CORRAL_CREDS_DIR=DIR/creds corral up --config FLEET
+  NATS_URL=... corral --creds DIR/creds/client.creds submit triage "..." --wait
+  NATS_URL=... CORRAL_CREDS=DIR/creds/operator.creds corral cancel TASK
+
+(`corral up` without NATS_URL does all this by itself for its embedded server.)""")
+    nc.add_argument("--config", default=str(REPO_CONFIG / "demo.toml"),
+                    help="fleet TOML file (default: %(default)s)")
+    nc.add_argument("--out", metavar="DIR", required=True,
+                    help="where to write auth.conf, keys.json and creds/")
+    nc.add_argument("--new-keys", action="store_true",
+                    help="replace every key (revokes the old ones once the server reloads)")
+    nc.set_defaults(func=cmd_nats_config)
     doctor.add_parser(sub)
     audit.add_parser(sub)
     policy_cli.add_parser(sub)

@@ -34,6 +34,7 @@ import msgspec
 
 from actors.runtime import check_fleet, load_fleet
 from bus import subjects
+from bus.auth import embedded_auth_dir
 from bus.connection import Bus
 from bus.inspect import (
     connect_once,
@@ -46,6 +47,7 @@ from bus.inspect import (
 )
 from bus.reader import stream_subjects
 from bus.server import EmbeddedServer, corral_home
+from corral.access import command_creds
 from schemas.config import FleetConfig
 from schemas.errors import BusError, ConfigError
 from schemas.messages import DeadLetter
@@ -151,10 +153,17 @@ def fleet_checks(config: Path) -> tuple[list[Check], FleetConfig | None]:
     return [loaded, _ok("tools", "every tool imports; every model entry has its key")], fleet
 
 
-def credentials_checks(*, anonymous: bool) -> list[Check]:
-    """``CORRAL_CREDS`` (a file) and ``CORRAL_CREDS_DIR`` (a directory): present, mode 0600."""
+def credentials_checks(*, anonymous: bool, home: Path | None = None) -> list[Check]:
+    """``CORRAL_CREDS`` (a file) and ``CORRAL_CREDS_DIR`` (a directory): present, mode 0600.
+
+    Without either, the embedded server's credentials under ``home`` (what
+    `corral up` generated), unless ``$NATS_URL`` points elsewhere.
+    """
     out: list[Check] = []
     creds, creds_dir = os.environ.get("CORRAL_CREDS"), os.environ.get("CORRAL_CREDS_DIR")
+    embedded = embedded_auth_dir(home or corral_home()) / "creds"
+    if not creds and not creds_dir and not os.environ.get("NATS_URL") and embedded.is_dir():
+        creds_dir = str(embedded)
     if creds:
         out.append(_secret_file("credentials", Path(creds), "CORRAL_CREDS"))
     if creds_dir:
@@ -171,8 +180,9 @@ def credentials_checks(*, anonymous: bool) -> list[Check]:
         how = ("not configured (unauthenticated server: it accepted an anonymous connection)"
                if anonymous else "not configured")
         out.append(_warn("credentials", how,
-                         "per-actor credentials are not built yet: keep NATS reachable only "
-                         "from trusted hosts (the embedded server listens on 127.0.0.1)"))
+                         "anyone who can reach NATS can do anything: give each process its "
+                         "own identity (`corral nats-config`, CORRAL_CREDS_DIR; "
+                         "docs/security.md), or keep NATS reachable only from trusted hosts"))
     return out
 
 
@@ -222,7 +232,8 @@ async def nats_checks(fleet: FleetConfig | None, config: Path, home: Path
                       ) -> tuple[list[Check], bool]:
     """Reachability, version, JetStream, streams, buckets, consumers, dead letters, clock.
 
-    Returns the checks and whether a server accepted our (anonymous) connection.
+    Returns the checks and whether a server accepted an anonymous connection (we had no
+    credential and it let us in).
     """
     up = f"`corral up --config {config}`"
     env_url = os.environ.get("NATS_URL")
@@ -234,16 +245,23 @@ async def nats_checks(fleet: FleetConfig | None, config: Path, home: Path
                       f"NATS_URL=nats://HOST:4222")], False
     source = "$NATS_URL" if env_url else f"embedded, {home / 'nats'}"
     try:
+        creds = command_creds("operator", home=home)
+    except ConfigError as exc:
+        return [_fail("nats", f"cannot connect to {url} ({source}): {exc}",
+                      "fix or unset the credential named (--creds, CORRAL_CREDS, "
+                      "CORRAL_CREDS_DIR)")], False
+    try:
         with anyio.fail_after(4 * TIMEOUT_S):
-            bus = await connect_once(url, timeout_s=TIMEOUT_S)
+            bus = await connect_once(url, timeout_s=TIMEOUT_S, creds=creds)
     except (BusError, TimeoutError) as exc:
         fix = (f"is the server at NATS_URL={url} up? Or unset NATS_URL to use {up}'s embedded "
                "server" if env_url else f"its server is gone: start it again with {up}")
         return [_fail("nats", f"cannot reach {url} ({source}): {exc or 'no answer in time'}",
                       fix)], False
     try:
-        return [_ok("nats", f"{url} ({source})"),
-                *await _server_checks(bus, fleet, up)], True
+        who = f", as {creds.identity}" if creds is not None else ""
+        return [_ok("nats", f"{url} ({source}{who})"),
+                *await _server_checks(bus, fleet, up)], creds is None
     finally:
         with anyio.move_on_after(TIMEOUT_S, shield=True):
             await bus.close()
@@ -378,7 +396,7 @@ async def diagnose(config: Path, *, home: Path | None = None) -> list[Check]:
     checks += found
     server, anonymous = await nats_checks(fleet, config, home)
     checks += server
-    checks += credentials_checks(anonymous=anonymous)
+    checks += credentials_checks(anonymous=anonymous, home=home)
     checks.append(disk_check(home, remote=bool(os.environ.get("NATS_URL"))))
     return checks
 

@@ -19,7 +19,16 @@ import msgspec
 
 from actors.runtime import check_fleet
 from bus import subjects
+from bus.auth import (
+    creds_path,
+    embedded_auth_dir,
+    keyset_of,
+    load_creds,
+    publish_keyset,
+    write_nats_config,
+)
 from bus.connection import Bus, connect
+from bus.permissions import fleet_identities
 from bus.provision import (
     RECLAIM_ACK_WAIT_S,
     ensure_agent_consumer,
@@ -31,6 +40,7 @@ from bus.provision import (
 from bus.server import EmbeddedServer, corral_home
 from schemas.config import FleetConfig, supervision_tree
 from schemas.errors import BusError, ConfigError, SupervisorError
+from schemas.identity import KeySet, supervisor_identity
 from schemas.supervision import SupervisionTree, SupervisorSpec
 from schemas.system import ChildRecord
 from supervisors.child import actor_secrets
@@ -155,6 +165,7 @@ class FleetHandle:
     server: EmbeddedServer | None
     home: Path
     node: str
+    creds_dir: Path | None = None  # each process's credential is here; None: unauthenticated
 
     def actors(self) -> list[ChildRecord]:
         """Every actor process of the tree right now (``id``, ``pid``, ``restarts``...)."""
@@ -236,35 +247,99 @@ def domain_locks(home: Path, domains: list[str]) -> Iterator[None]:
             os.close(fd)  # closing releases the lock
 
 
+@dataclass(frozen=True)
+class _Auth:
+    """Who ``corral up`` and its processes are on the bus (ADR 0008)."""
+
+    creds_dir: Path | None  # every identity's credential; None: unauthenticated
+    keyset: KeySet | None
+
+
+def _own_server_auth(fleet: FleetConfig, home: Path) -> tuple[_Auth, Path]:
+    """Keys for the embedded server: generated (or kept) under ``$CORRAL_HOME/nats/auth``."""
+    files = write_nats_config(fleet, embedded_auth_dir(home))
+    if files.created:
+        log.info("new credentials for %s in %s", ", ".join(files.created), files.creds_dir)
+    return _Auth(files.creds_dir, files.keyset), files.auth_conf
+
+
+def _given_auth(fleet: FleetConfig, url: str) -> _Auth:
+    """``$CORRAL_CREDS_DIR`` against ``$NATS_URL``: every identity's credential must be there.
+
+    Raises:
+        ConfigError: the directory lacks some, or ``$CORRAL_CREDS`` was given instead.
+    """
+    given = os.environ.get("CORRAL_CREDS_DIR")
+    if not given:
+        if os.environ.get("CORRAL_CREDS"):
+            raise ConfigError("corral up needs every identity's credential: set "
+                              "CORRAL_CREDS_DIR to the creds directory `corral nats-config` "
+                              "wrote, not CORRAL_CREDS (one identity's)")
+        log.warning("unauthenticated: NATS at %s was given without credentials "
+                    "(CORRAL_CREDS_DIR): anyone who can reach it can submit tasks, append "
+                    "events, run tools, answer model calls and delete streams. See "
+                    "docs/security.md to run with one identity per process", url)
+        return _Auth(None, None)
+    creds_dir = Path(given)
+    missing = [i for i in fleet_identities(fleet)
+               if not creds_path(creds_dir, i).exists()]
+    if missing:
+        raise ConfigError(f"CORRAL_CREDS_DIR={creds_dir} has no credential for "
+                          f"{', '.join(missing)}: run `corral nats-config --config "
+                          f"{fleet.source} --out DIR` again (existing keys are kept) and "
+                          "reload the server", file=fleet.source)
+    return _Auth(creds_dir, keyset_of(creds_dir, fleet.name))
+
+
+async def _connect_as(url: str, auth: _Auth, identity: str, name: str) -> Bus:
+    creds = load_creds(creds_path(auth.creds_dir, identity)) if auth.creds_dir else None
+    return await connect(url, name=name, creds=creds)
+
+
 @contextlib.asynccontextmanager
 async def _running(config: Path, fleet: FleetConfig, tree: SupervisionTree,
                    spec: SupervisorSpec, *, home: Path, node: str | None
                    ) -> AsyncIterator[FleetHandle]:
     server: EmbeddedServer | None = None
     url = os.environ.get("NATS_URL", "")
-    if not url:
-        server = EmbeddedServer(home)
+    if url:
+        auth = _given_auth(fleet, url)
+    else:
+        auth, conf = _own_server_auth(fleet, home)
+        server = EmbeddedServer(home, auth=conf)
         url = server.start()
-    node = node or default_node()
+        if server.reused:
+            server.reload()  # another `corral up` of this home started it: maybe a changed fleet
+    node = re.sub(r"[^-_a-zA-Z0-9]", "-", node or default_node())  # one KV-key token
     try:
-        bus = await connect(url, name="corral-up")
+        bus = await _connect_as(url, auth, "admin", "corral-up")
         try:
             await provision_fleet(bus, fleet,
                                   fresh_server=server is not None and not server.reused)
-            absolute = Path(await anyio.Path(config).absolute())
-            root = Supervisor(spec, tree, config=absolute, node=node, fleet=fleet.name,
-                              bus=bus, log_dir=home / "logs",
-                              env={"NATS_URL": url, "CORRAL_HOME": str(home)},
-                              secrets=actor_secrets(fleet))
-            async with anyio.create_task_group() as tg:
-                await tg.start(root.run)
-                try:
-                    yield FleetHandle(bus, root, url, server, home, node)
-                finally:
-                    root.stop()
-                    tg.start_soon(_hurry_on_signal, root)
-            if root.failure is not None:
-                raise root.failure
+            if auth.keyset is not None:
+                await publish_keyset(bus, auth.keyset)
+                bus.keys = auth.keyset
+            root_bus = (await _connect_as(url, auth, supervisor_identity(spec.path),
+                                          "corral-up-root") if auth.creds_dir else bus)
+            try:
+                absolute = Path(await anyio.Path(config).absolute())
+                root = Supervisor(spec, tree, config=absolute, node=node, fleet=fleet.name,
+                                  bus=root_bus, log_dir=home / "logs",
+                                  env={"NATS_URL": url, "CORRAL_HOME": str(home)},
+                                  secrets=actor_secrets(fleet), creds_dir=auth.creds_dir)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(root.run)
+                    try:
+                        yield FleetHandle(bus, root, url, server, home, node, auth.creds_dir)
+                    finally:
+                        root.stop()
+                        tg.start_soon(_hurry_on_signal, root)
+                if root.failure is not None:
+                    raise root.failure
+            finally:
+                if root_bus is not bus:
+                    with anyio.CancelScope(shield=True):
+                        await root_bus.close()
         finally:
             with anyio.CancelScope(shield=True):
                 await bus.close()

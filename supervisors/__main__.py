@@ -40,11 +40,13 @@ async def _run(args: argparse.Namespace) -> int:
         raise ConfigError(f"no supervisor named {args.supervisor!r}", file=fleet.source,
                           table=f"supervisors.{args.supervisor}")
     link = SupervisorLink.from_env()
+    # Its own credential is $CORRAL_CREDS (connect reads it); its children's are in here.
+    creds_dir = Path(os.environ["CORRAL_CREDS_DIR"]) if os.environ.get("CORRAL_CREDS_DIR") else None
     bus = await connect(name=f"corral-supervisor-{args.supervisor}")
     try:
         sup = Supervisor(tree.spec(args.supervisor), tree, config=config, node=args.node,
                          fleet=fleet.name, bus=bus, log_dir=corral_home() / "logs", link=link,
-                         secrets=actor_secrets(fleet))
+                         secrets=actor_secrets(fleet), creds_dir=creds_dir)
         async with anyio.create_task_group() as tg:
             async def on_signals() -> None:  # for the whole life: PDEATHSIG may come twice
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -10,7 +10,8 @@ up``, which drains the tree in order (as for SIGTERM); the child still dies
 with its supervisor (PR_SET_PDEATHSIG, ``actors.link``). Its environment is
 an allow-list of what any process needs to run plus the secrets of that one
 child (``child_env``): provider keys only in model gateways, a tool's
-declared ``env`` only in that tool, nothing secret in agents.
+declared ``env`` only in that tool, nothing secret in agents; and each child
+its own NATS credential only (``creds_env``).
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ import anyio.abc
 import msgspec
 
 from actors.providers import key_env
+from bus.auth import creds_path
 from schemas.config import FleetConfig
+from schemas.identity import supervisor_identity
 from schemas.supervision import ChildSpec, SupervisionTree
 from schemas.system import ChildRecord, ChildState
 
-__all__ = ["SAFE_ENV", "SAFE_ENV_PREFIXES", "ChildProcess", "actor_secrets", "child_argv",
-           "child_env", "describe_exit", "exit_line", "secrets_of"]
+__all__ = ["CREDS_ENV", "SAFE_ENV", "SAFE_ENV_PREFIXES", "ChildProcess", "actor_secrets",
+           "child_argv", "child_env", "creds_env", "describe_exit", "exit_line", "secrets_of"]
 
 log = logging.getLogger("corral.supervisor")
 
@@ -90,6 +93,10 @@ def secrets_of(spec: ChildSpec, tree: SupervisionTree,
     return frozenset(v for a in actors for v in secrets.get(a, ()))
 
 
+# Never passed down as they are: each child gets its own credential (``creds_env``).
+CREDS_ENV = frozenset({"CORRAL_CREDS", "CORRAL_CREDS_DIR"})
+
+
 def child_env(base: Mapping[str, str], secrets: Iterable[str] = ()) -> dict[str, str]:
     """``base`` cut down to the safe variables, plus the ``secrets`` it holds.
 
@@ -97,9 +104,28 @@ def child_env(base: Mapping[str, str], secrets: Iterable[str] = ()) -> dict[str,
         >>> child_env({"PATH": "/bin", "OPENAI_API_KEY": "sk-…", "TOKEN": "t"}, ["TOKEN"])
         {'PATH': '/bin', 'TOKEN': 't'}
     """
-    env = {k: v for k, v in base.items() if k in SAFE_ENV or k.startswith(SAFE_ENV_PREFIXES)}
+    env = {k: v for k, v in base.items()
+           if (k in SAFE_ENV or k.startswith(SAFE_ENV_PREFIXES)) and k not in CREDS_ENV}
     env.update({k: base[k] for k in secrets if k in base})
     return env
+
+
+def creds_env(spec: ChildSpec, creds_dir: Path | None) -> dict[str, str]:
+    """A child's own credential (ADR 0008): ``CORRAL_CREDS`` naming its file, nothing else.
+
+    A supervisor child also gets ``CORRAL_CREDS_DIR``: it hands each of its own
+    children theirs. Without ``creds_dir`` (an unauthenticated server) nothing.
+
+    Example:
+        >>> creds_env(ChildSpec(id="agent.triage", kind="actor", ...), Path("/h/creds"))
+        {'CORRAL_CREDS': '/h/creds/agent.triage.creds'}
+    """
+    if creds_dir is None:
+        return {}
+    if spec.kind == "actor":
+        return {"CORRAL_CREDS": str(creds_path(creds_dir, spec.id))}
+    return {"CORRAL_CREDS": str(creds_path(creds_dir, supervisor_identity(spec.id))),
+            "CORRAL_CREDS_DIR": str(creds_dir)}
 
 
 _TAIL_BYTES = 16384

@@ -65,7 +65,7 @@ from schemas.system import (
     encode_system,
     system_event_type,
 )
-from supervisors.child import ChildProcess, child_argv, child_env, secrets_of
+from supervisors.child import ChildProcess, child_argv, child_env, creds_env, secrets_of
 from supervisors.strategy import GiveUp, Leave, Restart, RestartPolicy
 
 __all__ = ["Supervisor"]
@@ -90,7 +90,8 @@ class Supervisor:
 
     ``env``: variables every child gets on top of the allow-list (``NATS_URL``);
     ``secrets``: what each actor spec may see beyond it (``actor_secrets(fleet)``);
-    without it no child gets anything secret.
+    without it no child gets anything secret. ``creds_dir``: where each child's
+    own NATS credential is (``creds_env``); None on an unauthenticated server.
 
     Example:
         >>> sup = Supervisor(tree.root, tree, config=path, node="host-1", fleet="demo",
@@ -106,6 +107,7 @@ class Supervisor:
     def __init__(self, spec: SupervisorSpec, tree: SupervisionTree, *, config: Path, node: str,
                  fleet: str, bus: Bus, log_dir: Path, env: Mapping[str, str] | None = None,
                  secrets: Mapping[str, Collection[str]] | None = None,
+                 creds_dir: Path | None = None,
                  link: SupervisorLink | None = None, rng: random.Random | None = None) -> None:
         self.spec = spec
         self.tree = tree
@@ -118,7 +120,8 @@ class Supervisor:
         extra = {**(env or {}), "CORRAL_PARENT_PID": str(os.getpid()),
                  "CORRAL_HEARTBEAT_S": repr(tree.heartbeat_s), "CORRAL_NODE": node}
         self.envs: dict[str, dict[str, str]] = {  # by child spec id
-            cs.id: {**child_env(os.environ, secrets_of(cs, tree, secrets or {})), **extra}
+            cs.id: {**child_env(os.environ, secrets_of(cs, tree, secrets or {})), **extra,
+                    **creds_env(cs, creds_dir)}
             for cs in spec.children}
         self.children: list[ChildProcess] = []
         self._restarts_seen: dict[str, deque[float]] = {}  # supervisor path → restart times
