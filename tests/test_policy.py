@@ -604,3 +604,14 @@ def test_policy_check_lists_ids_and_tiers(tmp_path: Path,
                                                    'Action::"lookups", resource);')
     assert main(["policy", "check", "--config", str(tmp_path / "fleet.toml")]) == 2
     assert "p.cedar:1:" in capsys.readouterr().err
+
+
+def test_the_policies_in_the_docs_are_valid_against_the_demo_fleet(demo_gate: Gate) -> None:
+    import re
+    text = (REPO / "docs" / "approvals.md").read_text()
+    blocks = re.findall(r"```cedar\n(.*?)```", text, re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        Gate(demo_gate.fleet, live=[PolicySource(name=f"docs-{i}", path=f"approvals.md#{i}",
+                                                 text=block)],
+             parameters=tool_schemas(demo_gate.fleet))
