@@ -447,6 +447,8 @@ def test_hostile_calls_are_denied_with_a_reason(call: tuple[Any, ...]) -> None:
     assert d.effect == "deny" and d.reason
 
 
+GATE = gate(REFUNDS + '@id("no-tags") forbid(principal, action, resource) '
+            'when { context.args has tags && context.args.tags.contains("x") };')
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
@@ -464,9 +466,6 @@ def test_decide_never_raises(args: Any, spend: Any, confidence: Any) -> None:
     assert d.effect in ("allow", "deny", "approve") and d.reason
     assert not d.reason.startswith("policy check failed"), d.reason
 
-
-GATE = gate(REFUNDS + '@id("no-tags") forbid(principal, action, resource) '
-            'when { context.args has tags && context.args.tags.contains("x") };')
 
 
 # --- the demo's policy --------------------------------------------------------------------
