@@ -118,14 +118,14 @@ async def run_cli(argv: list[str], url: str, keys: KeySet | None,
                   monkeypatch: pytest.MonkeyPatch) -> int:
     """``corral audit ...`` in this process, its connection given the fleet's key set."""
     monkeypatch.setenv("NATS_URL", url)
-    real = audit_cmd.connect
+    real = audit_cmd.connect_command
 
     async def keyed(*args: Any, **kwargs: Any) -> Bus:
         bus = await real(*args, **kwargs)
         bus.keys = keys
         return bus
 
-    monkeypatch.setattr(audit_cmd, "connect", keyed)
+    monkeypatch.setattr(audit_cmd, "connect_command", keyed)
     args: argparse.Namespace = cli.build_parser().parse_args(argv)
     code: int = await args.func(args)
     return code
@@ -159,6 +159,9 @@ async def test_a_clean_signed_run_audits_clean(
     # The same run, read by an audit with no key set: it says what it could not check.
     assert await run_cli(["audit", "verify", "--since", "1h"], url, None, monkeypatch) == 0
     assert "signatures NOT checked" in capsys.readouterr().out
+    assert await run_cli(["audit", "verify", "--task", "no-such-task"], url, keys,
+                         monkeypatch) == 1
+    assert "no log and no anchor for task no-such-task" in capsys.readouterr().err
 
 
 async def test_usage_errors_exit_2(nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
