@@ -147,7 +147,11 @@ class Bus:
         return PubResult(ack.stream, ack.seq, bool(ack.duplicate))
 
     def denied(self, subject: str) -> None:
-        """The server refused a publish to ``subject`` (a permissions violation, reported late)."""
+        """The server refused a publish to ``subject`` (a permissions violation, reported late).
+
+        Compared without case: nats-py lowercases the server's error text.
+        """
+        subject = subject.lower()
         self._denied[subject] = None
         self._denied.move_to_end(subject)
         while len(self._denied) > 256:
@@ -159,7 +163,7 @@ class Bus:
         NATS reports a permissions violation asynchronously and drops the
         message: to the publisher it looks like a timeout. This says what it was.
         """
-        if subject not in self._denied:
+        if subject.lower() not in self._denied:
             return None
         who = self.signer.identity if self.signer is not None else "this connection"
         return BusError(f"publish to {subject} refused by the server: {who} may not publish "
@@ -274,7 +278,6 @@ class Bus:
 
 _AUTH_VIOLATION = "Authorization Violation"
 _DENIED_PUBLISH = re.compile(r'(?i)permissions violation for publish to "([^"]+)"')
-_REFUSALS = 2  # refused this often while connecting: the credential is wrong, not the moment
 
 
 async def connect(url: str | None = None, *, name: str = "corral",
@@ -309,15 +312,17 @@ async def connect(url: str | None = None, *, name: str = "corral",
     if creds is None and os.environ.get("CORRAL_CREDS"):
         source = f"$CORRAL_CREDS={os.environ['CORRAL_CREDS']}"
         creds = load_creds(Path(os.environ["CORRAL_CREDS"]))
-    refusals = 0
-    refused = anyio.Event()
+    refused = False
 
     async def on_error(exc: Exception) -> None:
-        nonlocal refusals
+        nonlocal refused
+        if refused and not nc.is_connected:
+            return  # what follows a refusal (a reset socket) says nothing new
         if _AUTH_VIOLATION in str(exc) and not nc.is_connected:
-            refusals += 1
-            if refusals >= _REFUSALS:
-                refused.set()
+            # The key is wrong, not the moment: stop nats-py's retries (it closes the
+            # socket, then gives up) instead of knocking forever. (0 would mean forever.)
+            refused = True
+            nc.options["max_reconnect_attempts"] = 1
             return
         denied = _DENIED_PUBLISH.search(str(exc))
         if denied:
@@ -337,32 +342,18 @@ async def connect(url: str | None = None, *, name: str = "corral",
                    "inbox_prefix": inbox_prefix(creds.identity), **options}
     nc = Client()
     bus = Bus(nc, url, timeout_s)
-    failure: BusError | None = None
-    async with anyio.create_task_group() as tg:
-        async def attempt() -> None:
-            nonlocal failure
-            try:
-                with nats_errors(f"cannot connect to NATS at {url}"):
-                    await nc.connect(
-                        url, name=name, connect_timeout=int(max(1, timeout_s)),
-                        max_reconnect_attempts=first_attempts, reconnect_time_wait=1,
-                        error_cb=on_error, disconnected_cb=on_disconnect,
-                        reconnected_cb=on_reconnect, **options,
-                    )
-            except BusError as exc:
-                failure = exc
-            finally:
-                tg.cancel_scope.cancel()
-
-        tg.start_soon(attempt)
-        await refused.wait()  # returns only if the server keeps refusing who we are
-        tg.cancel_scope.cancel()
-    if refusals and not nc.is_connected:
-        with anyio.CancelScope(shield=True):
-            await bus.abort()
-        raise BusError(_refused(url, creds, source), retryable=False)
-    if failure is not None:
-        raise failure
+    try:
+        with nats_errors(f"cannot connect to NATS at {url}"):
+            await nc.connect(
+                url, name=name, connect_timeout=int(max(1, timeout_s)),
+                max_reconnect_attempts=first_attempts, reconnect_time_wait=1,
+                error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+                **options,
+            )
+    except BusError as exc:
+        if refused:
+            raise BusError(_refused(url, creds, source), retryable=False) from exc
+        raise
     # Once connected, a lost connection is always retried: a server restart must not
     # end a follower or an actor. (nats-py reads this option on every attempt.)
     nc.options["max_reconnect_attempts"] = -1

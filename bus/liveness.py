@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import AsyncIterator
 
 import anyio
@@ -125,7 +126,10 @@ async def open_probe(bus: Bus) -> str:
     Raises:
         BusError: the subscription failed.
     """
-    subject = bus.nc.new_inbox()
+    # Not an inbox: its supervisor may publish here, and nobody may publish into another's
+    # inbox (ADR 0008). Named after the connection's identity, which alone may subscribe.
+    who = bus.signer.identity if bus.signer is not None else "anonymous"
+    subject = f"{subjects.probe(who)}.{uuid.uuid4().hex}"
 
     async def ignore(_msg: object) -> None:
         return None

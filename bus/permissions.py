@@ -179,6 +179,14 @@ def _parents(tree: SupervisionTree) -> dict[str, SupervisorSpec]:
     return {c.id: s for s in _supervisors(tree) for c in s.children if c.kind == "actor"}
 
 
+def _actor_common(tree: SupervisionTree, actor: str) -> tuple[list[str], list[str]]:
+    """What every actor process gets: the common part, its heartbeat keys, its probe."""
+    pub, sub = _common(actor)
+    pub += _heartbeat(tree, actor)
+    sub += [f"{subjects.probe(actor)}.>"]
+    return pub, sub
+
+
 def _heartbeat(tree: SupervisionTree, actor: str) -> list[str]:
     """The heartbeat keys of ``actor``'s processes: ``<node>.<path>.<kind>.<name>.<replica>``.
 
@@ -203,7 +211,7 @@ def _common(identity: str) -> tuple[list[str], list[str]]:
 def _agent(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     spec = fleet.agents[name]
     me = agent_identity(name)
-    pub, sub = _common(me)
+    pub, sub = _actor_common(tree, me)
     claim = intake_consumer(name)
     pub += _consume(subjects.TASKS_STREAM, subjects.agent_consumer(name))
     pub += [subjects.task(h) for h in spec.handoffs if h in fleet.agents]
@@ -215,7 +223,6 @@ def _agent(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     pub += [subjects.events("*"), subjects.anchors("*"), subjects.results("*")]
     pub += [subjects.dlq(me), subjects.dlq("intake.fleet")]
     pub += _read(subjects.EVENTS_STREAM) + _read(subjects.ANCHORS_STREAM)
-    pub += _heartbeat(tree, me)
     # The intake (actors/intake.py): list CORRAL_TASKS' subjects, claim an unknown one with
     # its own consumer, pull, ack, release. The filter must be within these two families
     # (the server checks the subject's filter against the request's) and a work-queue
@@ -231,19 +238,18 @@ def _agent(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
 
 def _tool(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     me = tool_identity(name)
-    pub, sub = _common(me)
+    pub, sub = _actor_common(tree, me)
     pub += _consume(subjects.TOOLS_STREAM, subjects.tool_consumer(name))
     pub += _kv_read(subjects.LEDGER_BUCKET) + _kv_write(subjects.LEDGER_BUCKET, f"{name}.>")
     pub += [subjects.events("*"), subjects.dlq(me)]
     pub += [subjects.wake(a) for a in agents_using_tool(fleet, name)]
     pub += _read(subjects.EVENTS_STREAM)
-    pub += _heartbeat(tree, me)
     return Permissions(publish=_unique(pub), subscribe=_unique(sub))
 
 
 def _model(fleet: FleetConfig, tree: SupervisionTree, alias: str) -> Permissions:
     me = model_identity(alias)
-    pub, sub = _common(me)
+    pub, sub = _actor_common(tree, me)
     users = agents_using_model(fleet, alias)
     teams = sorted({fleet.agents[a].team for a in users if fleet.agents[a].team})
     pub += _consume(subjects.MODELS_STREAM, subjects.model_consumer(alias))
@@ -254,7 +260,6 @@ def _model(fleet: FleetConfig, tree: SupervisionTree, alias: str) -> Permissions
     pub += _kv_write(subjects.BUDGET_BUCKET, *[f"agent.{a}.*" for a in users],
                      *[f"team.{t}.*" for t in teams])
     pub += _kv_read(subjects.CACHE_BUCKET) + _kv_write(subjects.CACHE_BUCKET, _ALL)
-    pub += _heartbeat(tree, me)
     sub += [subjects.model(alias)]
     return Permissions(publish=_unique(pub), subscribe=_unique(sub), allow_responses=True)
 
@@ -274,15 +279,14 @@ def _supervisor(fleet: FleetConfig, spec: SupervisorSpec) -> Permissions:
             "model": (subjects.MODELS_STREAM, subjects.model_consumer(name)),
         }[kind]
         # A dead child's deliveries are handed back (-NAK on their ack subjects) once its
-        # connection is gone (a request on its probe, in its inbox); what it never read is
+        # connection is gone (a request on its probe subject); what it never read is
         # published again (reclaim_stranded: agents and gateways).
-        pub += [f"$JS.ACK.{stream}.{consumer}.>", f"{inbox_prefix(child.id)}.>"]
+        pub += [f"$JS.ACK.{stream}.{consumer}.>", f"{subjects.probe(child.id)}.>",
+                f"{API}.CONSUMER.INFO.{stream}.{consumer}", *_read(stream)]
         if kind == "agent":
-            pub += [f"{API}.CONSUMER.INFO.{stream}.{consumer}", *_read(stream),
-                    subjects.task(name), subjects.wake(name)]
+            pub += [subjects.task(name), subjects.wake(name)]
         elif kind == "model":
-            pub += [f"{API}.CONSUMER.INFO.{stream}.{consumer}", *_read(stream),
-                    subjects.llm(name)]
+            pub += [subjects.llm(name)]
     return Permissions(publish=_unique(pub), subscribe=_unique(sub))
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "llm",
     "model",
     "model_consumer",
+    "probe",
     "results",
     "system",
     "task",
@@ -126,6 +127,11 @@ def breaker(alias: str) -> str:
 def dlq(actor: str) -> str:
     """Dead letters of ``actor`` (``agent.triage``, ``tool.send_email``...)."""
     return f"{PREFIX}.dlq.{actor}"
+
+
+def probe(identity: str) -> str:
+    """Where ``identity``'s processes answer whether their connection still lives (a prefix)."""
+    return f"{PREFIX}.probe.{identity}"
 
 
 def system(event_type: str) -> str:

@@ -57,6 +57,6 @@ async def connect_command(role: str, name: str, *, creds_file: str | None = None
         BusError: no server, or it refused the credential (saying which).
         ConfigError: a named credential is missing or not one.
     """
+    creds = command_creds(role, creds_file=creds_file)  # a bad credential says so first
     url = nats_url()
-    creds = command_creds(role, creds_file=creds_file)
     return await connect(url, name=name, first_attempts=CLI_CONNECT_ATTEMPTS, creds=creds)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -92,6 +94,28 @@ def one(records: list[ChildRecord], child_id: str) -> ChildRecord:
     found = [r for r in records if r.id == child_id]
     assert found, f"no child {child_id} in {[r.id for r in records]}"
     return found[0]
+
+
+def environ(pid: int) -> dict[str, str]:
+    """The environment process ``pid`` was started with."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(x.split("=", 1) for x in raw.decode().split("\0") if "=" in x)
+
+
+def process_environs(ps_json: str) -> dict[str, dict[str, str]]:
+    """The environment of every process below the roots of `corral ps --json`, by child id."""
+    seen: dict[str, dict[str, str]] = {}
+
+    def walk(node: dict[str, Any]) -> None:
+        if node.get("pid"):
+            seen[str(node["id"])] = environ(int(node["pid"]))
+        for kid in node["children"]:
+            walk(kid)
+
+    for tree in json.loads(ps_json):
+        for domain in tree["tree"]["children"]:
+            walk(domain)
+    return seen
 
 
 def env_without_nats(home: Path) -> dict[str, str]:

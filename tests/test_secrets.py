@@ -4,6 +4,7 @@ and no key material in provider error text."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from actors.model import ModelGateway
 from actors.providers import REDACTED, scrub
 from actors.providers.anthropic_provider import AnthropicProvider
 from actors.providers.openai_provider import OpenAIProvider
+from bus.auth import embedded_auth_dir, load_creds
 from bus.connection import Bus
 from schemas.config import parse_fleet
 from schemas.errors import ProviderError
@@ -22,7 +24,7 @@ from schemas.messages import ChatMessage, ModelRequest
 from schemas.routing import RouteEntry
 from supervisors.child import child_env
 from tests.llm_stub import Stub, error, serve_stub
-from tests.supervision_helpers import env_without_nats, tree_config
+from tests.supervision_helpers import env_without_nats, process_environs, tree_config
 
 CORRAL = [sys.executable, "-m", "corral"]
 
@@ -36,6 +38,8 @@ SECRETS = {
     "SOME_DATABASE_PASSWORD": "hunter2-hunter2",
 }
 
+SEED = re.compile(r"\bS[UAON][A-Z2-7]{54,56}\b")  # an nkey seed: user, account, operator, server
+
 KEYED = """
 [models.keyed]                       # a gateway that holds a key (never called here)
 provider = "anthropic"
@@ -43,11 +47,6 @@ model = "claude-test"
 base_url = "http://127.0.0.1:9"
 api_key_env = "FLEET_TEST_PROVIDER_KEY"
 """
-
-
-def environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    return dict(x.split("=", 1) for x in raw.decode().split("\0") if "=" in x)
 
 
 def test_child_env_is_an_allow_list_plus_the_named_secrets() -> None:
@@ -84,20 +83,12 @@ def test_keys_reach_only_the_gateway_and_a_tool_only_its_declared_env(home: Path
         assert done.returncode == 0, done.stdout + done.stderr
         ps = subprocess.run([*CORRAL, "ps", "--json"], env=env_without_nats(home),
                             capture_output=True, text=True, timeout=60, check=True)
-        seen: dict[str, dict[str, str]] = {}
-
-        def walk(node: dict[str, object]) -> None:
-            if node.get("pid"):
-                seen[str(node["id"])] = environ(int(str(node["pid"])))
-            for kid in node["children"]:  # type: ignore[attr-defined]
-                walk(kid)
-
-        for tree in json.loads(ps.stdout):
-            for domain in tree["tree"]["children"]:
-                walk(domain)
+        seen = process_environs(ps.stdout)
+        events = subprocess.run([*CORRAL, "events", "--json"], env=env_without_nats(home),
+                                capture_output=True, text=True, timeout=60, check=True)
     finally:
         up.terminate()
-        up.communicate(timeout=60)
+        rest, _ = up.communicate(timeout=60)
 
     def secrets_in(name: str) -> set[str]:
         return {k for k in SECRETS if k in seen[name]}
@@ -114,6 +105,21 @@ def test_keys_reach_only_the_gateway_and_a_tool_only_its_declared_env(home: Path
     # The tool ran (the task needed it) and saw its own token and nothing else secret.
     names = set(json.loads((home / "env-seen.json").read_text()))
     assert names & set(SECRETS) == {"FLEET_TEST_TOOL_TOKEN"}
+    # NATS keys (ADR 0008): each process got the path of its own credential, and no nkey
+    # seed (SU...) is anywhere a person or another process can read it.
+    creds = sorted((embedded_auth_dir(home) / "creds").glob("*.creds"))
+    seeds = [load_creds(p).seed.decode() for p in creds]
+    assert seeds and all(s.startswith("SU") for s in seeds)
+    for name, env_of in seen.items():
+        assert Path(env_of["CORRAL_CREDS"]).parent == creds[0].parent, name
+        assert not any(seed in v for v in env_of.values() for seed in seeds), name
+    texts = {"corral up": "".join(printed) + rest, "corral ps": ps.stdout,
+             "corral events": events.stdout, "submit": done.stdout + done.stderr,
+             **{p.name: p.read_text(errors="replace") for p in (home / "logs").glob("*.log")},
+             "nats.log": (home / "nats" / "nats.log").read_text(errors="replace")}
+    for where, text in texts.items():
+        assert not SEED.search(text), f"an nkey seed in {where}"
+        assert not any(seed in text for seed in seeds), f"a seed of ours in {where}"
 
 
 def test_scrub_removes_keys_fragments_and_key_shapes() -> None:
