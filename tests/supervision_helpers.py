@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -151,6 +152,20 @@ def start_up(env: dict[str, str], *args: str, own_group: bool = False
     up.kill()
     up.wait()
     raise AssertionError(f"corral up {' '.join(args)} did not get ready:\n" + "".join(lines))
+
+
+def corral(env: dict[str, str], *args: str, timeout: float = 60
+           ) -> subprocess.CompletedProcess[str]:
+    """Run one `corral` command to the end; what it printed, and its status."""
+    return subprocess.run([*CORRAL, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def stop(up: subprocess.Popen[str]) -> str:
+    """SIGTERM `corral up`, and what it printed after that (its drain)."""
+    up.send_signal(signal.SIGTERM)
+    out, _ = up.communicate(timeout=60)
+    return out
 
 
 def finish(up: subprocess.Popen[str]) -> None:

@@ -10,10 +10,7 @@ any, `corral up` says it runs unauthenticated.
 from __future__ import annotations
 
 import json
-import signal
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 from bus.auth import creds_path, embedded_auth_dir, load_creds
@@ -21,28 +18,16 @@ from bus.server import EmbeddedServer
 from corral.demo_run import DEMO_TASKS
 from tests.supervision_helpers import (
     DEFAULT_TREE,
+    corral,
     env_without_nats,
     finish,
     process_environs,
     start_up,
+    stop,
     tree_config,
 )
 
-CORRAL = [sys.executable, "-m", "corral"]
 IDENTITIES = 15  # the demo fleet: 3 agents, 3 tools, 1 alias, 4 supervisors, 4 roles
-
-
-def corral(env: dict[str, str], *args: str,
-           timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CORRAL, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def stop(up: subprocess.Popen[str]) -> str:
-    """SIGTERM `corral up`, wait for its drain; the rest of what it printed."""
-    up.send_signal(signal.SIGTERM)
-    rest, _ = up.communicate(timeout=90)
-    return rest
 
 
 def violations(home: Path) -> list[str]:

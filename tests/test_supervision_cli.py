@@ -24,24 +24,14 @@ from tests.supervision_helpers import (
     DEFAULT_TREE,
     LIVENESS,
     alive,
+    corral,
     env_without_nats,
     start_up,
+    stop,
     tree_config,
 )
 
 pytestmark = pytest.mark.crash
-
-def corral(env: dict[str, str], *args: str, timeout: float = 60
-           ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CORRAL, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def stop(up: subprocess.Popen[str]) -> str:
-    """SIGTERM, and what it printed after that."""
-    up.send_signal(signal.SIGTERM)
-    out, _ = up.communicate(timeout=60)
-    return out
 
 
 def test_when_the_root_gives_up_corral_up_exits_non_zero_naming_the_child(home: Path) -> None:
