@@ -21,6 +21,7 @@ import pytest
 from anyio.streams.text import TextReceiveStream
 
 from actors.runtime import load_fleet
+from bus.auth import embedded_creds
 from bus.connection import connect
 from bus.server import EmbeddedServer
 from corral.client import Client
@@ -253,7 +254,7 @@ async def test_sigterm_during_load_loses_nothing_and_runs_nothing_twice(home: Pa
         lines = text.splitlines()
         url = next(x.split()[1] for x in lines if x.strip().startswith("NATS"))
         pids = [int(p) for p in re.findall(r"pid (\d+)", text)]  # domains and actors
-        bus = await connect(url, name="test-load")
+        bus = await connect(url, name="test-load", creds=embedded_creds(home, "client"))
         try:
             client = Client(bus)
             ids = [await client.submit("triage", f"Please refund order {o}")
