@@ -24,6 +24,7 @@ import msgspec
 
 from actors.base import Actor
 from actors.faults import crash_point
+from actors.gate import ToolGate
 from actors.model import call_key
 from actors.taskview import TaskView
 from actors.tooling import handoff_schema, load_callable, tool_schema
@@ -33,16 +34,22 @@ from bus.connection import Bus
 from bus.eventlog import LogHead
 from bus.mailbox import Delivery
 from bus.provision import ensure_agent_consumer
+from schemas.approvals import ApprovalNotice, encode_notice, group_token
 from schemas.config import AgentSpec, FleetConfig
 from schemas.context import ACT_AT, WARN_AT, estimate_tokens, plan_cut
 from schemas.errors import ActorError, BusError, FencedWrite, ModelError
 from schemas.events import (
     ActorRef,
+    ApprovalDecided,
+    ApprovalEscalated,
+    ApprovalLevel,
+    ApprovalRequested,
     BudgetExceededEvent,
     ContextTruncated,
     ContextWarned,
     EventBase,
     Handoff,
+    PolicyDecision,
     TaskCompleted,
     TaskFailed,
     TaskRejected,
@@ -124,6 +131,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         ]
         if self.spec.handoffs:
             self.tools.append(handoff_schema(self.spec.handoffs))
+        self.gate = ToolGate(fleet)
         self._locks: dict[str, anyio.Lock] = {}
         self.model_calls = 0  # turn calls published by this replica (resends included)
 
@@ -436,6 +444,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         if not any(c.requested for c in state.calls.values()):
             crash_point("agent.after_llm", self.name)
         order = {call_id: i for i, call_id in enumerate(state.calls)}
+        waiting = False
         for cs in state.unrequested_calls():
             refusal = self._refusal(cs, order[cs.call.id])
             if refusal:
@@ -443,8 +452,37 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
                     error=refusal, error_type="ToolDenied"))
                 continue
+            # The gate between decision and action (docs/approvals.md): allow, deny, or
+            # wait for a person, who may let it run (perhaps with other arguments).
+            decision: PolicyDecision | None = None
+            if cs.approval == "pending":
+                head = await self._chase_approval(task_id, state, head, cs)
+            if cs.approval == "pending":
+                waiting = True
+                continue
+            if cs.approval in ("denied", "expired"):
+                what = ("nobody approved it in time (every escalation level expired)"
+                        if cs.approval == "expired" else f"denied by {cs.approval_note}")
+                head = await self._append(task_id, state, head, ToolFailed(
+                    **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
+                    error=f"not run: {what}", error_type="ApprovalDenied"))
+                continue
+            if not cs.approval:
+                decision, levels = self.gate.decide(self.name, self.version, cs.call.name,
+                                                    cs.call.arguments, task_id, state.cost_usd)
+                if decision.effect == "deny":
+                    head = await self._append(task_id, state, head, ToolFailed(
+                        **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
+                        error=f"not run: denied by policy ({decision.reason})",
+                        error_type="PolicyDenied", decision=decision))
+                    continue
+                if decision.effect == "approve":
+                    head = await self._request_approval(task_id, state, head, cs, decision,
+                                                        levels)
+                    waiting = True
+                    continue
             if cs.call.name == HANDOFF_TOOL:
-                return await self._handoff(task_id, state, head, cs), False
+                return await self._handoff(task_id, state, head, cs, decision), False
             repeats = state.call_counts.get(call_signature(cs.call), 0)
             if repeats >= self.spec.max_repeated_calls:
                 await self._fail_budget(task_id, state, head, "repeated_call", repeats + 1,
@@ -454,7 +492,10 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 return head, False
             key = f"{task_id}:{cs.turn}:{cs.call.id}"
             head = await self._append(task_id, state, head, ToolRequested(
-                **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key))
+                **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key,
+                decision=decision, arguments=cs.arguments))
+        if waiting:
+            await self._notify_approvals(task_id, state)
         crash_point("agent.after_tool_requested", self.name)
         # Every call still waiting is (re)sent on every look: we may have died between
         # appending and publishing, or the server may have lost the message. The
@@ -464,7 +505,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             if not cs.requested:
                 continue
             inv = ToolInvocation(task_id=task_id, call_id=cs.call.id, tool=cs.call.name,
-                                 arguments=cs.call.arguments, idempotency_key=cs.idempotency_key,
+                                 arguments=cs.effective_arguments,
+                                 idempotency_key=cs.idempotency_key,
                                  agent=self.name, turn=cs.turn, agent_version=self.version,
                                  traceparent=traceparent(), on_behalf_of=state.submitted_by)
             # Nats-Msg-Id = idempotency key: a republish inside the window is dropped.
@@ -472,8 +514,67 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                                       msg_id=cs.idempotency_key)
         return head, state.phase == "ready"
 
+    # -- approvals (docs/approvals.md) -----------------------------------------
+
+    async def _request_approval(self, task_id: str, state: TaskState, head: LogHead,
+                                cs: CallState, decision: PolicyDecision,
+                                levels: list[ApprovalLevel]) -> LogHead:
+        """The call waits for a person (``approval.requested``; notice and timer follow)."""
+        return await self._append(task_id, state, head, ApprovalRequested(
+            **self._envelope(task_id), approval_id=f"{task_id}.{head.seq + 1}",
+            call_id=cs.call.id, tool=cs.call.name, arguments=cs.call.arguments,
+            decision=decision, tier=self.spec.tier, levels=levels,
+            deadline=self.clock() + levels[0].within_s))
+
+    async def _chase_approval(self, task_id: str, state: TaskState, head: LogHead,
+                              cs: CallState) -> LogHead:
+        """Past its deadline, a pending approval escalates; after the last level it expires.
+
+        Silence is never approval: the expiry is a denial the model sees.
+        """
+        now = self.clock()
+        while cs.approval == "pending" and now >= cs.approval_deadline:
+            nxt = cs.approval_level + 1
+            if nxt < len(cs.approval_levels):
+                level = cs.approval_levels[nxt]
+                head = await self._append(task_id, state, head, ApprovalEscalated(
+                    **self._envelope(task_id), approval_id=cs.approval_id, call_id=cs.call.id,
+                    level=nxt, group=level.group,
+                    deadline=cs.approval_deadline + level.within_s))
+            else:
+                head = await self._append(task_id, state, head, ApprovalDecided(
+                    **self._envelope(task_id), approval_id=cs.approval_id, call_id=cs.call.id,
+                    decision="expired", by=f"agent {self.name}",
+                    comment=f"no decision within {len(cs.approval_levels)} level(s)"))
+        return head
+
+    async def _notify_approvals(self, task_id: str, state: TaskState) -> None:
+        """Tell approvers what waits (corral.approvals.<group>) and arm the escalation wake.
+
+        Sent again on every look (msg ids dedupe it): we may have died between
+        the append and the notice.
+        """
+        pending = state.pending_approvals()
+        if not pending:
+            return
+        for cs in pending:
+            notice = ApprovalNotice(
+                approval_id=cs.approval_id, task_id=task_id, agent=self.name, call_id=cs.call.id,
+                tool=cs.call.name, arguments=cs.call.arguments, state="pending",
+                group=cs.approval_group, level=cs.approval_level,
+                levels=len(cs.approval_levels), deadline=cs.approval_deadline,
+                reason=cs.approval_reason, time=self.clock())
+            await self.bus.js_publish(subjects.approvals(group_token(cs.approval_group)),
+                                      encode_notice(notice),
+                                      msg_id=f"approval:{cs.approval_id}:{cs.approval_level}")
+        wake = Wake(task_id=task_id, reason="approval deadline")
+        await self.bus.schedule(subjects.approval_timer(task_id, self.name),
+                                _encoder.encode(wake),
+                                at=min(c.approval_deadline for c in pending) + 0.5,
+                                target=subjects.wake(self.name))
+
     async def _handoff(self, task_id: str, state: TaskState, head: LogHead,
-                       cs: CallState) -> LogHead:
+                       cs: CallState, decision: PolicyDecision | None = None) -> LogHead:
         target = str(cs.call.arguments["to"])
         reason = str(cs.call.arguments.get("reason", ""))
         with tracer.start_as_current_span(
@@ -482,7 +583,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                             "corral.handoff.reason": reason, "corral.task.id": task_id}):
             head = await self._append(task_id, state, head, Handoff(
                 **self._envelope(task_id), call_id=cs.call.id, from_agent=self.name,
-                to_agent=target, reason=reason))
+                to_agent=target, reason=reason, decision=decision))
             crash_point("agent.after_handoff", self.name)
             await self._send_transfer(task_id, state, reason)
         return head

@@ -21,6 +21,8 @@ __all__ = [
     "MODEL_CALLS",
     "MODEL_COST",
     "MODEL_TOKENS",
+    "POLICY_DECISIONS",
+    "SHADOW_DISAGREEMENTS",
     "count_log_rejection",
     "serve_metrics",
 ]
@@ -42,6 +44,12 @@ BREAKER_STATE = Gauge("corral_breaker_state",
 LOG_REJECTED = Counter("corral_log_rejected_total",
                        "Task log entries rejected by a reader (once per entry per process)",
                        ["reason"])
+# The policy gate (docs/approvals.md): labels are config names and fixed effects only.
+POLICY_DECISIONS = Counter("corral_policy_decisions_total", "Tool calls decided by the gate",
+                           ["agent", "effect"])
+SHADOW_DISAGREEMENTS = Counter("corral_policy_shadow_disagreements_total",
+                               "Calls where the shadow policy set decided otherwise",
+                               ["agent", "live", "shadow"])
 log = logging.getLogger("corral.metrics")
 
 BREAKER_CODES = {"closed": 0, "half-open": 1, "open": 2}

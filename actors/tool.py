@@ -185,7 +185,8 @@ class ToolActor(Actor[ToolInvocation]):
                 ev = logged.event
                 if isinstance(ev, ToolRequested) and ev.call.name == self.name:
                     book.requests.setdefault(ev.idempotency_key, _Request(
-                        ev.call.id, ev.call.name, ev.turn, args_sha256(ev.call.arguments),
+                        ev.call.id, ev.call.name, ev.turn,
+                        args_sha256(ev.call.arguments if ev.arguments is None else ev.arguments),
                         ev.actor.kind, ev.actor.name, book.state.submitted_by))
             found = book.requests.get(key)
             if found is not None:

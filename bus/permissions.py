@@ -220,6 +220,7 @@ def _agent(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
         pub += [subjects.llm(alias), subjects.model(alias)]
     pub += [subjects.wake(name)]
     pub += [subjects.timer("*", a) for a in task_family(fleet, name)]
+    pub += [subjects.approval_timer("*", name), subjects.approvals("*")]  # docs/approvals.md
     pub += [subjects.events("*"), subjects.anchors("*"), subjects.results("*")]
     pub += [subjects.dlq(me), subjects.dlq("intake.fleet")]
     pub += _read(subjects.EVENTS_STREAM) + _read(subjects.ANCHORS_STREAM)
@@ -300,15 +301,17 @@ def _role(fleet: FleetConfig, role: str) -> Permissions:
         sub += [subjects.results("*")]
     elif role == "auditor":
         for stream in (subjects.EVENTS_STREAM, subjects.ANCHORS_STREAM, subjects.SYSTEM_STREAM,
-                       subjects.DLQ_STREAM):
+                       subjects.DLQ_STREAM, subjects.APPROVALS_STREAM):
             pub += _follow(stream)
     elif role == "operator":
         # Control: cancel, pause and resume are appends to a task's log (and its anchor);
         # resume wakes the agent; cancel announces the result.
         pub += [subjects.events("*"), subjects.anchors("*"), subjects.wake("*"),
                 subjects.results("*")]
+        # Approvals: decide (an append, a wake, a notice) and list what waits.
+        pub += [subjects.approvals("*")]
         for stream in (subjects.EVENTS_STREAM, subjects.ANCHORS_STREAM, subjects.SYSTEM_STREAM,
-                       subjects.DLQ_STREAM):
+                       subjects.DLQ_STREAM, subjects.APPROVALS_STREAM):
             pub += _follow(stream)
         # corral ps (liveness buckets) and corral doctor (server, streams, consumers).
         pub += _kv_read(subjects.HEARTBEATS_BUCKET) + _kv_read(subjects.SUPERVISORS_BUCKET)

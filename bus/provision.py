@@ -75,9 +75,12 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             deny_delete=True, deny_purge=True, allow_direct=True,
             duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
         ),
-        # Lifecycle events of supervision: an audit trail, kept a while.
+        # Approval notices: the index of what waits for a person (the logs are the truth).
         StreamConfig(
-            name=subjects.SYSTEM_STREAM, subjects=[subjects.SYSTEM_ALL],
+            name=subjects.APPROVALS_STREAM, subjects=[subjects.APPROVALS_ALL],
+            retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+            num_replicas=replicas, max_age=30 * DAY_S, duplicate_window=600.0,
+        ),
         # Finished tasks' signed chain heads: what a log cut short or rewritten whole
         # is compared with (ADR 0008). Apart from the logs, and as undeletable.
         StreamConfig(
@@ -86,6 +89,9 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             deny_delete=True, deny_purge=True, allow_direct=True,
             duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
         ),
+        # Lifecycle events of supervision: an audit trail, kept a while.
+        StreamConfig(
+            name=subjects.SYSTEM_STREAM, subjects=[subjects.SYSTEM_ALL],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             num_replicas=replicas, max_age=30 * DAY_S, max_msgs=1_000_000,
             discard=DiscardPolicy.OLD,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ANCHORS_STREAM",
+    "APPROVALS_STREAM",
     "BUDGET_BUCKET",
     "CACHE_BUCKET",
     "DLQ_STREAM",
@@ -22,8 +23,10 @@ __all__ = [
     "TASKS_STREAM",
     "TOOLS_STREAM",
     "agent_consumer",
-    "breaker",
     "anchors",
+    "approval_timer",
+    "approvals",
+    "breaker",
     "dlq",
     "events",
     "llm",
@@ -50,6 +53,7 @@ ANCHORS_STREAM = "CORRAL_ANCHORS"  # finished tasks' signed chain heads (ADR 000
 LEDGER_BUCKET = "CORRAL_LEDGER"  # tool idempotency ledger
 BUDGET_BUCKET = "CORRAL_BUDGETS"  # spend counters per team / agent per day
 CACHE_BUCKET = "CORRAL_MODEL_CACHE"  # responses for a route's cached fallback
+APPROVALS_STREAM = "CORRAL_APPROVALS"  # approval notices: the index of what waits for a person
 SYSTEM_STREAM = "CORRAL_SYSTEM"  # lifecycle events of supervision (audit)
 HEARTBEATS_BUCKET = "CORRAL_HEARTBEATS"  # one live key per actor process (TTL)
 SUPERVISORS_BUCKET = "CORRAL_SUPERVISORS"  # one live key per supervisor: its children (TTL)
@@ -64,6 +68,7 @@ EVENTS_ALL = f"{PREFIX}.events.>"
 DLQ_ALL = f"{PREFIX}.dlq.>"
 SYSTEM_ALL = f"{PREFIX}.system.>"
 ANCHORS_ALL = f"{PREFIX}.anchors.>"
+APPROVALS_ALL = f"{PREFIX}.approvals.>"
 
 # Header carrying an event's type, so a reader can filter without decoding.
 EVENT_TYPE_HEADER = "Corral-Event-Type"
@@ -84,6 +89,16 @@ def timer(task_id: str, agent: str) -> str:
     return f"{PREFIX}.timers.{task_id}.{agent}"
 
 
+def approval_timer(task_id: str, agent: str) -> str:
+    """Where an agent's next approval deadline for a task is scheduled (one per task)."""
+    return f"{PREFIX}.timers.{task_id}.{agent}.approvals"
+
+
+def approvals(group: str) -> str:
+    """Where approval notices for approver ``group`` go (a group is one subject token)."""
+    return f"{PREFIX}.approvals.{group}"
+
+
 def tool(name: str) -> str:
     """Where calls of tool ``name`` are published."""
     return f"{PREFIX}.tools.{name}"
@@ -96,12 +111,12 @@ def events(task_id: str) -> str:
 
 def task_id_of(events_subject: str) -> str:
     """The task id in an events subject."""
+    return events_subject.rsplit(".", 1)[-1]
+
+
 def anchors(task_id: str) -> str:
     """Where a finished task's chain head is anchored."""
     return f"{PREFIX}.anchors.{task_id}"
-
-
-    return events_subject.rsplit(".", 1)[-1]
 
 
 def model(alias: str) -> str:

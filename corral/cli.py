@@ -41,7 +41,7 @@ from bus.auth import write_nats_config
 from bus.connection import Bus
 from bus.eventlog import EventLog, LoggedEvent
 from bus.server import corral_home
-from corral import audit, doctor, policy_cli
+from corral import approvals, audit, decisions, doctor, policy_cli
 from corral.access import connect_command
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
@@ -158,11 +158,17 @@ async def cmd_submit(args: argparse.Namespace) -> int:
             return 0
         print(f"task {task_id} → {args.agent}", file=sys.stderr)
         try:
-            state = await client.wait(task_id, timeout_s=args.timeout)
+            state = await client.wait(task_id, timeout_s=args.timeout, until_input=True)
         except BusTimeout as exc:
             print(f"corral: {exc}; follow it with `corral events --task {task_id} --follow`",
                   file=sys.stderr)
             return 3
+        if state.status == "input-required":
+            for cs in state.pending_approvals():
+                print(f"task {task_id} waits for {cs.approval_group} to approve {cs.call.name} "
+                      f"({cs.approval_reason}): corral approve {cs.approval_id}  |  "
+                      f"corral deny {cs.approval_id} --reason ...", file=sys.stderr)
+            return 4
         if state.status == "completed":
             print(state.answer)
             return 0
@@ -473,6 +479,8 @@ Then:
     doctor.add_parser(sub)
     audit.add_parser(sub)
     policy_cli.add_parser(sub)
+    approvals.add_parsers(sub)
+    decisions.add_parser(sub)
     return parser
 
 

@@ -119,8 +119,12 @@ class Client:
             await self.log.read(task_id, state=state, until=stream_seq)
         return LogVerifier(task_id, state, keys=self.bus.keys)
 
-    async def wait(self, task_id: str, *, timeout_s: float = 60.0) -> TaskState:
+    async def wait(self, task_id: str, *, timeout_s: float = 60.0,
+                   until_input: bool = False) -> TaskState:
         """Follow a task until it ends; returns its folded state.
+
+        With ``until_input``, also return when it waits for a person (status
+        ``input-required``: a call awaits approval).
 
         Entries that fail verification are skipped (a forged ending does not end it).
 
@@ -128,13 +132,19 @@ class Client:
             BusTimeout: the task did not end within ``timeout_s``.
         """
         events: list[Event] = []
+        state = TaskState()
         with anyio.move_on_after(timeout_s):
             async for event in self.follow(task_id):
                 if isinstance(event, Rejected):
                     continue
                 events.append(event)
+                apply(state, event)
                 if event_type(event) in TERMINAL_EVENTS:
-                    return fold(events)
+                    return state
+                if until_input and state.status == "input-required":
+                    now = await self.state(task_id)  # still waiting, or only in the past?
+                    if now.status == "input-required" or now.terminal:
+                        return now
         raise BusTimeout(f"task {task_id} did not finish within {timeout_s:g}s "
                          f"({len(events)} events so far)")
 

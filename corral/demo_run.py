@@ -13,11 +13,14 @@ from pathlib import Path
 import anyio
 
 from actors.runtime import load_fleet
+from bus.connection import connect
 from bus.server import corral_home
+from corral.access import command_creds
+from corral.approvals import decide
 from corral.client import Client
 from corral.fleetrun import running_fleet
 from corral.render import describe, plural
-from schemas.events import TERMINAL_EVENTS, event_type
+from schemas.events import TERMINAL_EVENTS, ApprovalRequested, event_type
 from schemas.fold import TaskState, apply
 from schemas.verify import Rejected
 
@@ -57,6 +60,9 @@ async def run_demo(args: argparse.Namespace) -> int:
         print(f"ready in {time.monotonic() - t_start:.1f}s — NATS {handle.url}, "
               f"logs in {home / 'logs'}\n")
         client = Client(handle.bus)
+        # The approver decides as the operator role, like `corral approve` does.
+        approver = await connect(handle.url, name="corral-demo-approver",
+                                 creds=command_creds("operator", home=home))
         run = uuid.uuid4().hex[:6]
         labels: dict[str, str] = {}
         states: dict[str, TaskState] = {}
@@ -78,8 +84,17 @@ async def run_demo(args: argparse.Namespace) -> int:
                 apply(states[event.task_id], event)
                 elapsed = time.monotonic() - t0
                 out.write(f"  {elapsed:6.2f}s  {labels[event.task_id]}  "
-                          f"{event_type(event):<15} {describe(event)}\n")
+                          f"{event_type(event):<18} {describe(event)}\n")
                 out.flush()
+                if isinstance(event, ApprovalRequested):
+                    # The demo plays the approver, visibly, so `make run` ends unattended.
+                    group = event.decision.group
+                    out.write(f"  {'':>7}  {labels[event.task_id]}  approver        "
+                              f"(the demo, playing {group}) approves {event.tool} "
+                              f"{json.dumps(event.arguments, sort_keys=True)} — by hand: "
+                              f"`corral approve {event.approval_id}`\n")
+                    await decide(approver, event.approval_id, "approved",
+                                 by=f"demo ({group})", comment="approved by the demo's approver")
                 if event_type(event) in TERMINAL_EVENTS:
                     done.add(event.task_id)
                     if len(done) == len(labels):
@@ -104,6 +119,7 @@ async def run_demo(args: argparse.Namespace) -> int:
             print(f"  timed out after {args.timeout:g}s", file=sys.stderr)
         print(f"  audit trail: the log is kept in {home / 'nats'}; to read it later run "
               f"`CORRAL_HOME={home} corral up` and `CORRAL_HOME={home} corral events`")
+        await approver.close()
         print("\nstopping the fleet …", flush=True)
     first = next(iter(labels))
     print(f"""

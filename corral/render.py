@@ -9,6 +9,9 @@ from typing import Any
 import msgspec
 
 from schemas.events import (
+    ApprovalDecided,
+    ApprovalEscalated,
+    ApprovalRequested,
     BudgetExceededEvent,
     ContextTruncated,
     ContextWarned,
@@ -64,7 +67,19 @@ def describe(event: Event) -> str:
             again = " (retrying)" if event.retryable else ""
             return f"{event.agent}'s model call failed{again}: {short(event.error, 100)}"
         case ToolRequested():
-            return f"dispatch {event.call.name} [{event.idempotency_key.split(':', 1)[-1]}]"
+            over = f" with {_args(event.arguments)} (approver's override)" \
+                if event.arguments is not None else ""
+            return f"dispatch {event.call.name} [{event.idempotency_key.split(':', 1)[-1]}]{over}"
+        case ApprovalRequested():
+            return (f"waits for {event.decision.group}: {event.tool}({_args(event.arguments)}) "
+                    f"— {short(event.decision.reason, 80)} [approval {event.approval_id}]")
+        case ApprovalEscalated():
+            return (f"approval {event.approval_id} escalated to {event.group} "
+                    f"(level {event.level + 1})")
+        case ApprovalDecided():
+            note = f": {short(event.comment, 80)}" if event.comment else ""
+            over = f" with {_args(event.arguments)}" if event.arguments is not None else ""
+            return f"approval {event.approval_id} {event.decision} by {event.by}{over}{note}"
         case ToolCompleted():
             replay = " (replayed from ledger)" if event.replayed else ""
             return f"✓ {event.tool} → {short(event.result, 60)}{replay}"

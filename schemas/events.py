@@ -9,7 +9,7 @@ and the hash of the previous event (a tamper-evident chain).
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -21,6 +21,10 @@ __all__ = [
     "TERMINAL_EVENTS",
     "ActorRef",
     "Anchor",
+    "ApprovalDecided",
+    "ApprovalEscalated",
+    "ApprovalLevel",
+    "ApprovalRequested",
     "BudgetExceededEvent",
     "ContextTruncated",
     "ContextWarned",
@@ -29,6 +33,7 @@ __all__ = [
     "Handoff",
     "LlmFailed",
     "LlmResponded",
+    "PolicyDecision",
     "TaskCanceled",
     "TaskCompleted",
     "TaskFailed",
@@ -140,6 +145,8 @@ class ToolRequested(EventBase, frozen=True, kw_only=True, tag="tool.requested"):
     turn: int
     call: ToolCall
     idempotency_key: str
+    decision: PolicyDecision | None = None  # the gate's verdict (None: written before the gate)
+    arguments: dict[str, Any] | None = None  # what runs, when an approver overrode the call's
 
 
 class ToolCompleted(EventBase, frozen=True, kw_only=True, tag="tool.completed"):
@@ -162,6 +169,7 @@ class ToolFailed(EventBase, frozen=True, kw_only=True, tag="tool.failed"):
     error_type: str = ""
     retryable: bool = False
     idempotency_key: str = ""
+    decision: PolicyDecision | None = None  # set when the policy gate refused the call
 
 
 class Handoff(EventBase, frozen=True, kw_only=True, tag="handoff"):
@@ -171,6 +179,7 @@ class Handoff(EventBase, frozen=True, kw_only=True, tag="handoff"):
     from_agent: str
     to_agent: str
     reason: str = ""
+    decision: PolicyDecision | None = None  # the gate's verdict (None: written before the gate)
 
 
 class BudgetExceededEvent(EventBase, frozen=True, kw_only=True, tag="budget.exceeded"):
@@ -248,6 +257,58 @@ class TaskResumed(EventBase, frozen=True, kw_only=True, tag="task.resumed"):
     reason: str = ""
 
 
+class PolicyDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """What the policy gate decided for one tool call, and why (docs/approvals.md)."""
+
+    effect: Literal["allow", "deny", "approve"]
+    policies: list[str] = msgspec.field(default_factory=list)  # the ids that decided it
+    reason: str = ""
+    group: str = ""  # who must approve (effect "approve")
+    shadow_effect: str = ""  # what the shadow policy set said ("" when there is none)
+    spot_check: bool = False  # tier 2: this completed action is sampled for review
+
+
+class ApprovalLevel(msgspec.Struct, frozen=True, kw_only=True):
+    """One level of an approval's escalation chain: who decides, within how long."""
+
+    group: str
+    within_s: float
+
+
+class ApprovalRequested(EventBase, frozen=True, kw_only=True, tag="approval.requested"):
+    """A tool call waits for a person (the owner wrote it; the call has not run)."""
+
+    approval_id: str  # "<task_id>.<seq of this event>": what `corral approve` names
+    call_id: str
+    tool: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    decision: PolicyDecision
+    tier: int = 0
+    levels: list[ApprovalLevel] = msgspec.field(default_factory=list)
+    deadline: float  # unix time: level 0 must decide by then, or it escalates
+
+
+class ApprovalEscalated(EventBase, frozen=True, kw_only=True, tag="approval.escalated"):
+    """Nobody decided in time: the next level of the chain has until ``deadline``."""
+
+    approval_id: str
+    call_id: str
+    level: int  # index into the request's levels
+    group: str
+    deadline: float
+
+
+class ApprovalDecided(EventBase, frozen=True, kw_only=True, tag="approval.decided"):
+    """A person approved or denied the call (an operator), or the last level expired (owner)."""
+
+    approval_id: str
+    call_id: str
+    decision: Literal["approved", "denied", "expired"]
+    by: str = ""  # who decided (the operator's name and identity)
+    comment: str = ""
+    arguments: dict[str, Any] | None = None  # an approver's override of the call's arguments
+
+
 Event = (
     TaskSubmitted
     | TurnStarted
@@ -266,6 +327,9 @@ Event = (
     | TaskRejected
     | TaskPaused
     | TaskResumed
+    | ApprovalRequested
+    | ApprovalEscalated
+    | ApprovalDecided
 )
 
 EVENT_TYPES: dict[str, type[EventBase]] = {
@@ -273,7 +337,8 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
     for cls in (
         TaskSubmitted, TurnStarted, LlmResponded, LlmFailed, ToolRequested, ToolCompleted,
         ToolFailed, Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
-        TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed,
+        TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed, ApprovalRequested,
+        ApprovalEscalated, ApprovalDecided,
     )
 }
 TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})

@@ -16,6 +16,10 @@ import msgspec
 from schemas.context import apply_cut
 from schemas.events import (
     GENESIS_HASH,
+    ApprovalDecided,
+    ApprovalEscalated,
+    ApprovalLevel,
+    ApprovalRequested,
     BudgetExceededEvent,
     ContextTruncated,
     ContextWarned,
@@ -73,6 +77,21 @@ class CallState(msgspec.Struct, kw_only=True):
     requested: bool = False
     idempotency_key: str = ""
     outcome: Literal["", "completed", "failed"] = ""
+    # The policy gate's approval, when the call needs one (docs/approvals.md).
+    approval: Literal["", "pending", "approved", "denied", "expired"] = ""
+    approval_id: str = ""
+    approval_group: str = ""
+    approval_level: int = 0
+    approval_levels: list[ApprovalLevel] = msgspec.field(default_factory=list)
+    approval_deadline: float = 0.0
+    approval_note: str = ""  # who decided, and their comment or reason
+    approval_reason: str = ""  # why the policy asked for a person
+    arguments: dict[str, Any] | None = None  # an approver's override: what runs instead
+
+    @property
+    def effective_arguments(self) -> dict[str, Any]:
+        """The arguments the tool runs with (an approver's override, else the model's)."""
+        return self.arguments if self.arguments is not None else self.call.arguments
 
 
 class TaskState(msgspec.Struct, kw_only=True):
@@ -121,6 +140,10 @@ class TaskState(msgspec.Struct, kw_only=True):
     def unrequested_calls(self) -> list[CallState]:
         """Calls of the last response not yet dispatched."""
         return [c for c in self.calls.values() if not c.requested and not c.outcome]
+
+    def pending_approvals(self) -> list[CallState]:
+        """Calls waiting for a person's decision."""
+        return [c for c in self.calls.values() if c.approval == "pending" and not c.outcome]
 
 
 def call_signature(call: ToolCall) -> str:
@@ -213,6 +236,8 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             if cs is not None and not cs.requested:
                 cs.requested = True
                 cs.idempotency_key = event.idempotency_key
+                if event.arguments is not None:
+                    cs.arguments = event.arguments
                 state.tool_calls += 1
                 sig = call_signature(event.call)
                 state.call_counts[sig] = state.call_counts.get(sig, 0) + 1
@@ -251,6 +276,33 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.agent_turns = 0
             state.calls = {}
             state.phase = "ready"
+        case ApprovalRequested():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.approval or cs.requested or cs.outcome:
+                return state
+            cs.approval, cs.approval_id = "pending", event.approval_id
+            cs.approval_levels = list(event.levels)
+            cs.approval_group = event.decision.group
+            cs.approval_reason = event.decision.reason
+            cs.approval_level, cs.approval_deadline = 0, event.deadline
+            state.status = "input-required"
+        case ApprovalEscalated():
+            cs = state.calls.get(event.call_id)
+            if (cs is None or cs.approval != "pending" or cs.approval_id != event.approval_id
+                    or event.level <= cs.approval_level):
+                return state
+            cs.approval_level, cs.approval_group = event.level, event.group
+            cs.approval_deadline = event.deadline
+        case ApprovalDecided():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.approval != "pending" or cs.approval_id != event.approval_id:
+                return state  # a second decision: the first one stands
+            cs.approval = event.decision
+            cs.approval_note = f"{event.by}: {event.comment}" if event.comment else event.by
+            if event.decision == "approved" and event.arguments is not None:
+                cs.arguments = event.arguments
+            if not state.pending_approvals() and state.status == "input-required":
+                state.status = "working"
         case BudgetExceededEvent():
             state.error = f"{event.limit} budget exceeded ({event.value:g} > {event.maximum:g})"
             if event.degraded_to:

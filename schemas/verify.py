@@ -52,6 +52,9 @@ import msgspec
 from schemas.errors import DecodeError
 from schemas.events import (
     GENESIS_HASH,
+    ApprovalDecided,
+    ApprovalEscalated,
+    ApprovalRequested,
     Event,
     EventBase,
     Handoff,
@@ -170,6 +173,11 @@ RULES: dict[str, Rule] = {
     "task.paused":       _rule("operator",        LIVE - {"paused"}),
     "task.resumed":      _rule("operator",        "paused"),
     "task.rejected":     _rule("intake agent",    LIVE | {"new"}),
+    # Approvals (docs/approvals.md): the owner asks and escalates; a person (the
+    # operator role) decides; only the owner may let the last level expire.
+    "approval.requested": _rule("owner",          "acting"),
+    "approval.escalated": _rule("owner",          "acting paused"),
+    "approval.decided":   _rule("owner operator", "acting paused"),
 }
 
 # After the task ended, only late reports of work already under way: they
@@ -214,6 +222,10 @@ def _content(event: EventBase, state: TaskState) -> str:
                 return f"call {event.call.id!r} is not one the model asked for"
             if cs.requested or cs.outcome:
                 return f"call {event.call.id!r} was already requested"
+            if cs.approval not in ("", "approved"):
+                return f"call {event.call.id!r} is {cs.approval}, not approved"
+            if event.arguments is not None and event.arguments != cs.arguments:
+                return f"call {event.call.id!r} runs with arguments no approver gave"
         case ToolCompleted() | ToolFailed():
             cs = state.calls.get(event.call_id)
             if cs is None or cs.call.name != event.tool:
@@ -225,6 +237,27 @@ def _content(event: EventBase, state: TaskState) -> str:
             cs = state.calls.get(event.call_id)
             if event.from_agent != state.agent or cs is None or cs.call.name != HANDOFF_TOOL:
                 return f"no handoff call {event.call_id!r} of agent {event.from_agent!r}"
+            if cs.approval not in ("", "approved"):
+                return f"handoff call {event.call_id!r} is {cs.approval}, not approved"
+        case ApprovalRequested():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.requested or cs.outcome or cs.approval:
+                return f"call {event.call_id!r} is not one awaiting a decision"
+            if event.approval_id != f"{event.task_id}.{event.seq}":
+                return f"approval id {event.approval_id[:80]!r} is not <task>.<seq>"
+            if event.tool != cs.call.name or event.arguments != cs.call.arguments:
+                return "the call differs from the one the model asked for"
+        case ApprovalEscalated() | ApprovalDecided():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.approval != "pending" or cs.approval_id != event.approval_id:
+                return f"no pending approval {event.approval_id[:80]!r} for call {event.call_id!r}"
+            if isinstance(event, ApprovalEscalated) and event.level != cs.approval_level + 1:
+                return f"escalates to level {event.level}, expected {cs.approval_level + 1}"
+            if isinstance(event, ApprovalDecided):
+                by_person = event.actor.kind == "operator"
+                if by_person == (event.decision == "expired"):
+                    return (f"{event.decision!r} may not be written by "
+                            f"{'an operator' if by_person else 'the agent'}")
     return ""
 
 

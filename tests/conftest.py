@@ -23,6 +23,17 @@ from schemas.events import Event
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "config" / "demo.toml"
+POLICY_START, POLICY_END = "# --- policy", "# --- end policy"
+
+
+def _without_policy(text: str) -> str:
+    head, rest = text.split(POLICY_START, 1)
+    return head + rest.split(POLICY_END, 1)[1].split("\n", 1)[1]
+
+
+# The demo fleet without its policy gate: what the core tests run (a refund there
+# would wait for a person). tests/test_approvals.py runs it with the gate.
+DEMO_TEXT = _without_policy(DEMO_CONFIG.read_text())
 
 
 @pytest.fixture
@@ -56,7 +67,7 @@ async def bus(nats_server: EmbeddedServer) -> AsyncIterator[Bus]:
 
 def demo_fleet(*, latency_ms: float = 0.0, **runtime: Any) -> FleetConfig:
     """The demo fleet with test-friendly settings (no model latency)."""
-    return fleet_variant(DEMO_CONFIG.read_text(), latency_ms=latency_ms, **runtime)
+    return fleet_variant(DEMO_TEXT, latency_ms=latency_ms, **runtime)
 
 
 def fleet_variant(text: str, *, latency_ms: float = 0.0, source: str = "test.toml",
@@ -118,5 +129,5 @@ def types(events: list[Event]) -> list[str]:
     return [str(type(e).__struct_config__.tag) for e in events]
 
 
-__all__ = ["DEMO_CONFIG", "REPO", "dead_letters", "demo_fleet", "fleet_in_process",
+__all__ = ["DEMO_CONFIG", "DEMO_TEXT", "REPO", "dead_letters", "demo_fleet", "fleet_in_process",
            "fleet_variant", "outbox", "task_events", "types"]

@@ -17,7 +17,7 @@ import anyio
 from bus.connection import Bus
 from bus.liveness import follow_system
 from schemas.system import ChildRecord, SystemEvent, decode_system_event
-from tests.conftest import DEMO_CONFIG
+from tests.conftest import DEMO_TEXT
 
 START, END = "# --- supervision", "# --- end supervision"
 
@@ -47,7 +47,7 @@ side_effect = "none"
 
 def demo_without_tree() -> str:
     """The demo fleet file with its supervision tables cut out."""
-    head, rest = DEMO_CONFIG.read_text().split(START, 1)
+    head, rest = DEMO_TEXT.split(START, 1)
     return head + rest.split(END, 1)[1].split("\n", 1)[1]
 
 

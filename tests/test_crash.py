@@ -25,7 +25,7 @@ from corral.client import Client
 from corral.fleetrun import running_fleet
 from schemas.events import LlmResponded, ToolCompleted, ToolFailed, TurnStarted, verify_chain
 from schemas.fold import TaskState, fold
-from tests.conftest import DEMO_CONFIG, outbox, types
+from tests.conftest import DEMO_TEXT, outbox, types
 
 pytestmark = pytest.mark.crash
 
@@ -34,7 +34,7 @@ REFUND = "Please refund order 1234"
 
 def fast_config(home: Path, *, latency_ms: int = 0) -> Path:
     """The demo fleet with a short ack_wait, written where the processes can read it."""
-    text = DEMO_CONFIG.read_text()
+    text = DEMO_TEXT
     text = text.replace("ack_wait_s = 10.0", "ack_wait_s = 1.5")
     text = text.replace("grace_s = 10.0", "grace_s = 3.0")
     text = text.replace("latency_ms = 120", f"latency_ms = {latency_ms}")

@@ -19,8 +19,8 @@ from tests.conftest import DEMO_CONFIG, demo_fleet
 
 ACTOR_CONSUMERS = ["agent_triage", "agent_billing", "agent_support", "tool_lookup_order",
                    "tool_issue_refund", "tool_send_email", "model_support-model"]
-STREAMS = ["CORRAL_TASKS", "CORRAL_TOOLS", "CORRAL_MODELS", "CORRAL_EVENTS", "CORRAL_ANCHORS",
-           "CORRAL_SYSTEM", "CORRAL_DLQ"]
+STREAMS = ["CORRAL_TASKS", "CORRAL_TOOLS", "CORRAL_MODELS", "CORRAL_EVENTS", "CORRAL_APPROVALS",
+           "CORRAL_ANCHORS", "CORRAL_SYSTEM", "CORRAL_DLQ"]
 
 
 @pytest.fixture(autouse=True)

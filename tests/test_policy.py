@@ -20,7 +20,7 @@ from corral.policy_cli import tool_schemas
 from schemas.config import parse_fleet
 from schemas.errors import ConfigError
 from schemas.policy import Decision, Gate, PolicySource, gate_for
-from tests.conftest import DEMO_CONFIG, REPO
+from tests.conftest import DEMO_CONFIG, DEMO_TEXT, REPO
 
 FLEET = """
 [agents.billing]
@@ -257,8 +257,8 @@ def test_without_a_policy_every_listed_tool_is_allowed() -> None:
     assert g.decide("billing", "v1", "handoff", {"to": "billing"}, "t1", 0.0).effect == "deny"
 
 
-def test_the_demo_fleet_loads_unchanged_and_allows_its_tools() -> None:
-    fleet = parse_fleet(DEMO_CONFIG.read_text(), str(DEMO_CONFIG))
+def test_the_demo_fleet_without_its_gate_allows_its_tools() -> None:
+    fleet = parse_fleet(DEMO_TEXT, str(DEMO_CONFIG))
     assert fleet.policy is None and fleet.approvals == {}
     assert {a.tier for a in fleet.agents.values()} == {1}
     g = gate_for(fleet, lambda p: pytest.fail(f"read {p}"))
@@ -492,9 +492,11 @@ def test_the_demo_policy(demo_gate: Gate) -> None:
         assert d.effect == "allow"
 
 
-def test_the_demo_does_not_enforce_the_policy_yet() -> None:
-    # The lead names demo.cedar in config/demo.toml when the gate is wired into the loop.
-    assert "[policy]" not in DEMO_CONFIG.read_text()
+def test_the_demo_fleet_names_its_policy_and_escalation() -> None:
+    fleet = parse_fleet(DEMO_CONFIG.read_text(), str(DEMO_CONFIG))
+    assert fleet.policy is not None and fleet.policy.files == ["policies/demo.cedar"]
+    levels = [(lv.group, lv.within_s) for lv in fleet.approvals["billing-lead"].levels]
+    assert levels == [("billing-lead", 120), ("support-manager", 600)]
 
 
 # --- corral policy test / check ----------------------------------------------------------

@@ -13,7 +13,7 @@ from bus.eventlog import EventLog
 from bus.server import EmbeddedServer
 from corral.client import Client
 from corral.trace import render_tree
-from tests.conftest import DEMO_CONFIG, demo_fleet, fleet_in_process, fleet_variant
+from tests.conftest import DEMO_CONFIG, DEMO_TEXT, demo_fleet, fleet_in_process, fleet_variant
 
 
 async def refund_task(bus: Bus) -> str:
@@ -37,7 +37,7 @@ async def test_replay_with_the_same_config_decides_the_same(bus: Bus) -> None:
 async def test_replay_finds_where_a_changed_script_diverges(bus: Bus) -> None:
     task_id = await refund_task(bus)
     logged, _ = await EventLog(bus).read(task_id)
-    changed = fleet_variant(DEMO_CONFIG.read_text().replace(
+    changed = fleet_variant(DEMO_TEXT.replace(
         'subject = "Refund for order {results.lookup_order.order_id}"',
         'subject = "Your refund is on its way"'))
     report = await replay_task(task_id, [e.raw for e in logged], [e.event for e in logged],

@@ -7,7 +7,7 @@ from pathlib import Path
 from bus.connection import Bus
 from corral.client import Client
 from schemas.events import BudgetExceededEvent, ToolFailed
-from tests.conftest import DEMO_CONFIG, fleet_in_process, fleet_variant, outbox, task_events
+from tests.conftest import DEMO_TEXT, fleet_in_process, fleet_variant, outbox, task_events
 
 # A support agent whose model gets the tool arguments wrong first, then right.
 BAD_ARGS_RULES = '''
@@ -27,7 +27,7 @@ reply = "The lookup was refused: {error}"
 
 def with_rules_first(rules: str) -> str:
     """The demo config with ``rules`` matched before its own."""
-    text = DEMO_CONFIG.read_text()
+    text = DEMO_TEXT
     marker = "# triage: route by what the customer asks for."
     return text.replace(marker, rules + "\n" + marker)
 
