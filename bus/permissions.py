@@ -296,7 +296,9 @@ def _role(fleet: FleetConfig, role: str) -> Permissions:
         return Permissions(publish=(_ALL,), subscribe=(_ALL,), allow_responses=True)
     pub, sub = _common(role)
     if role == "client":
-        pub += [subjects.task(a) for a in fleet.agents]
+        # Any one-token name, not only the fleet's agents: a typo is answered by the intake
+        # (task.rejected, "did you mean"), not by a silent refusal; it holds nothing more.
+        pub += [subjects.task("*")]
         pub += _follow(subjects.EVENTS_STREAM)
         sub += [subjects.results("*")]
     elif role == "auditor":

@@ -59,7 +59,7 @@ CONTROL = "control: cancel, pause, resume"
 # The intended matrix, row by row: one cell per kind, in the order of KINDS, between " | ".
 # docs/security.md prints it (test_the_security_doc_prints_the_matrix_the_sweep_checks).
 _ROWS = {
-    "pub corral.tasks.<agent>": "listed | — | — | child | other | — | — | all",
+    "pub corral.tasks.<agent>": "listed | — | — | child | all | — | — | all",
     "sub corral.tasks.>": "queue | — | — | — | — | — | — | all",
     "pub corral.wake.<agent>": "own | listed | listed | child | — | — | all | all",
     "sub corral.wake.>": "— | — | — | — | — | — | — | all",
