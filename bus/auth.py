@@ -38,19 +38,22 @@ from schemas.config import FleetConfig
 from schemas.errors import ConfigError, DecodeError
 from schemas.identity import Creds, KeySet, Signer, format_creds, new_seed, parse_creds
 
-__all__ = [
+__all__ = [  # fleet_identities, permissions and Permissions live in bus.permissions (no I/O)
     "AUTH_CONF",
     "CREDS_DIR",
     "KEYSET_KEY",
     "KEYS_FILE",
     "NatsConfigFiles",
+    "Permissions",
     "auth_conf",
     "creds_path",
     "embedded_auth_dir",
     "embedded_creds",
+    "fleet_identities",
     "keyset_of",
     "load_creds",
     "load_keyset",
+    "permissions",
     "publish_keyset",
     "write_nats_config",
 ]

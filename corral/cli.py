@@ -317,8 +317,10 @@ async def cmd_nats_config(args: argparse.Namespace) -> int:
     for identity in files.keyset.identities:
         print(f"    {identity}.creds")
     print(f"""next:
-  1. in the server's config:   include {files.auth_conf.resolve()}
-     then start it, or reload a running one: nats-server --signal reload
+  1. in the server's config:   include "<path of {files.auth_conf.name} from that file's directory>"
+     (nats-server resolves an include relative to the including file: with nats.conf in
+     {out}, it is `include "{files.auth_conf.name}"`); then start the server, or reload
+     a running one: nats-server --signal reload
   2. run the fleet against it:  NATS_URL=nats://HOST:4222 CORRAL_CREDS_DIR={files.creds_dir} \\
                                   corral up --config {args.config}
   3. commands take a role's credential:  corral --creds {files.creds_dir}/client.creds submit ...
