@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from actors.model import ModelGateway
+from actors.providers._marking import UNTRUSTED_NOTE
 from actors.resilience import CircuitBreaker
 from bus import subjects
 from bus.connection import Bus
@@ -30,6 +31,13 @@ from tests.llm_stub import (
 )
 
 KEY = "sk-test-SECRET-4242-do-not-log"
+
+
+def unwrap(content: str, tool: str, call_id: str) -> str:
+    """A tool result's content inside its untrusted-data marker (which must be there)."""
+    head = f'<tool_result tool="{tool}" call="{call_id}" trust="untrusted">\n'
+    assert content.startswith(head) and content.endswith("\n</tool_result>"), content
+    return content[len(head):-len("\n</tool_result>")]
 
 FLEET = """
 [agents.support]
@@ -104,21 +112,26 @@ async def test_tool_use_round_trip_through_the_fleet(bus: Bus, stub: Stub, alias
     if alias == "claude":
         assert first.path == "/v1/messages"
         assert KEY in (first.headers.get("x-api-key", "") + first.headers.get("authorization", ""))
-        assert first.body["system"] == "You answer questions about orders."
+        # The same system prompt every turn (a stable cache prefix), with the note on data.
+        assert first.body["system"] == second.body["system"] == (
+            f"You answer questions about orders.\n\n{UNTRUSTED_NOTE}")
         assert first.body["tools"][0]["name"] == "lookup_order"
         assert first.body["tools"][0]["input_schema"]["required"] == ["order_id"]
         result = second.body["messages"][-1]["content"][0]
         assert result["type"] == "tool_result" and result["tool_use_id"] == "toolu_1"
-        assert json.loads(result["content"])["status"] == "in transit"
+        assert json.loads(unwrap(result["content"], "lookup_order", "toolu_1"))["status"] \
+            == "in transit"
     else:
         assert first.path == "/v1/chat/completions"
         assert first.headers["authorization"] == f"Bearer {KEY}"
-        assert first.body["messages"][0] == {"role": "system",
-                                             "content": "You answer questions about orders."}
+        system = {"role": "system",
+                  "content": f"You answer questions about orders.\n\n{UNTRUSTED_NOTE}"}
+        assert first.body["messages"][0] == second.body["messages"][0] == system
         assert first.body["tools"][0]["function"]["name"] == "lookup_order"
         result = second.body["messages"][-1]
         assert result["role"] == "tool" and result["tool_call_id"] == "call_1"
-        assert json.loads(result["content"])["status"] == "in transit"
+        assert json.loads(unwrap(result["content"], "lookup_order", "call_1"))["status"] \
+            == "in transit"
     responded = [e for e in await task_events(bus, task_id) if isinstance(e, LlmResponded)]
     assert [r.alias for r in responded] == [alias, alias]
     # Cost of each call, from the prices by hand:

@@ -13,6 +13,7 @@ import anthropic
 
 from actors.providers import safe_cause, scrub
 from actors.providers._http import is_retryable, retry_after_s
+from actors.providers._marking import marked, system_prompt
 from schemas.errors import ProviderError
 from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
 from schemas.routing import RouteEntry
@@ -21,7 +22,11 @@ __all__ = ["AnthropicProvider", "to_anthropic_messages"]
 
 
 def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Normalized conversation → Anthropic ``messages`` (tool results grouped per turn)."""
+    """Normalized conversation → Anthropic ``messages`` (tool results grouped per turn).
+
+    A tool result is a ``tool_result`` block whose content is delimited and
+    labeled as untrusted data (``actors.providers._marking``).
+    """
     out: list[dict[str, Any]] = []
     for m in messages:
         if m.role == "assistant":
@@ -32,8 +37,8 @@ def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                        for c in m.tool_calls]
             out.append({"role": "assistant", "content": blocks or [{"type": "text", "text": ""}]})
         elif m.role == "tool":
-            block = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content,
-                     "is_error": m.is_error}
+            block = {"type": "tool_result", "tool_use_id": m.tool_call_id,
+                     "content": marked(m), "is_error": m.is_error}
             last = out[-1] if out else None
             if last and last["role"] == "user" and isinstance(last["content"], list) and all(
                     b.get("type") == "tool_result" for b in last["content"]):
@@ -41,7 +46,7 @@ def to_anthropic_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "user", "content": [block]})
         else:
-            out.append({"role": "user", "content": m.content})
+            out.append({"role": "user", "content": marked(m)})
     return out
 
 
@@ -63,8 +68,9 @@ class AnthropicProvider:
             "model": entry.model, "max_tokens": req.max_tokens,
             "messages": to_anthropic_messages(req.messages),
         }
-        if req.system:
-            kwargs["system"] = req.system
+        system = system_prompt(req)
+        if system:
+            kwargs["system"] = system
         if req.tools:
             kwargs["tools"] = [{"name": t.name, "description": t.description,
                                 "input_schema": t.parameters or {"type": "object"}}

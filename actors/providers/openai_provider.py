@@ -13,6 +13,7 @@ import openai
 
 from actors.providers import safe_cause, scrub
 from actors.providers._http import is_retryable, retry_after_s
+from actors.providers._marking import marked, system_prompt
 from schemas.errors import ProviderError
 from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
 from schemas.routing import RouteEntry
@@ -21,7 +22,11 @@ __all__ = ["OpenAIProvider", "to_openai_messages"]
 
 
 def to_openai_messages(system: str, messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Normalized conversation → Chat Completions ``messages``."""
+    """Normalized conversation → Chat Completions ``messages``.
+
+    A tool result is a ``role: "tool"`` message whose content is delimited and
+    labeled as untrusted data (``actors.providers._marking``).
+    """
     out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
     for m in messages:
         if m.role == "assistant":
@@ -33,9 +38,9 @@ def to_openai_messages(system: str, messages: list[ChatMessage]) -> list[dict[st
                     for c in m.tool_calls]
             out.append(item)
         elif m.role == "tool":
-            out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+            out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": marked(m)})
         else:
-            out.append({"role": "user", "content": m.content})
+            out.append({"role": "user", "content": marked(m)})
     return out
 
 
@@ -69,7 +74,7 @@ class OpenAIProvider:
         limit = "max_tokens" if entry.base_url else "max_completion_tokens"
         kwargs: dict[str, Any] = {
             "model": entry.model, limit: req.max_tokens,
-            "messages": to_openai_messages(req.system, req.messages),
+            "messages": to_openai_messages(system_prompt(req), req.messages),
         }
         if req.tools:
             kwargs["tools"] = [{"type": "function", "function": {
