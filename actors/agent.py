@@ -55,6 +55,7 @@ from schemas.events import (
     TaskRejected,
     TaskSubmitted,
     ToolFailed,
+    ToolFlagged,
     ToolRequested,
     TurnStarted,
 )
@@ -73,6 +74,7 @@ from schemas.messages import (
     Usage,
     Wake,
 )
+from schemas.screen import SCREEN_VERSION, screen_result
 from schemas.verify import submitter
 
 __all__ = ["AgentActor", "agent_version"]
@@ -241,6 +243,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     detail=f"last model error: {waited.error}" if waited else "")
                 return
             if state.phase == "ready":
+                head = await self._screen_results(task_id, state, head)
                 breach = self._task_budget_breach(state)
                 if breach is not None:
                     await self._fail_budget(task_id, state, head, *breach)
@@ -469,7 +472,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 continue
             if not cs.approval:
                 decision, levels = self.gate.decide(self.name, self.version, cs.call.name,
-                                                    cs.call.arguments, task_id, state.cost_usd)
+                                                    cs.call.arguments, task_id, state.cost_usd,
+                                                    flagged=bool(state.flagged))
                 if decision.effect == "deny":
                     head = await self._append(task_id, state, head, ToolFailed(
                         **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
@@ -513,6 +517,35 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             await self.bus.js_publish(subjects.tool(cs.call.name), _encoder.encode(inv),
                                       msg_id=cs.idempotency_key)
         return head, state.phase == "ready"
+
+    async def _screen_results(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
+        """Screen the last response's tool results before the model reads them.
+
+        A result that looks like injected instructions gets ``tool.flagged``
+        (schemas/screen.py); it still reaches the model, marked as data, and
+        the task's later calls are decided with ``context.flagged``. Results
+        a tool wrote are screened, not the owner's own refusals. Pure and
+        repeatable: a replica that looks again flags the same calls, once.
+        """
+        results: dict[str, str] = {}  # the results since the last response
+        for m in reversed(state.conversation):
+            if m.role != "tool":
+                break
+            results.setdefault(m.tool_call_id, m.content)
+        for cs in state.calls.values():
+            content = results.get(cs.call.id)
+            if cs.outcome_by != "tool" or cs.call.id in state.flagged or content is None:
+                continue
+            verdict = screen_result(content)
+            if not verdict.flagged:
+                continue
+            log.warning("%s: task %s: result of %s (%s) flagged: %s", self.actor_name, task_id,
+                        cs.call.name, cs.call.id, ", ".join(verdict.categories))
+            head = await self._append(task_id, state, head, ToolFlagged(
+                **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
+                categories=verdict.categories, evidence=verdict.evidence(),
+                screen=SCREEN_VERSION, truncated=verdict.truncated))
+        return head
 
     # -- approvals (docs/approvals.md) -----------------------------------------
 

@@ -36,9 +36,13 @@ class ToolGate:
         self.gate: Gate = gate_for(fleet, lambda p: Path(p).read_text(), parameters=params)
 
     def decide(self, agent: str, version: str, tool: str, args: dict[str, Any],
-               task_id: str, spend_usd: float) -> tuple[PolicyDecision, list[ApprovalLevel]]:
-        """The gate's verdict for one call, and the escalation chain when it needs approval."""
-        d = self.gate.decide(agent, version, tool, args, task_id, spend_usd)
+               task_id: str, spend_usd: float, *, flagged: bool = False
+               ) -> tuple[PolicyDecision, list[ApprovalLevel]]:
+        """The gate's verdict for one call, and the escalation chain when it needs approval.
+
+        ``flagged``: a result of the task was flagged by the injection screen.
+        """
+        d = self.gate.decide(agent, version, tool, args, task_id, spend_usd, flagged=flagged)
         POLICY_DECISIONS.labels(agent=agent, effect=d.effect).inc()
         if d.shadow_disagrees:
             SHADOW_DISAGREEMENTS.labels(agent=agent, live=d.effect,

@@ -28,6 +28,7 @@ from schemas.events import (
     TaskSubmitted,
     ToolCompleted,
     ToolFailed,
+    ToolFlagged,
     ToolRequested,
     TurnStarted,
     encode_event,
@@ -85,6 +86,9 @@ def describe(event: Event) -> str:
             return f"✓ {event.tool} → {short(event.result, 60)}{replay}"
         case ToolFailed():
             return f"✗ {event.tool}: {short(event.error, 100)}"
+        case ToolFlagged():
+            why = f" — {short(event.evidence[0], 80)}" if event.evidence else ""
+            return f"⚠ {event.tool} result flagged: {short(', '.join(event.categories), 80)}{why}"
         case Handoff():
             return f"handoff {event.from_agent} → {event.to_agent} ({event.reason})"
         case BudgetExceededEvent():

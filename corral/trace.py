@@ -19,6 +19,7 @@ from schemas.events import (
     TaskSubmitted,
     ToolCompleted,
     ToolFailed,
+    ToolFlagged,
 )
 from schemas.fold import fold
 from schemas.verify import Rejected
@@ -49,6 +50,8 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
             outcomes[e.call_id] = f"✓ {short(e.result, 60)} ({e.duration_ms:.0f} ms{replay})"
         elif isinstance(e, ToolFailed):
             outcomes[e.call_id] = f"✗ {e.error_type or 'error'}: {short(e.error, 70)}"
+        elif isinstance(e, ToolFlagged) and e.call_id in outcomes:
+            outcomes[e.call_id] += f"\n⚠ flagged: {short(', '.join(e.categories), 80)}"
     for e in events:
         at = f"+{e.time - t0:6.2f}s"
         match e:
@@ -67,8 +70,8 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
                 for c in r.tool_calls:
                     args = ", ".join(f"{k}={short(v, 30)}" for k, v in c.arguments.items())
                     lines.append(f"{at} ├─ turn {e.turn}{via}: {c.name}({args})")
-                    if c.id in outcomes:
-                        lines.append(f"{' ' * len(at)} │    {outcomes[c.id]}")
+                    for outcome in outcomes.get(c.id, "").splitlines():
+                        lines.append(f"{' ' * len(at)} │    {outcome}")
             case Handoff():
                 lines.append(f"{at} ├─ handoff → {e.to_agent}: {e.reason}")
             case BudgetExceededEvent():

@@ -9,7 +9,8 @@ The entity model the policies of ``schemas.policy`` are written against:
 - resource ``Task::"<task id>"``;
 - context: ``args`` (the call's arguments, typed from the tool's JSON schema),
   ``risk`` and ``side_effect`` (Strings), ``spend_usd`` and the optional
-  ``confidence`` (``decimal``).
+  ``confidence`` (``decimal``), ``flagged`` (Boolean: a tool result of this
+  task looked like injected instructions, ``tool.flagged``).
 
 JSON Schema maps onto Cedar types: ``string`` → String, ``integer`` → Long,
 ``number`` → ``decimal`` (Cedar has no floats: 4 decimal places, compared with
@@ -252,6 +253,7 @@ def _context_type(args: ArgType) -> dict[str, Any]:
         "side_effect": {"type": "String"},
         "spend_usd": {"type": "Extension", "name": "decimal"},
         "confidence": {"type": "Extension", "name": "decimal", "required": False},
+        "flagged": {"type": "Boolean"},
     }}
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "TaskSubmitted",
     "ToolCompleted",
     "ToolFailed",
+    "ToolFlagged",
     "ToolRequested",
     "TurnStarted",
     "decode_anchor",
@@ -180,6 +181,22 @@ class Handoff(EventBase, frozen=True, kw_only=True, tag="handoff"):
     to_agent: str
     reason: str = ""
     decision: PolicyDecision | None = None  # the gate's verdict (None: written before the gate)
+
+
+class ToolFlagged(EventBase, frozen=True, kw_only=True, tag="tool.flagged"):
+    """A tool result looked like injected instructions (the owner's screen, schemas/screen.py).
+
+    Written by the owning agent before the turn that reads the result. The
+    result still reaches the model, marked as data; what a flag changes is
+    the policy context of the task's later calls (``context.flagged``).
+    """
+
+    call_id: str
+    tool: str
+    categories: list[str]
+    evidence: list[str] = msgspec.field(default_factory=list)  # "rule: 'excerpt'", bounded
+    screen: str = ""  # which rules decided (schemas.screen.SCREEN_VERSION)
+    truncated: bool = False  # the result was longer than the screen's budget
 
 
 class BudgetExceededEvent(EventBase, frozen=True, kw_only=True, tag="budget.exceeded"):
@@ -330,6 +347,7 @@ Event = (
     | ApprovalRequested
     | ApprovalEscalated
     | ApprovalDecided
+    | ToolFlagged
 )
 
 EVENT_TYPES: dict[str, type[EventBase]] = {
@@ -338,7 +356,7 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
         TaskSubmitted, TurnStarted, LlmResponded, LlmFailed, ToolRequested, ToolCompleted,
         ToolFailed, Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
         TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed, ApprovalRequested,
-        ApprovalEscalated, ApprovalDecided,
+        ApprovalEscalated, ApprovalDecided, ToolFlagged,
     )
 }
 TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})

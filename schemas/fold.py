@@ -36,6 +36,7 @@ from schemas.events import (
     TaskSubmitted,
     ToolCompleted,
     ToolFailed,
+    ToolFlagged,
     ToolRequested,
     TurnStarted,
 )
@@ -77,6 +78,7 @@ class CallState(msgspec.Struct, kw_only=True):
     requested: bool = False
     idempotency_key: str = ""
     outcome: Literal["", "completed", "failed"] = ""
+    outcome_by: str = ""  # who wrote the outcome ("tool", or "agent" for a refusal)
     # The policy gate's approval, when the call needs one (docs/approvals.md).
     approval: Literal["", "pending", "approved", "denied", "expired"] = ""
     approval_id: str = ""
@@ -122,6 +124,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     answer: str = ""
     error: str = ""
     call_counts: dict[str, int] = msgspec.field(default_factory=dict)  # tool+arguments → times
+    flagged: list[str] = msgspec.field(default_factory=list)  # calls whose result was flagged
     context_warned: bool = False
     degraded_to: str = ""  # the cheaper model alias the task continues on
     seq: int = 0  # events folded
@@ -247,6 +250,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 return state  # duplicate or stale outcome
             failed = isinstance(event, ToolFailed)
             cs.outcome = "failed" if failed else "completed"
+            cs.outcome_by = event.actor.kind
             content = event.error if isinstance(event, ToolFailed) else _result_text(event.result)
             state.conversation.append(
                 ChatMessage(
@@ -276,6 +280,11 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.agent_turns = 0
             state.calls = {}
             state.phase = "ready"
+        case ToolFlagged():
+            # Any result of the task flagged is a fact for its later calls (context.flagged).
+            cs = state.calls.get(event.call_id)
+            if cs is not None and cs.outcome and event.call_id not in state.flagged:
+                state.flagged.append(event.call_id)
         case ApprovalRequested():
             cs = state.calls.get(event.call_id)
             if cs is None or cs.approval or cs.requested or cs.outcome:

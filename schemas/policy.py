@@ -3,7 +3,8 @@
 Every tool call (and handoff) an agent asks for is decided before dispatch:
 
     gate = Gate(fleet, live=[PolicySource(...)], shadow=[...], parameters={...})
-    gate.decide(agent, agent_version, tool, args, task_id, spend_usd, confidence=None)
+    gate.decide(agent, agent_version, tool, args, task_id, spend_usd, confidence=None,
+                flagged=False)
         → Decision(effect="allow" | "deny" | "approve", policies, reason, approver, ...)
 
 The rules (docs/approvals.md has the guide):
@@ -360,17 +361,22 @@ class Gate:
         return self._shadow is not None
 
     def decide(self, agent: str, agent_version: str, tool: str, args: Any, task_id: str,
-               spend_usd: float, confidence: float | None = None) -> Decision:
-        """Decide one call. Never raises: anything unexpected is a denial with the reason."""
+               spend_usd: float, confidence: float | None = None, *,
+               flagged: bool = False) -> Decision:
+        """Decide one call. Never raises: anything unexpected is a denial with the reason.
+
+        ``flagged``: a tool result of this task looked like injected instructions
+        (``context.flagged``, schemas/screen.py).
+        """
         try:
             return self._decide(agent, agent_version, tool, args, task_id, spend_usd,
-                                confidence)
+                                confidence, flagged)
         except Exception as exc:  # a gate must not crash its caller: fail closed, say why
             return Decision(effect="deny",
                             reason=f"policy check failed: {type(exc).__name__}: {exc}"[:500])
 
     def _decide(self, agent: str, version: str, tool: str, args: Any, task_id: str,
-                spend_usd: float, confidence: float | None) -> Decision:
+                spend_usd: float, confidence: float | None, flagged: bool = False) -> Decision:
         spec = self.fleet.agents.get(agent) if isinstance(agent, str) else None
         if spec is None:
             return Decision(effect="deny", reason=f"unknown agent {agent!r}")
@@ -386,7 +392,8 @@ class Gate:
             call_args = cedar_record(self._args[tool], args, "args")
             context: dict[str, Any] = {"args": call_args, "risk": risk,
                                        "side_effect": side_effect,
-                                       "spend_usd": decimal_text(spend_usd, "spend_usd")}
+                                       "spend_usd": decimal_text(spend_usd, "spend_usd"),
+                                       "flagged": flagged is True}
             if confidence is not None:
                 context["confidence"] = decimal_text(confidence, "confidence")
         except Refused as exc:

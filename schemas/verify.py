@@ -62,6 +62,7 @@ from schemas.events import (
     TaskSubmitted,
     ToolCompleted,
     ToolFailed,
+    ToolFlagged,
     ToolRequested,
     TurnStarted,
     decode_event,
@@ -178,6 +179,8 @@ RULES: dict[str, Rule] = {
     "approval.requested": _rule("owner",          "acting"),
     "approval.escalated": _rule("owner",          "acting paused"),
     "approval.decided":   _rule("owner operator", "acting paused"),
+    # The owner's injection screen (schemas/screen.py) records a suspicious result.
+    "tool.flagged":       _rule("owner",          LIVE),
 }
 
 # After the task ended, only late reports of work already under way: they
@@ -239,6 +242,10 @@ def _content(event: EventBase, state: TaskState) -> str:
                 return f"no handoff call {event.call_id!r} of agent {event.from_agent!r}"
             if cs.approval not in ("", "approved"):
                 return f"handoff call {event.call_id!r} is {cs.approval}, not approved"
+        case ToolFlagged():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.call.name != event.tool or not cs.outcome:
+                return f"no call {event.call_id!r} of tool {event.tool!r} with an outcome"
         case ApprovalRequested():
             cs = state.calls.get(event.call_id)
             if cs is None or cs.requested or cs.outcome or cs.approval:
