@@ -13,9 +13,13 @@ import json
 import stat
 from pathlib import Path
 
+from actors.runtime import load_fleet
 from bus.auth import creds_path, embedded_auth_dir, load_creds
+from bus.permissions import fleet_identities
 from bus.server import EmbeddedServer
 from corral.demo_run import DEMO_TASKS
+from schemas.config import supervision_tree
+from tests.conftest import DEMO_CONFIG
 from tests.supervision_helpers import (
     DEFAULT_TREE,
     corral,
@@ -27,7 +31,8 @@ from tests.supervision_helpers import (
     tree_config,
 )
 
-IDENTITIES = 15  # the demo fleet: 3 agents, 3 tools, 1 alias, 4 supervisors, 4 roles
+IDENTITIES = len(fleet_identities(load_fleet(DEMO_CONFIG)))  # 15: 3 agents, 3 tools, 1 alias,
+# 4 supervisors (root and one per domain), 4 roles
 
 
 def violations(home: Path) -> list[str]:
@@ -69,9 +74,11 @@ def test_corral_up_runs_the_demo_with_one_identity_per_process(home: Path) -> No
         finish(up)
     # Each process holds exactly its own credential; a supervisor also the directory it hands
     # its children theirs from. Nobody else's, and no seed in any environment.
-    assert len(seen) == 3 + 7  # the domains and every actor replica
+    tree = supervision_tree(load_fleet(config))
+    assert len(seen) == len(tree.domains()) + sum(  # every domain and every actor replica
+        c.replicas for d in tree.domains() for c in tree.spec(d).children)
     seeds = [load_creds(p).seed.decode() for p in creds_dir.glob("*.creds")]
-    assert len(seeds) == IDENTITIES
+    assert len(seeds) == len(fleet_identities(load_fleet(config))), len(seeds)  # (no secrets)
     for child, env_of in seen.items():
         identity = child.rsplit(".", 1)[0] if child.count(".") >= 2 else f"supervisor.{child}"
         creds = {k: v for k, v in env_of.items() if k.startswith("CORRAL_CREDS")}

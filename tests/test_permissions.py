@@ -45,7 +45,7 @@ from bus.permissions import fleet_identities, intake_consumer
 from bus.provision import ensure_agent_consumer, ensure_streams
 from bus.server import EmbeddedServer, find_nats_server
 from corral.client import Client
-from schemas.config import FleetConfig, parse_fleet, supervision_tree
+from schemas.config import FleetConfig, parse_fleet, served_tools, supervision_tree, tool_actor
 from schemas.errors import BusError
 from schemas.identity import inbox_prefix, supervisor_identity
 from tests.conftest import DEMO_CONFIG, REPO
@@ -85,13 +85,16 @@ _ROWS = {
         " | log.rejected | log.rejected | log.rejected | all"),
     "sub corral.system.>": "— | — | — | — | — | — | — | all",
     "write KV ledger <tool>.<key>": "— | own | — | — | — | — | — | all",
+    "write KV rate limits <tool>.<key>": "— | own | — | — | — | — | — | all",
     "write KV budgets agent.<agent>.<day>": "— | — | listed | — | — | — | — | all",
     "write KV model cache": "— | — | all | — | — | — | — | all",
     "write KV heartbeats <node>.<path>.<actor>": "own | own | own | — | — | — | — | all",
     "write KV supervisors <node>.<path>": "— | — | — | own | — | — | — | all",
     "write KV keys (the fleet's public keys)": "— | — | — | — | — | — | — | all",
+    "write KV tool schemas <server>": "— | own | — | — | — | — | — | all",
     "read KV <bucket>": (
-        "keys | keys, ledger | budgets, cache, keys | keys | keys | keys"
+        "keys, schemas | keys, ledger, ratelimits, schemas | budgets, cache, keys | keys | keys"
+        " | keys"
         " | heartbeats, keys, supervisors | all"),
     "sub $KV.<bucket>.>": "— | — | — | — | — | — | — | all",
     "pull a durable consumer": "own | own | own | — | — | — | — | all",
@@ -178,10 +181,12 @@ class Relations:
         if self.kind == "agent":
             spec = self.fleet.agents[self.name]
             return ((kind == "agent" and name in spec.handoffs)
-                    or (kind == "tool" and name in spec.tools)
+                    or (kind == "tool" and bool(set(served_tools(self.fleet, name))
+                                                & set(spec.tools)))
                     or (kind == "model" and name in self.aliases(self.name)))
-        if self.kind == "tool":
-            return kind == "agent" and self.name in self.fleet.agents[name].tools
+        if self.kind == "tool":  # an MCP server's actor: any tool it serves
+            return kind == "agent" and bool(set(served_tools(self.fleet, self.name))
+                                            & set(self.fleet.agents[name].tools))
         if self.kind == "model":
             return kind == "agent" and self.name in self.aliases(name)
         return False
@@ -225,9 +230,8 @@ class Relations:
 
 
 def actors(fleet: FleetConfig) -> list[str]:
-    """Every actor identity of ``fleet``."""
-    return ([f"agent.{a}" for a in fleet.agents] + [f"tool.{t}" for t in fleet.tools]
-            + [f"model.{m}" for m in fleet.models])
+    """Every actor identity of ``fleet``: each actor its supervision tree runs."""
+    return supervision_tree(fleet).actors_under("root")
 
 
 def durable(actor: str) -> tuple[str, str]:
@@ -261,10 +265,16 @@ def probes(fleet: FleetConfig, identity: str) -> list[Probe]:
     sub("sub corral.tasks.>", "queue", subjects.TASKS_ALL, "corral_intake")
     sub("sub corral.wake.>", "all", subjects.WAKE_ALL)
     sub("sub corral.timers.>", "all", subjects.TIMERS_ALL)
-    for t in tools:
-        pub("pub corral.tools.<tool>", rel.actor(f"tool.{t}"), subjects.tool(t))
-        pub("write KV ledger <tool>.<key>", rel.actor(f"tool.{t}"),
+    for t in tools:  # an MCP tool's actor is its server's (tool.<server>)
+        pub("pub corral.tools.<tool>", rel.actor(f"tool.{tool_actor(fleet, t)}"),
+            subjects.tool(t))
+        pub("write KV ledger <tool>.<key>", rel.actor(f"tool.{tool_actor(fleet, t)}"),
             f"$KV.{subjects.LEDGER_BUCKET}.{t}.{task}.1.c1")
+        pub("write KV rate limits <tool>.<key>", rel.actor(f"tool.{tool_actor(fleet, t)}"),
+            f"$KV.{subjects.RATELIMITS_BUCKET}.{t}.rate")
+    for server in fleet.mcp:
+        pub("write KV tool schemas <server>", rel.actor(f"tool.{server}"),
+            f"$KV.{subjects.TOOL_SCHEMAS_BUCKET}.{server}")
     sub("sub corral.tools.>", "all", subjects.TOOLS_ALL)
     for m in aliases:
         r = rel.actor(f"model.{m}")
@@ -311,7 +321,8 @@ def probes(fleet: FleetConfig, identity: str) -> list[Probe]:
     pub("write KV keys (the fleet's public keys)", "any", f"$KV.{subjects.KEYS_BUCKET}.keyset")
     buckets = {"ledger": subjects.LEDGER_BUCKET, "budgets": subjects.BUDGET_BUCKET,
                "cache": subjects.CACHE_BUCKET, "heartbeats": subjects.HEARTBEATS_BUCKET,
-               "supervisors": subjects.SUPERVISORS_BUCKET, "keys": subjects.KEYS_BUCKET}
+               "supervisors": subjects.SUPERVISORS_BUCKET, "keys": subjects.KEYS_BUCKET,
+               "schemas": subjects.TOOL_SCHEMAS_BUCKET, "ratelimits": subjects.RATELIMITS_BUCKET}
     for short, bucket in buckets.items():
         pub("read KV <bucket>", short, f"$JS.API.STREAM.MSG.GET.KV_{bucket}")
         pub("read KV <bucket>", short, f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.k")
