@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -27,7 +27,7 @@ from actors.faults import crash_point
 from actors.gate import ToolGate
 from actors.model import call_key
 from actors.taskview import TaskView
-from actors.tooling import handoff_schema, load_callable, tool_schema
+from actors.toolset import AgentTools
 from actors.tracing import TRACEPARENT, parent_context, traceparent, tracer
 from bus import subjects
 from bus.connection import Bus
@@ -61,6 +61,7 @@ from schemas.events import (
 )
 from schemas.fold import HANDOFF_TOOL, CallState, TaskState, call_signature
 from schemas.identity import SIGNER_HEADER
+from schemas.mcp import McpServerTools
 from schemas.messages import (
     ChatMessage,
     Message,
@@ -89,18 +90,29 @@ _model_response_decoder = msgspec.json.Decoder(ModelResponse)
 _encoder = msgspec.json.Encoder()
 
 
-def agent_version(name: str, fleet: FleetConfig) -> str:
+def agent_version(name: str, fleet: FleetConfig,
+                  offered: Mapping[str, McpServerTools] | None = None) -> str:
     """The agent's version id: a hash of everything that shapes its behaviour.
 
     Its spec (prompt, model alias, tools, handoffs, limits), the model route
     it names and the specs of its tools: change any and the version changes.
+    For an MCP tool also its server's table and what the server ``offered``
+    for it (description, input schema, side effect; ``actors.toolset``), so a
+    server upgrade that changes the tool is a new version.
     """
     spec = fleet.agents[name]
-    identity = {
+    identity: dict[str, Any] = {
         "agent": spec,
         "model": fleet.models[spec.model],
         "tools": {t: fleet.tools[t] for t in spec.tools},
     }
+    served = {t: fleet.tools[t].mcp for t in spec.tools if fleet.tools[t].mcp}
+    if served:
+        found = offered or {}
+        records = {t: found[s].tool(t) if s in found else None for t, s in served.items()}
+        identity["mcp"] = {s: fleet.mcp[s] for s in sorted(set(served.values()))}
+        identity["offered"] = {t: r and (r.description, r.parameters, r.side_effect, r.problem)
+                               for t, r in records.items()}
     return hashlib.sha256(_encoder.encode(identity)).hexdigest()[:16]
 
 
@@ -126,13 +138,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                              reader=f"agent.{name}")
         self.clock = clock
         self.ref = ActorRef(kind="agent", name=name, instance=self.instance)
-        self.tools: list[ToolSchema] = [
-            tool_schema(t, fleet.tools[t],
-                        load_callable(fleet.tools[t], name=t, source=fleet.source))
-            for t in self.spec.tools
-        ]
-        if self.spec.handoffs:
-            self.tools.append(handoff_schema(self.spec.handoffs))
+        self.toolset = AgentTools(bus, name, fleet)  # MCP tools: as their servers offer them
+        self.tools: list[ToolSchema] = self.toolset.schemas
         self.gate = ToolGate(fleet)
         self._locks: dict[str, anyio.Lock] = {}
         self.model_calls = 0  # turn calls published by this replica (resends included)
@@ -176,6 +183,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         if isinstance(msg, TaskSubmit) and not msg.id:
             msg = msgspec.structs.replace(msg, id=f"task-{delivery.stream_seq}")
         task_id = msg.id if isinstance(msg, TaskSubmit) else msg.task_id
+        if await self.toolset.refresh():  # an MCP server (re)started with other tools
+            self.tools = self.toolset.schemas
+            self.version = agent_version(self.name, self.fleet, self.toolset.offered)
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:

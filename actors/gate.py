@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.metrics import POLICY_DECISIONS, SHADOW_DISAGREEMENTS
-from actors.tooling import load_callable, tool_schema
+from actors.tooling import tool_function, tool_schema
 from schemas.config import FleetConfig
 from schemas.events import ApprovalLevel, PolicyDecision
 from schemas.policy import DEFAULT_APPROVAL_WITHIN_S, Gate, gate_for
@@ -30,7 +30,7 @@ class ToolGate:
     """
 
     def __init__(self, fleet: FleetConfig) -> None:
-        params = {name: tool_schema(name, spec, load_callable(spec, name=name,
+        params = {name: tool_schema(name, spec, tool_function(spec, name=name,
                                                                source=fleet.source)).parameters
                   for name, spec in fleet.tools.items()}
         self.gate: Gate = gate_for(fleet, lambda p: Path(p).read_text(), parameters=params)

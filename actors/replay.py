@@ -18,7 +18,7 @@ import msgspec
 
 from actors.agent import agent_version
 from actors.providers import make_provider
-from actors.tooling import handoff_schema, load_callable, tool_schema
+from actors.tooling import handoff_schema, tool_function, tool_schema
 from schemas.config import FleetConfig
 from schemas.events import EventBase, LlmResponded, verify_chain
 from schemas.fold import fold
@@ -70,7 +70,7 @@ def decision(response: ModelResponse) -> str:
 
 def _tools(name: str, fleet: FleetConfig) -> list[ToolSchema]:
     spec = fleet.agents[name]
-    tools = [tool_schema(t, fleet.tools[t], load_callable(fleet.tools[t], name=t))
+    tools = [tool_schema(t, fleet.tools[t], tool_function(fleet.tools[t], name=t))
              for t in spec.tools]
     if spec.handoffs:
         tools.append(handoff_schema(spec.handoffs))

@@ -13,13 +13,14 @@ import anyio.abc
 from actors.agent import AgentActor
 from actors.intake import Intake
 from actors.link import orphaned
+from actors.mcp_tool import McpToolActor, check_mcp_server
 from actors.model import ModelGateway
 from actors.providers import api_key
 from actors.tool import ToolActor
 from actors.tooling import load_callable, tool_parameters
 from bus.connection import Bus
 from bus.provision import ensure_streams
-from schemas.config import FleetConfig, parse_fleet
+from schemas.config import FleetConfig, parse_fleet, tool_actors
 from schemas.errors import ConfigError
 
 __all__ = [
@@ -38,7 +39,7 @@ log = logging.getLogger("corral.runtime")
 ORPHAN_POLL_S = 0.1  # how often a supervised process checks that its supervisor lives
 
 ActorKind = Literal["agent", "tool", "model"]
-AnyActor = AgentActor | ToolActor | ModelGateway
+AnyActor = AgentActor | ToolActor | McpToolActor | ModelGateway
 
 
 def load_fleet(path: str | Path) -> FleetConfig:
@@ -58,14 +59,18 @@ def load_fleet(path: str | Path) -> FleetConfig:
 def check_fleet(fleet: FleetConfig) -> None:
     """Fail fast, in the parent, on what would make actor processes crash-loop.
 
-    Imports every tool callable and derives its schema, and checks that every
-    model entry's API key variable is set.
+    Imports every tool callable and derives its schema, finds every MCP
+    server's program, and checks that every model entry's API key variable
+    is set.
 
     Raises:
         ConfigError: naming the file, table and key.
     """
     for name, spec in fleet.tools.items():
-        tool_parameters(spec, load_callable(spec, name=name, source=fleet.source))
+        if not spec.mcp:
+            tool_parameters(spec, load_callable(spec, name=name, source=fleet.source))
+    for server in fleet.mcp:
+        check_mcp_server(fleet, server)
     for alias, route in fleet.models.items():
         for i, entry in enumerate(route.entries()):
             table = f"models.{alias}.chain[{i}]" if route.chain else f"models.{alias}"
@@ -80,7 +85,9 @@ def build_actor(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> Any
     """
     if kind == "agent" and name in fleet.agents:
         return AgentActor(bus, name, fleet)
-    if kind == "tool" and name in fleet.tools:
+    if kind == "tool" and name in fleet.mcp:
+        return McpToolActor(bus, name, fleet)
+    if kind == "tool" and name in tool_actors(fleet):
         return ToolActor(bus, name, fleet)
     if kind == "model" and name in fleet.models:
         return ModelGateway(bus, name, fleet)
@@ -95,7 +102,7 @@ def fleet_actors(fleet: FleetConfig) -> list[tuple[ActorKind, str, int]]:
     """
     out: list[tuple[ActorKind, str, int]] = []
     out += [("model", n, s.replicas) for n, s in fleet.models.items()]
-    out += [("tool", n, s.replicas) for n, s in fleet.tools.items()]
+    out += [("tool", n, r) for n, r in tool_actors(fleet).items()]
     out += [("agent", n, s.replicas) for n, s in fleet.agents.items()]
     return out
 

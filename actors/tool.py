@@ -115,7 +115,10 @@ class ToolActor(Actor[ToolInvocation]):
     kind = "tool"
     message_type = ToolInvocation
 
-    def __init__(self, bus: Bus, name: str, fleet: FleetConfig) -> None:
+    def __init__(self, bus: Bus, name: str, fleet: FleetConfig, *,
+                 fn: Callable[..., Any] | None = None, spec: ToolSpec | None = None,
+                 parameters: dict[str, Any] | None = None) -> None:
+        """``fn``, ``spec``, ``parameters``: given, instead of the fleet's (MCP tools)."""
         rt = fleet.runtime
         super().__init__(bus, name, stream=subjects.TOOLS_STREAM,
                          consumer=subjects.tool_consumer(name), max_inflight=rt.max_inflight,
@@ -123,9 +126,11 @@ class ToolActor(Actor[ToolInvocation]):
                          ack_wait_s=rt.ack_wait_s,
                          dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
         self.fleet = fleet
-        self.spec: ToolSpec = fleet.tools[name]
-        self.fn: Callable[..., Any] = load_callable(self.spec, name=name, source=fleet.source)
-        self.schema = tool_parameters(self.spec, self.fn)
+        self.spec: ToolSpec = spec or fleet.tools[name]
+        self.fn: Callable[..., Any] = fn or load_callable(self.spec, name=name,
+                                                          source=fleet.source)
+        self.schema = parameters if parameters is not None else tool_parameters(self.spec,
+                                                                                self.fn)
         self.validator = jsonschema.Draft202012Validator(self.schema)
         self.wants_ctx = "ctx" in inspect.signature(self.fn).parameters
         self.is_async = inspect.iscoroutinefunction(self.fn)

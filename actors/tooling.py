@@ -20,8 +20,8 @@ from schemas.errors import ConfigError, ToolError
 from schemas.fold import HANDOFF_TOOL
 from schemas.messages import ToolSchema
 
-__all__ = ["ThreadRunner", "ToolContext", "handoff_schema", "load_callable", "tool_parameters",
-           "tool_schema"]
+__all__ = ["ThreadRunner", "ToolContext", "handoff_schema", "load_callable", "tool_function",
+           "tool_parameters", "tool_schema"]
 
 log = logging.getLogger("corral.tool")
 
@@ -61,6 +61,15 @@ def load_callable(spec: ToolSpec, *, name: str, source: str = "") -> Callable[..
         raise ConfigError(f"{spec.function!r} is not callable", file=source,
                           table=f"tools.{name}", key="function")
     return fn  # type: ignore[no-any-return]
+
+
+def tool_function(spec: ToolSpec, *, name: str, source: str = "") -> Callable[..., Any] | None:
+    """The tool's callable (``load_callable``); None for a tool an MCP server serves.
+
+    Raises:
+        ConfigError: naming the tool's table when it cannot be imported.
+    """
+    return None if spec.mcp else load_callable(spec, name=name, source=source)
 
 
 def _derived_parameters(fn: Callable[..., Any]) -> dict[str, Any]:

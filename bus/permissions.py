@@ -14,7 +14,8 @@ every subject family and compares with the intended matrix of
   signatures do). Its intake may claim one consumer of its own
   (``intake_<agent>``) on unknown ``corral.tasks``/``corral.wake`` subjects.
 - a **tool** pulls its own consumer, writes its own ledger keys, wakes the
-  agents that list it.
+  agents that list it. An MCP server's actor (``tool.<server>``) does so for
+  every tool the server serves, and writes its key of what it offers.
 - a **model gateway** pulls and serves its alias only, wakes the agents that
   use it, writes their budget counters and the response cache.
 - a **supervisor** writes lifecycle events and its own record, and acts on
@@ -41,7 +42,7 @@ from collections.abc import Iterable
 import msgspec
 
 from bus import subjects
-from schemas.config import FleetConfig, supervision_tree
+from schemas.config import FleetConfig, served_tools, supervision_tree, tool_actors
 from schemas.errors import ConfigError
 from schemas.identity import (
     ROLES,
@@ -99,7 +100,7 @@ def fleet_identities(fleet: FleetConfig) -> list[str]:
     """
     tree = supervision_tree(fleet)
     out = [agent_identity(a) for a in fleet.agents]
-    out += [tool_identity(t) for t in fleet.tools]
+    out += [tool_identity(t) for t in tool_actors(fleet)]
     out += [model_identity(m) for m in fleet.models]
     out += [supervisor_identity(s.path) for s in _supervisors(tree)]
     out += list(ROLES)
@@ -118,8 +119,9 @@ def agents_using_model(fleet: FleetConfig, alias: str) -> list[str]:
 
 
 def agents_using_tool(fleet: FleetConfig, tool: str) -> list[str]:
-    """The agents that list tool ``tool``."""
-    return sorted(a for a, spec in fleet.agents.items() if tool in spec.tools)
+    """The agents that list tool ``tool`` (for an MCP server: any tool it serves)."""
+    tools = set(served_tools(fleet, tool)) or {tool}
+    return sorted(a for a, spec in fleet.agents.items() if tools & set(spec.tools))
 
 
 def task_family(fleet: FleetConfig, agent: str) -> list[str]:
@@ -224,6 +226,7 @@ def _agent(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     pub += [subjects.events("*"), subjects.anchors("*"), subjects.results("*")]
     pub += [subjects.dlq(me), subjects.dlq("intake.fleet")]
     pub += _read(subjects.EVENTS_STREAM) + _read(subjects.ANCHORS_STREAM)
+    pub += _kv_read(subjects.TOOL_SCHEMAS_BUCKET)  # what MCP servers offer (schemas/mcp.py)
     # The intake (actors/intake.py): list CORRAL_TASKS' subjects, claim an unknown one with
     # its own consumer, pull, ack, release. The filter must be within these two families
     # (the server checks the subject's filter against the request's) and a work-queue
@@ -241,7 +244,11 @@ def _tool(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     me = tool_identity(name)
     pub, sub = _actor_common(tree, me)
     pub += _consume(subjects.TOOLS_STREAM, subjects.tool_consumer(name))
-    pub += _kv_read(subjects.LEDGER_BUCKET) + _kv_write(subjects.LEDGER_BUCKET, f"{name}.>")
+    pub += _kv_read(subjects.LEDGER_BUCKET) + _kv_write(
+        subjects.LEDGER_BUCKET, *[f"{t}.>" for t in served_tools(fleet, name)])
+    pub += _kv_read(subjects.TOOL_SCHEMAS_BUCKET)  # what MCP servers offer (schemas/mcp.py)
+    if name in fleet.mcp:  # an MCP server's actor publishes what its server offers
+        pub += _kv_write(subjects.TOOL_SCHEMAS_BUCKET, name)
     pub += [subjects.events("*"), subjects.dlq(me)]
     pub += [subjects.wake(a) for a in agents_using_tool(fleet, name)]
     pub += _read(subjects.EVENTS_STREAM)
@@ -333,7 +340,7 @@ def permissions(identity: str, fleet: FleetConfig) -> Permissions:
     kind, _, name = identity.partition(".")
     if kind == "agent" and name in fleet.agents:
         return _agent(fleet, tree, name)
-    if kind == "tool" and name in fleet.tools:
+    if kind == "tool" and name in tool_actors(fleet):
         return _tool(fleet, tree, name)
     if kind == "model" and name in fleet.models:
         return _model(fleet, tree, name)

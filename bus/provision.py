@@ -139,6 +139,10 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
                        description="supervision trees of running `corral up`s"),
         KeyValueConfig(bucket=subjects.KEYS_BUCKET, history=1, replicas=replicas,
                        description="the fleet's public keys (ADR 0008)"),
+        # What each MCP server offers (schemas/mcp.py): written by its actor at start,
+        # read by the agents that list its tools.
+        KeyValueConfig(bucket=subjects.TOOL_SCHEMAS_BUCKET, history=1, replicas=replicas,
+                       description="the tools each MCP server offers"),
     ]
     for kv in buckets:
         with nats_errors(f"cannot create KV bucket {kv.bucket}"):
@@ -184,13 +188,20 @@ async def ensure_agent_consumer(bus: Bus, agent: str, *, ack_wait_s: float,
 
 
 async def ensure_tool_consumer(bus: Bus, tool: str, *, ack_wait_s: float,
-                               max_ack_pending: int = 1000) -> str:
-    """The durable consumer every replica of tool ``tool`` pulls from."""
+                               max_ack_pending: int = 1000, serves: list[str] | None = None
+                               ) -> str:
+    """The durable consumer every replica of tool actor ``tool`` pulls from.
+
+    ``serves``: the tools whose calls it takes, when not just ``tool`` (an
+    MCP server's: ``schemas.config.served_tools``).
+    """
     name = subjects.tool_consumer(tool)
+    filters = [subjects.tool(t) for t in (serves if serves is not None else [tool])]
     await _ensure_consumer(bus, subjects.TOOLS_STREAM, ConsumerConfig(
         durable_name=name, ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-        filter_subject=subjects.tool(tool), ack_wait=ack_wait_s, max_deliver=-1,
-        max_ack_pending=max_ack_pending, max_waiting=512,
+        filter_subject=filters[0] if len(filters) == 1 else None,
+        filter_subjects=filters if len(filters) != 1 else None, ack_wait=ack_wait_s,
+        max_deliver=-1, max_ack_pending=max_ack_pending, max_waiting=512,
     ))
     return name
 

@@ -22,6 +22,7 @@ __all__ = [
     "SYSTEM_STREAM",
     "TASKS_STREAM",
     "TOOLS_STREAM",
+    "TOOL_SCHEMAS_BUCKET",
     "agent_consumer",
     "anchors",
     "approval_timer",
@@ -58,6 +59,7 @@ SYSTEM_STREAM = "CORRAL_SYSTEM"  # lifecycle events of supervision (audit)
 HEARTBEATS_BUCKET = "CORRAL_HEARTBEATS"  # one live key per actor process (TTL)
 SUPERVISORS_BUCKET = "CORRAL_SUPERVISORS"  # one live key per supervisor: its children (TTL)
 KEYS_BUCKET = "CORRAL_KEYS"  # the fleet's public keys (ADR 0008): written by admin, read by all
+TOOL_SCHEMAS_BUCKET = "CORRAL_TOOL_SCHEMAS"  # what each MCP server offers: key <server>
 
 TASKS_ALL = f"{PREFIX}.tasks.>"
 WAKE_ALL = f"{PREFIX}.wake.>"
@@ -100,7 +102,7 @@ def approvals(group: str) -> str:
 
 
 def tool(name: str) -> str:
-    """Where calls of tool ``name`` are published."""
+    """Where calls of tool ``name`` are published (an MCP tool's name is one token too)."""
     return f"{PREFIX}.tools.{name}"
 
 

@@ -20,6 +20,7 @@ from corral.approvals import decide
 from corral.client import Client
 from corral.fleetrun import running_fleet
 from corral.render import describe, plural
+from schemas.config import tool_actors
 from schemas.events import TERMINAL_EVENTS, ApprovalRequested, event_type
 from schemas.fold import TaskState, apply
 from schemas.verify import Rejected
@@ -32,6 +33,7 @@ DEMO_TASKS = [
     ("triage", "I want my money back for order 4242."),
     ("triage", "Can you track order 9999 for me?"),
     ("triage", "Hello, who am I talking to?"),
+    ("triage", "What time is it?"),  # an MCP tool: mcp-server-time, started by its actor
 ]
 
 
@@ -50,10 +52,12 @@ async def run_demo(args: argparse.Namespace) -> int:
     home = corral_home() / "demo"
     out = sys.stdout
     n_actors = sum(s.replicas for s in fleet.agents.values()) + sum(
-        s.replicas for s in fleet.tools.values()) + sum(s.replicas for s in fleet.models.values())
+        tool_actors(fleet).values()) + sum(s.replicas for s in fleet.models.values())
+    via_mcp = sum(1 for s in fleet.tools.values() if s.mcp)
+    mcp = f" ({via_mcp} from MCP server {', '.join(fleet.mcp)})" if fleet.mcp else ""
     print(f"corral demo: fleet {fleet.name!r} — {len(fleet.agents)} agents "
-          f"({', '.join(fleet.agents)}), {len(fleet.tools)} tools, {len(fleet.models)} model "
-          f"(scripted, no API key)")
+          f"({', '.join(fleet.agents)}), {len(fleet.tools)} tools{mcp}, {len(fleet.models)} "
+          f"model (scripted, no API key)")
     print(f"starting NATS and {n_actors} actor processes …", flush=True)
     t_start = time.monotonic()
     async with running_fleet(config, fleet, home=home) as handle:

@@ -48,7 +48,7 @@ from bus.inspect import (
 from bus.reader import stream_subjects
 from bus.server import EmbeddedServer, corral_home
 from corral.access import command_creds
-from schemas.config import FleetConfig
+from schemas.config import FleetConfig, tool_actors
 from schemas.errors import BusError, ConfigError
 from schemas.messages import DeadLetter
 
@@ -223,7 +223,8 @@ def _actors(fleet: FleetConfig | None) -> list[tuple[str, str, str, str]]:
         return []
     return ([("agent", n, subjects.TASKS_STREAM, subjects.agent_consumer(n))
              for n in fleet.agents]
-            + [("tool", n, subjects.TOOLS_STREAM, subjects.tool_consumer(n)) for n in fleet.tools]
+            + [("tool", n, subjects.TOOLS_STREAM, subjects.tool_consumer(n))
+               for n in tool_actors(fleet)]
             + [("model", n, subjects.MODELS_STREAM, subjects.model_consumer(n))
                for n in fleet.models])
 

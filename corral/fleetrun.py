@@ -38,7 +38,7 @@ from bus.provision import (
     reclaim_orphaned,
 )
 from bus.server import EmbeddedServer, corral_home
-from schemas.config import FleetConfig, supervision_tree
+from schemas.config import FleetConfig, served_tools, supervision_tree, tool_actors
 from schemas.errors import BusError, ConfigError, SupervisorError
 from schemas.identity import KeySet, supervisor_identity
 from schemas.supervision import SupervisionTree, SupervisorSpec
@@ -85,10 +85,12 @@ async def provision_fleet(bus: Bus, fleet: FleetConfig, *, fresh_server: bool = 
         await ensure_agent_consumer(bus, name, ack_wait_s=ack_wait)
         consumers.append((subjects.TASKS_STREAM, subjects.agent_consumer(name)))
         kinds[subjects.agent_consumer(name)] = functools.partial(_agent_ack_wait, bus, name)
-    for name in fleet.tools:
-        await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait)
+    for name in tool_actors(fleet):
+        await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait,
+                                   serves=served_tools(fleet, name))
         consumers.append((subjects.TOOLS_STREAM, subjects.tool_consumer(name)))
-        kinds[subjects.tool_consumer(name)] = functools.partial(_tool_ack_wait, bus, name)
+        kinds[subjects.tool_consumer(name)] = functools.partial(_tool_ack_wait, bus, name,
+                                                                served_tools(fleet, name))
     model_wait = max(ack_wait, 30.0)  # as the gateway sets it (actors/model.py)
     for name in fleet.models:
         await ensure_model_consumer(bus, name, ack_wait_s=model_wait)
@@ -123,8 +125,8 @@ async def _agent_ack_wait(bus: Bus, name: str, ack_wait_s: float) -> str:
     return await ensure_agent_consumer(bus, name, ack_wait_s=ack_wait_s)
 
 
-async def _tool_ack_wait(bus: Bus, name: str, ack_wait_s: float) -> str:
-    return await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait_s)
+async def _tool_ack_wait(bus: Bus, name: str, serves: list[str], ack_wait_s: float) -> str:
+    return await ensure_tool_consumer(bus, name, ack_wait_s=ack_wait_s, serves=serves)
 
 
 async def _model_ack_wait(bus: Bus, name: str, normal_s: float, ack_wait_s: float) -> str:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import msgspec
 
 from actors.runtime import load_fleet
-from actors.tooling import load_callable, tool_parameters
+from actors.tooling import tool_function, tool_parameters
 from schemas.config import FleetConfig, did_you_mean
 from schemas.errors import ConfigError
 from schemas.fold import HANDOFF_TOOL
@@ -134,7 +134,7 @@ def tool_schemas(fleet: FleetConfig) -> dict[str, dict[str, Any]]:
     A tool is imported only when its schema is not declared in the config.
     """
     return {name: tool_parameters(spec, None if spec.parameters is not None else
-                                  load_callable(spec, name=name, source=fleet.source))
+                                  tool_function(spec, name=name, source=fleet.source))
             for name, spec in fleet.tools.items()}
 
 

@@ -15,6 +15,7 @@ import jsonschema
 import msgspec
 
 from schemas.errors import ConfigError
+from schemas.mcp import SEP, mcp_server_of, mcp_tool_name
 from schemas.routing import PriceSpec, RouteSpec, ScriptRule, TeamSpec
 from schemas.supervision import RawSupervision, RawSupervisor, SupervisionTree, resolve_tree
 
@@ -24,13 +25,17 @@ __all__ = [
     "ApprovalSpec",
     "FleetConfig",
     "LimitsSpec",
+    "McpSpec",
     "ModelSpec",
     "PolicySpec",
     "RuntimeSpec",
     "ScriptRule",
     "ToolSpec",
     "parse_fleet",
+    "served_tools",
     "supervision_tree",
+    "tool_actor",
+    "tool_actors",
 ]
 
 _S = TypeVar("_S", bound=msgspec.Struct)
@@ -82,9 +87,12 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     ``side-effecting``. ``accepts_idempotency_key``: the callable passes
     ``ctx.idempotency_key`` to the system it changes (as payment and email
     APIs allow), so an attempt interrupted mid-call may be run again safely.
+
+    The tools an MCP server serves (``[mcp.<server>]``) are ToolSpecs too,
+    made by the loader, with ``mcp`` naming the server and no ``function``.
     """
 
-    function: str
+    function: str = ""
     description: str = ""
     parameters: dict[str, Any] | None = None
     side_effect: Literal["none", "idempotent", "side-effecting"] = "side-effecting"
@@ -97,6 +105,33 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     env: list[str] = msgspec.field(default_factory=list)
     # Declared risk class, seen by policies as context.risk; unset: derived from side_effect.
     risk: Literal["low", "medium", "high"] | None = None
+    mcp: str = ""  # the [mcp.<server>] that serves it (set by the loader, never in a file)
+
+
+class McpSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[mcp.<server>]``: an MCP tool server (docs/tools.md, "MCP tools").
+
+    ``command`` starts it as a child process of its actor, spoken to over
+    stdio; ``url`` reaches a running one over streamable HTTP. Each tool it
+    exposes is the corral tool ``<server>__<tool>`` (``schemas.mcp``), which
+    agents list like any other. ``tools``: the server's tools that may be
+    exposed (unset: any the agents list). ``side_effect``: per tool; a tool
+    not declared here takes the server's annotations as the default
+    (``readOnlyHint`` → none, ``idempotentHint`` → idempotent), else
+    side-effecting. The policy gate sees only the declaration.
+    """
+
+    command: list[str] = msgspec.field(default_factory=list)
+    url: str = ""
+    tools: list[str] | None = None
+    side_effect: dict[str, Literal["none", "idempotent", "side-effecting"]] = msgspec.field(
+        default_factory=dict)
+    timeout_s: float = 30.0  # one call, from the invocation to the answer
+    start_timeout_s: float = 30.0  # starting (or reaching) the server and listing its tools
+    allowed_agents: list[str] = msgspec.field(default_factory=list)
+    replicas: int = 1  # actors, each with its own server process
+    # The environment variables the server's actor (and so the server) gets, as ToolSpec.env.
+    env: list[str] = msgspec.field(default_factory=list)
 
 
 class PolicySpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -157,6 +192,7 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     agents: dict[str, AgentSpec]
     models: dict[str, ModelSpec]
     tools: dict[str, ToolSpec] = msgspec.field(default_factory=dict)
+    mcp: dict[str, McpSpec] = msgspec.field(default_factory=dict)
     runtime: RuntimeSpec = msgspec.field(default_factory=RuntimeSpec)
     limits: LimitsSpec = msgspec.field(default_factory=LimitsSpec)
     prices: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
@@ -169,6 +205,30 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     source: str = ""
 
 
+def tool_actors(fleet: FleetConfig) -> dict[str, int]:
+    """The fleet's tool actors and their replicas: each Python tool, and each MCP server.
+
+    An MCP server is one actor (``tool.<server>``) for all the tools it
+    serves: one consumer, one identity, one failure domain with the tools.
+    """
+    out = {name: spec.replicas for name, spec in fleet.tools.items() if not spec.mcp}
+    out.update({server: spec.replicas for server, spec in fleet.mcp.items()})
+    return out
+
+
+def tool_actor(fleet: FleetConfig, tool: str) -> str:
+    """The tool actor that serves ``tool``: itself, or its MCP server."""
+    spec = fleet.tools.get(tool)
+    return spec.mcp if spec is not None and spec.mcp else tool
+
+
+def served_tools(fleet: FleetConfig, actor: str) -> list[str]:
+    """The tools tool actor ``actor`` serves: itself, or an MCP server's tools."""
+    if actor in fleet.mcp:
+        return [name for name, spec in fleet.tools.items() if spec.mcp == actor]
+    return [actor] if actor in fleet.tools else []
+
+
 def supervision_tree(fleet: FleetConfig) -> SupervisionTree:
     """The fleet's supervision tree (the default one when the file has none).
 
@@ -177,7 +237,7 @@ def supervision_tree(fleet: FleetConfig) -> SupervisionTree:
     """
     actors: dict[str, int] = {}
     actors.update({f"model.{n}": s.replicas for n, s in fleet.models.items()})
-    actors.update({f"tool.{n}": s.replicas for n, s in fleet.tools.items()})
+    actors.update({f"tool.{n}": r for n, r in tool_actors(fleet).items()})
     actors.update({f"agent.{n}": s.replicas for n, s in fleet.agents.items()})
     return resolve_tree(fleet.supervision, fleet.supervisors, actors,
                         grace_s=fleet.runtime.grace_s, source=fleet.source)
@@ -314,7 +374,7 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                               file=source, table=table, key="degrade_model")
     for name, tspec in fleet.tools.items():
         table = f"tools.{name}"
-        if ":" not in tspec.function:
+        if ":" not in tspec.function and not tspec.mcp:
             raise ConfigError("must be 'package.module:callable'",
                               file=source, table=table, key="function")
         if tspec.timeout_s <= 0:
@@ -407,6 +467,92 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                                   key="replicas")
 
 
+def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
+               servers: dict[str, McpSpec], source: str) -> dict[str, ToolSpec]:
+    """The tools the ``[mcp.*]`` servers serve, as ToolSpecs named ``<server>__<tool>``.
+
+    A server exposes the tools of its ``tools`` list, or (without one) the
+    ``<server>__<tool>`` names the agents list; what the server really offers
+    is known only when it runs (a call of a tool it lacks fails visibly).
+    """
+    for name, plain in tools.items():
+        table = f"tools.{name}"
+        if plain.mcp:
+            raise ConfigError(f"an MCP server's tools come from its [mcp.{plain.mcp}] table",
+                              file=source, table=table, key="mcp")
+        if SEP in name:
+            raise ConfigError(f"{SEP!r} is kept for MCP tools (<server>{SEP}<tool>): rename it",
+                              file=source, table=table)
+        if name in servers:
+            raise ConfigError(f"[mcp.{name}] is a tool actor of that name already",
+                              file=source, table=table)
+    out: dict[str, ToolSpec] = {}
+    for server, spec in servers.items():
+        table = f"mcp.{server}"
+        if not NAME_RE.match(server) or SEP in server or server.endswith("_"):
+            raise ConfigError(f"MCP server name {server!r} must match {NAME_RE.pattern}, "
+                              f"without {SEP!r} and not ending in '_' (its tools are "
+                              f"<server>{SEP}<tool>)", file=source, table=table)
+        if bool(spec.command) == bool(spec.url):
+            raise ConfigError("set command = [...] (a server corral starts, over stdio) or "
+                              "url = \"http://…/mcp\" (one running, over streamable HTTP), "
+                              "not both", file=source, table=table, key="command")
+        if spec.command and not spec.command[0].strip():
+            raise ConfigError("the first word is the program to run", file=source,
+                              table=table, key="command")
+        if spec.url and not spec.url.startswith(("http://", "https://")):
+            raise ConfigError("must be an http:// or https:// URL", file=source, table=table,
+                              key="url")
+        for key in ("timeout_s", "start_timeout_s"):
+            if not getattr(spec, key) > 0:
+                raise ConfigError("must be positive", file=source, table=table, key=key)
+        if spec.replicas < 1:
+            raise ConfigError("must be at least 1", file=source, table=table, key="replicas")
+        for var in spec.env:
+            if not ENV_RE.match(var):
+                raise ConfigError(f"{var!r} is not an environment variable name",
+                                  file=source, table=table, key="env")
+        for agent in spec.allowed_agents:
+            if agent not in agents:
+                raise ConfigError(f"unknown agent {agent!r}{did_you_mean(agent, agents)}",
+                                  file=source, table=table, key="allowed_agents")
+        listed = sorted({t.partition(SEP)[2] for a in agents.values() for t in a.tools
+                         if mcp_server_of(t) == server})
+        exposed = listed if spec.tools is None else spec.tools
+        if not exposed:
+            raise ConfigError(f"serves no tool: no agent lists one ({server}{SEP}<tool>) and "
+                              "it has no tools list", file=source, table=table, key="tools")
+        if len(set(exposed)) != len(exposed):
+            raise ConfigError("lists a tool twice", file=source, table=table, key="tools")
+        for tool in spec.side_effect:
+            if tool not in exposed:
+                raise ConfigError(f"{tool!r} is not one of the tools exposed "
+                                  f"({', '.join(exposed) or 'none'})"
+                                  f"{did_you_mean(tool, exposed)}",
+                                  file=source, table=table, key="side_effect")
+        for tool in exposed:
+            name = mcp_tool_name(server, tool)
+            if not NAME_RE.match(name):
+                raise ConfigError(f"{tool!r} would be the corral tool {name!r}, which must "
+                                  f"match {NAME_RE.pattern}", file=source, table=table,
+                                  key="tools")
+            out[name] = ToolSpec(mcp=server, side_effect=spec.side_effect.get(tool,
+                                                                               "side-effecting"),
+                                 timeout_s=spec.timeout_s, allowed_agents=spec.allowed_agents)
+    for agent, a in agents.items():
+        for t in a.tools:
+            server = mcp_server_of(t)
+            if not server or t in out:
+                continue
+            known = ", ".join(sorted(servers)) or "none"
+            raise ConfigError(
+                f"unknown tool {t!r}: " + (
+                    f"[mcp.{server}] does not expose {t.partition(SEP)[2]!r} (its tools list)"
+                    if server in servers else f"no [mcp.{server}] server (servers: {known})"),
+                file=source, table=f"agents.{agent}", key="tools")
+    return out
+
+
 TIERS = {1: "auto", 2: "supervised", 3: "assisted", 4: "manual"}
 
 
@@ -478,7 +624,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
                           table="fleet", key=key)
     name = fleet_table.get("name", "fleet")
     known = {"fleet", "runtime", "limits", "agents", "tools", "models", "prices", "teams",
-             "supervision", "supervisors", "policy", "approvals"}
+             "supervision", "supervisors", "policy", "approvals", "mcp"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}"
@@ -490,7 +636,8 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     sections: dict[str, Any] = {}
     for section, spec_type in (("agents", AgentSpec), ("tools", ToolSpec),
                                ("models", ModelSpec), ("prices", PriceSpec),
-                               ("teams", TeamSpec), ("approvals", ApprovalSpec)):
+                               ("teams", TeamSpec), ("approvals", ApprovalSpec),
+                               ("mcp", McpSpec)):
         tables = raw.get(section, {})
         if not isinstance(tables, dict):
             raise ConfigError("must be a table of tables", file=source, table=section)
@@ -508,6 +655,8 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     supervisors = {n: _convert(v, RawSupervisor, source, f"supervisors.{n}")
                    for n, v in sups.items()}
     policy = _convert(raw["policy"], PolicySpec, source, "policy") if "policy" in raw else None
+    sections["tools"].update(_mcp_tools(sections["agents"], sections["tools"], sections["mcp"],
+                                        source))
     fleet = FleetConfig(name=str(name), source=source, runtime=runtime, limits=limits,
                         supervision=supervision, policy=policy,
                         supervisors=supervisors, **sections)

@@ -71,6 +71,7 @@ from schemas.events import (
 )
 from schemas.fold import HANDOFF_TOOL, Phase, TaskState, apply
 from schemas.identity import SIGNATURE_HEADER, SIGNER_HEADER, KeySet, may_claim
+from schemas.mcp import mcp_server_of
 
 __all__ = [
     "LATE",
@@ -130,7 +131,7 @@ class Chain(msgspec.Struct, frozen=True):
 #   owner     kind "agent" named the task's current agent (state.agent)
 #   submitter kind "agent" named the event's own ``agent`` (the first event)
 #   agent     kind "agent", any name
-#   tool      kind "tool" named the event's ``tool``
+#   tool      kind "tool" named the event's ``tool`` (or the MCP server serving it)
 #   model     kind "model" (the gateway answering the owner's turn)
 #   operator  kind "operator" (a human, through the CLI)
 #   intake    kind "intake" (refuses submissions no agent can take)
@@ -200,8 +201,10 @@ def _is(role: str, event: EventBase, state: TaskState) -> bool:
             return kind == "agent" and name == state.agent
         case "submitter":
             return kind == "agent" and isinstance(event, TaskSubmitted) and name == event.agent
-        case "tool":
-            return kind == "tool" and name == getattr(event, "tool", None)
+        case "tool":  # the tool itself, or the MCP server that serves it (schemas.mcp)
+            tool = getattr(event, "tool", None)
+            return kind == "tool" and isinstance(tool, str) and bool(name) and (
+                name == tool or name == mcp_server_of(tool))
         case "agent" | "model" | "operator" | "intake":
             return kind == role
     return False

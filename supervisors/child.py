@@ -82,7 +82,10 @@ def actor_secrets(fleet: FleetConfig) -> dict[str, frozenset[str]]:
         keys = {v for v in (key_env(e) for e in route.entries()) if v}
         out[f"model.{alias}"] = frozenset(keys) | GATEWAY_ENV
     for name, tool in fleet.tools.items():
-        out[f"tool.{name}"] = frozenset(tool.env)
+        if not tool.mcp:
+            out[f"tool.{name}"] = frozenset(tool.env)
+    for name, server in fleet.mcp.items():  # an MCP server's actor passes them to the server
+        out[f"tool.{name}"] = frozenset(server.env)
     return out
 
 

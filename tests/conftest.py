@@ -24,16 +24,22 @@ from schemas.events import Event
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "config" / "demo.toml"
 POLICY_START, POLICY_END = "# --- policy", "# --- end policy"
+MCP_START, MCP_END = "# --- mcp", "# --- end mcp"
 
 
-def _without_policy(text: str) -> str:
-    head, rest = text.split(POLICY_START, 1)
-    return head + rest.split(POLICY_END, 1)[1].split("\n", 1)[1]
+def _without(text: str, start: str, end: str) -> str:
+    """``text`` without each region from a ``start`` line to its ``end`` line."""
+    while start in text:
+        head, rest = text.split(start, 1)
+        text = head + rest.split(end, 1)[1].split("\n", 1)[1]
+    return text
 
 
 # The demo fleet without its policy gate: what the core tests run (a refund there
-# would wait for a person). tests/test_approvals.py runs it with the gate.
-DEMO_TEXT = _without_policy(DEMO_CONFIG.read_text())
+# would wait for a person). tests/test_approvals.py runs it with the gate. Nor with
+# its MCP time server (a process each fleet would start): tests/test_mcp.py runs it.
+DEMO_TEXT = _without(_without(DEMO_CONFIG.read_text(), POLICY_START, POLICY_END),
+                     MCP_START, MCP_END)
 
 
 @pytest.fixture

@@ -31,8 +31,8 @@ from tests.supervision_helpers import (
     tree_config,
 )
 
-IDENTITIES = len(fleet_identities(load_fleet(DEMO_CONFIG)))  # 15: 3 agents, 3 tools, 1 alias,
-# 4 supervisors (root and one per domain), 4 roles
+IDENTITIES = len(fleet_identities(load_fleet(DEMO_CONFIG)))  # 16: 3 agents, 4 tool actors
+# (3 tools, 1 MCP server), 1 alias, 4 supervisors (root and one per domain), 4 roles
 
 
 def violations(home: Path) -> list[str]:

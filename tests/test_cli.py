@@ -41,8 +41,9 @@ def test_help_teaches_the_commands(home: Path) -> None:
 def test_demo_runs_to_completion_and_exits(home: Path) -> None:
     out = corral(home, "demo", timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "5/5 tasks completed" in out.stdout
+    assert "6/6 tasks completed" in out.stdout
     assert "handoff triage → billing" in out.stdout
+    assert "✓ time__get_current_time → " in out.stdout  # the MCP time server answered
     assert "4 side effects" in out.stdout  # two refunds, two emails
     lines = (home / "demo" / "outbox.jsonl").read_text().splitlines()
     assert len(lines) == 4

@@ -494,7 +494,8 @@ def test_the_demo_policy(demo_gate: Gate) -> None:
 
 def test_the_demo_fleet_names_its_policy_and_escalation() -> None:
     fleet = parse_fleet(DEMO_CONFIG.read_text(), str(DEMO_CONFIG))
-    assert fleet.policy is not None and fleet.policy.files == ["policies/demo.cedar"]
+    assert fleet.policy is not None and fleet.policy.files == ["policies/demo.cedar",
+                                                               "policies/demo_mcp.cedar"]
     levels = [(lv.group, lv.within_s) for lv in fleet.approvals["billing-lead"].levels]
     assert levels == [("billing-lead", 120), ("support-manager", 600)]
 

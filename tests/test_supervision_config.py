@@ -24,8 +24,9 @@ def with_tree(block: str) -> str:
 def test_a_fleet_without_tables_gets_one_domain_per_kind() -> None:
     tree = supervision_tree(parse_fleet(without_supervision(), "f.toml"))
     assert tree.domains() == ["models", "tools", "agents"]
+    # An MCP server is one tool actor ([mcp.time]: tool.time), in the tools' domain.
     assert tree.actors_under("tools") == ["tool.lookup_order", "tool.issue_refund",
-                                          "tool.send_email"]
+                                          "tool.send_email", "tool.time"]
     assert all(tree.spec(d).strategy == "one_for_one" for d in tree.domains())
     assert tree.spec("agents").path == "root/agents"
     # Default shutdown: grace + 5 per actor; a supervisor gets its children's sum + 5.
@@ -46,7 +47,7 @@ strategy = "rest_for_one"
 children = ["model.support-model", "toolbox"]
 [supervisors.toolbox]
 strategy = "one_for_all"
-children = ["tool.lookup_order", "tool.issue_refund", "tool.send_email"]
+children = ["tool.lookup_order", "tool.issue_refund", "tool.send_email", "tool.time"]
 [supervisors.front]
 children = ["agent.triage", { actor = "agent.billing", replicas = 3, restart = "transient" },
             "agent.support"]

@@ -1,0 +1,80 @@
+"""A tiny MCP server for the tests, built with the SDK's ``MCPServer`` (FastMCP in mcp 1.x).
+
+Run as ``python -m tests.mcp_test_server`` over stdio. Its state lives in
+``$CORRAL_MCP_TEST_DIR``:
+
+- ``variant``: "2" makes ``echo`` take an extra ``shout`` argument (a schema
+  change, as after a server upgrade); read once, at start.
+- ``<tool>-<key>.started``: each start of a ``slow_read`` / ``slow_write`` call
+  appends the server's pid, so a test can kill the server mid-call; the first
+  attempt of a key hangs until killed, a later one returns at once.
+- ``writes.log``: one line per ``slow_write`` call that reached its effect.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from mcp.server import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp_types import ToolAnnotations
+
+STATE = Path(os.environ.get("CORRAL_MCP_TEST_DIR", "."))
+VARIANT = (STATE / "variant").read_text().strip() if (STATE / "variant").exists() else "1"
+
+server = MCPServer("corral-test")
+
+
+def _attempt(tool: str, key: str) -> int:
+    """Record this attempt (the pid, one line each) and return its number."""
+    marker = STATE / f"{tool}-{key}.started"
+    with marker.open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    return len(marker.read_text().splitlines())
+
+
+if VARIANT == "2":
+    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    def echo(text: str, shout: bool = False) -> str:
+        """Say the text back (louder when asked)."""
+        return text.upper() if shout else text
+else:
+    @server.tool(annotations=ToolAnnotations(read_only_hint=True))
+    def echo(text: str) -> str:
+        """Say the text back."""
+        return text
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+def slow_read(key: str) -> str:
+    """Read something slowly: the first attempt of a key hangs (to be killed)."""
+    if _attempt("slow_read", key) == 1:
+        time.sleep(600)
+    return f"read {key}"
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True,
+                                         idempotent_hint=False))
+def slow_write(key: str) -> str:
+    """Write something: takes effect, then the first attempt of a key hangs (to be killed)."""
+    with (STATE / "writes.log").open("a") as f:
+        f.write(f"{key}\n")
+    if _attempt("slow_write", key) == 1:
+        time.sleep(600)
+    return f"wrote {key}"
+
+
+@server.tool()
+def fail(reason: str) -> str:
+    """Always fails with the reason (an MCP tool error, isError = true)."""
+    raise ToolError(reason)
+
+
+if __name__ == "__main__":  # stdio, or `--http PORT`: streamable HTTP on 127.0.0.1:PORT/mcp
+    if sys.argv[1:2] == ["--http"]:
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        server.run("stdio")
