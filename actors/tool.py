@@ -19,23 +19,31 @@ gets a ``tool.failed`` so it does not wait for an answer that never comes.
 Each replica caches, per task, the verified state, the log head and the
 requests seen (1,024 tasks), so a call reads only the new tail of the log.
 
-**A sync tool that hangs** cannot be killed (Python has no way to stop a
-thread). Sync tools run on daemon threads (``ThreadRunner``), at most
-``max_inflight`` at once; a call past its timeout is failed and its thread
-*abandoned* (counted in ``threads.abandoned``). When ``max_abandoned``
-threads are abandoned and still running, the replica stops taking work,
-finishes what it holds and exits with an ``ActorError`` saying so: its
-supervisor starts a fresh process, the only way to free the threads.
+**Sync tools run in worker processes** (``actors.workers``): a call past its
+timeout kills its worker, and a worker that crashes (segfault, ``os._exit``)
+is a ``ToolCrashed`` failure while the actor serves on. With ``runner =
+"thread"`` a sync tool runs on a daemon thread instead (``ThreadRunner``), at
+most ``max_inflight`` at once, which Python cannot stop: a call past its
+timeout is failed and its thread *abandoned* (counted in
+``threads.abandoned``); when ``max_abandoned`` threads are abandoned and still
+running, the replica stops taking work, finishes what it holds and exits with
+an ``ActorError`` saying so: its supervisor starts a fresh process, the only
+way to free the threads.
+
+**A shared rate limit** (``[tools.X] rate_limit``, ``bus.ratelimit``) is
+waited for before the ledger claim; the wait is ``throttled_ms`` on the
+outcome event.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 import anyio
@@ -48,12 +56,14 @@ from actors.base import Actor, process_alive
 from actors.faults import crash_point
 from actors.tooling import ThreadRunner, ToolContext, load_callable, tool_parameters
 from actors.tracing import parent_context, traceparent, tracer
+from actors.workers import WorkerPool, not_json, result_too_large
 from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog, LogHead
 from bus.ledger import Ledger, LedgerEntry, args_sha256
 from bus.mailbox import Delivery
 from bus.provision import ensure_tool_consumer
+from bus.ratelimit import Permit, RateLimiter
 from schemas.config import FleetConfig, ToolSpec
 from schemas.errors import (
     ActorError,
@@ -149,6 +159,18 @@ class ToolActor(Actor[ToolInvocation]):
         self.threads = ThreadRunner(f"tool-{name}", limit=rt.max_inflight)
         self.max_abandoned = rt.max_inflight  # hung threads past which the replica exits
         self.exit_reason = ""
+        # A sync callable named in the fleet runs in worker processes (actors/workers.py)
+        # unless the tool says runner = "thread"; an async one runs in this event loop.
+        self.workers: WorkerPool | None = None
+        if not self.is_async and fn is None and self.spec.runner == "process":
+            self.workers = WorkerPool(name, self.spec.function, size=self.spec.workers,
+                                      wants_ctx=self.wants_ctx,
+                                      result_bytes=fleet.limits.tool_result_bytes,
+                                      may_take_effect=self.spec.side_effect != "none")
+        rl = self.spec.rate_limit  # shared by every replica (bus/ratelimit.py)
+        self.limiter = None if rl is None else RateLimiter(
+            bus, name, per_s=rl.per_s, burst=rl.burst, concurrency=rl.concurrency,
+            hold_s=self.spec.timeout_s, holder=self.instance)
 
     async def setup(self) -> None:
         """Make sure the shared durable consumer exists."""
@@ -162,7 +184,11 @@ class ToolActor(Actor[ToolInvocation]):
             ActorError: too many hung sync calls hold threads; a fresh process
                 (the supervisor's restart) frees them.
         """
-        await super().run(task_status=task_status)
+        try:
+            await super().run(task_status=task_status)
+        finally:
+            if self.workers is not None:
+                await self.workers.aclose()
         if self.exit_reason:
             raise ActorError(self.exit_reason)
 
@@ -262,27 +288,34 @@ class ToolActor(Actor[ToolInvocation]):
                                         idempotency_key=inv.idempotency_key, attempt=attempt,
                                         on_behalf_of=inv.on_behalf_of)
         try:
-            with anyio.fail_after(self.spec.timeout_s):
-                if self.is_async:
-                    result = await self.fn(**kwargs)
-                else:
-                    result = await self.threads.run(functools.partial(self.fn, **kwargs))
+            if self.workers is not None:  # the worker is killed at the timeout
+                ctx = kwargs.pop("ctx", None)
+                result = await self.workers.run(
+                    kwargs, None if ctx is None else msgspec.to_builtins(ctx),
+                    timeout_s=self.spec.timeout_s)
+            else:
+                with anyio.fail_after(self.spec.timeout_s):
+                    if self.is_async:
+                        result = await self.fn(**kwargs)
+                    else:
+                        result = await self.threads.run(functools.partial(self.fn, **kwargs))
         except TimeoutError as exc:
             self._count_abandoned()
-            maybe = "" if self.spec.side_effect == "none" else "; it may still take effect"
+            if self.workers is not None:
+                how = "; it was stopped" + ("" if self.spec.side_effect == "none"
+                                            else " and may have taken effect")
+            else:
+                how = "" if self.spec.side_effect == "none" else "; it may still take effect"
             raise ToolTimeout(f"{self.name} did not finish within {self.spec.timeout_s:g}s"
-                              f"{maybe}", tool=self.name) from exc
+                              f"{how}", tool=self.name) from exc
         try:
             value = msgspec.to_builtins(result)
             size = len(_encoder.encode(value))
         except (TypeError, msgspec.EncodeError) as exc:
-            raise ToolError(f"{self.name} returned a value that is not JSON: {exc}",
-                            tool=self.name) from exc
+            raise not_json(self.name, exc) from exc
         limit = self.fleet.limits.tool_result_bytes
         if size > limit:
-            raise ToolResultTooLarge(
-                f"{self.name} returned {size} bytes of JSON; the limit is {limit} bytes "
-                f"(limits.tool_result_bytes)", tool=self.name)
+            raise result_too_large(self.name, size, limit)
         return value
 
     def _count_abandoned(self) -> None:
@@ -369,19 +402,35 @@ class ToolActor(Actor[ToolInvocation]):
                                error_type=type(exc).__name__, args_sha256=args_hash)
             await self._record(key, done)
             return done, False
-        self._claims_in_doubt[key] = None
-        while len(self._claims_in_doubt) > UNRECORDED_MAX:
-            self._claims_in_doubt.popitem(last=False)
-        if not await self.ledger.claim(self.name, key, self.instance, entry, args_hash):
+        # The shared rate limit is waited for before the claim: a replica that dies while
+        # it waits leaves no `running` entry (which would make the call OutcomeUnknown).
+        async with self._turn() as permit:
+            self._claims_in_doubt[key] = None
+            while len(self._claims_in_doubt) > UNRECORDED_MAX:
+                self._claims_in_doubt.popitem(last=False)
+            if not await self.ledger.claim(self.name, key, self.instance, entry, args_hash):
+                self._claims_in_doubt.pop(key, None)
+                return None  # another attempt claimed it since we looked: it finishes it
             self._claims_in_doubt.pop(key, None)
-            return None  # another attempt claimed it since we looked: it finishes it
-        self._claims_in_doubt.pop(key, None)
-        crash_point("tool.before_run", self.name)
-        done = await self._execute(inv, attempt, args_hash)
+            crash_point("tool.before_run", self.name)
+            done = await self._execute(inv, attempt, args_hash)
+        if permit.waited_s:
+            done = msgspec.structs.replace(done, throttled_ms=permit.waited_ms)
         crash_point("tool.after_run", self.name)
         await self._record(key, done)
         crash_point("tool.after_ledger", self.name)
         return done, False
+
+    @contextlib.asynccontextmanager
+    async def _turn(self) -> AsyncIterator[Permit]:
+        """The tool's turn under its shared rate limit (at once when it has none)."""
+        if self.limiter is None:
+            yield Permit()
+            return
+        async with contextlib.AsyncExitStack() as stack:
+            if self.workers is not None:  # started first: a turn is not spent starting one
+                await stack.enter_async_context(self.workers.reserved())
+            yield await stack.enter_async_context(self.limiter.permit())
 
     async def _execute(self, inv: ToolInvocation, attempt: int, args_hash: str) -> LedgerEntry:
         """Run the callable once: its result or its failure, as a ``done`` entry."""
@@ -465,12 +514,17 @@ class ToolActor(Actor[ToolInvocation]):
             "call_id": msg.call_id, "tool": self.name, "idempotency_key": msg.idempotency_key,
         }
         event: ToolCompleted | ToolFailed
+        throttled = 0.0 if replayed else entry.throttled_ms  # this delivery's wait only
         if entry.ok:
             event = ToolCompleted(**common, result=entry.result, replayed=replayed,
-                                  duration_ms=entry.duration_ms)
+                                  duration_ms=entry.duration_ms, throttled_ms=throttled)
         else:
+            # A run stopped by its timeout or a crash may be asked for again when the
+            # tool has no side effect to repeat; any other failure is final.
+            stopped = entry.error_type in ("ToolTimeout", "ToolCrashed")
             event = ToolFailed(**common, error=entry.error, error_type=entry.error_type,
-                               retryable=False)
+                               retryable=stopped and self.spec.side_effect != "side-effecting",
+                               throttled_ms=throttled)
         await self._append(event)
         wake = Wake(task_id=msg.task_id, reason=f"{self.name} {msg.call_id}")
         await self.bus.js_publish(subjects.wake(msg.agent), _encoder.encode(wake),

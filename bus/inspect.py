@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 BUCKETS = (subjects.LEDGER_BUCKET, subjects.BUDGET_BUCKET, subjects.CACHE_BUCKET,
-           subjects.HEARTBEATS_BUCKET, subjects.SUPERVISORS_BUCKET, subjects.KEYS_BUCKET)
+           subjects.HEARTBEATS_BUCKET, subjects.SUPERVISORS_BUCKET, subjects.KEYS_BUCKET,
+           subjects.RATELIMITS_BUCKET)
 
 # The settings of a stream that corral relies on (retention decides whether a mailbox
 # empties, deny_* whether the truth can be erased, allow_msg_schedules whether deadlines

@@ -41,6 +41,7 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     error_type: str = ""
     duration_ms: float = 0.0
     args_sha256: str = ""  # "" in entries written before arguments were hashed: unknown
+    throttled_ms: float = 0.0  # how long the call waited for the tool's shared rate limit
 
 
 _enc = msgspec.json.Encoder()

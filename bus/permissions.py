@@ -13,9 +13,9 @@ every subject family and compares with the intended matrix of
   appends to any task's log (NATS cannot tell one task from another: the
   signatures do). Its intake may claim one consumer of its own
   (``intake_<agent>``) on unknown ``corral.tasks``/``corral.wake`` subjects.
-- a **tool** pulls its own consumer, writes its own ledger keys, wakes the
-  agents that list it. An MCP server's actor (``tool.<server>``) does so for
-  every tool the server serves, and writes its key of what it offers.
+- a **tool** pulls its own consumer, writes its own ledger and rate-limit keys,
+  wakes the agents that list it. An MCP server's actor (``tool.<server>``) does
+  so for every tool the server serves, and writes its key of what it offers.
 - a **model gateway** pulls and serves its alias only, wakes the agents that
   use it, writes their budget counters and the response cache.
 - a **supervisor** writes lifecycle events and its own record, and acts on
@@ -249,6 +249,9 @@ def _tool(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     pub += _kv_read(subjects.TOOL_SCHEMAS_BUCKET)  # what MCP servers offer (schemas/mcp.py)
     if name in fleet.mcp:  # an MCP server's actor publishes what its server offers
         pub += _kv_write(subjects.TOOL_SCHEMAS_BUCKET, name)
+    # Its shared rate limit (bus/ratelimit.py): its tools' keys, read by direct get.
+    pub += _kv_read(subjects.RATELIMITS_BUCKET) + _kv_write(
+        subjects.RATELIMITS_BUCKET, *[f"{t}.>" for t in served_tools(fleet, name)])
     pub += [subjects.events("*"), subjects.dlq(me)]
     pub += [subjects.wake(a) for a in agents_using_tool(fleet, name)]
     pub += _read(subjects.EVENTS_STREAM)

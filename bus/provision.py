@@ -143,6 +143,10 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
         # read by the agents that list its tools.
         KeyValueConfig(bucket=subjects.TOOL_SCHEMAS_BUCKET, history=1, replicas=replicas,
                        description="the tools each MCP server offers"),
+        # Tools' shared rate limits (bus/ratelimit.py): read by direct get (the server's
+        # time stamps are the limiter's clock); a key idle for a day is forgotten.
+        KeyValueConfig(bucket=subjects.RATELIMITS_BUCKET, history=1, replicas=replicas,
+                       ttl=DAY_S, direct=True, description="tools' shared rate limits"),
     ]
     for kv in buckets:
         with nats_errors(f"cannot create KV bucket {kv.bucket}"):

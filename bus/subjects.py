@@ -17,6 +17,7 @@ __all__ = [
     "KEYS_BUCKET",
     "LEDGER_BUCKET",
     "MODELS_STREAM",
+    "RATELIMITS_BUCKET",
     "SUPERVISORS_BUCKET",
     "SYSTEM_ALL",
     "SYSTEM_STREAM",
@@ -52,6 +53,7 @@ EVENTS_STREAM = "CORRAL_EVENTS"  # every task's append-only log
 DLQ_STREAM = "CORRAL_DLQ"  # what no actor could use, with the reason
 ANCHORS_STREAM = "CORRAL_ANCHORS"  # finished tasks' signed chain heads (ADR 0008)
 LEDGER_BUCKET = "CORRAL_LEDGER"  # tool idempotency ledger
+RATELIMITS_BUCKET = "CORRAL_RATELIMITS"  # tools' shared rate limits: <tool>.rate, <tool>.slot.<i>
 BUDGET_BUCKET = "CORRAL_BUDGETS"  # spend counters per team / agent per day
 CACHE_BUCKET = "CORRAL_MODEL_CACHE"  # responses for a route's cached fallback
 APPROVALS_STREAM = "CORRAL_APPROVALS"  # approval notices: the index of what waits for a person

@@ -83,9 +83,9 @@ def describe(event: Event) -> str:
             return f"approval {event.approval_id} {event.decision} by {event.by}{over}{note}"
         case ToolCompleted():
             replay = " (replayed from ledger)" if event.replayed else ""
-            return f"✓ {event.tool} → {short(event.result, 60)}{replay}"
+            return f"✓ {event.tool} → {short(event.result, 60)}{replay}{_waited(event)}"
         case ToolFailed():
-            return f"✗ {event.tool}: {short(event.error, 100)}"
+            return f"✗ {event.tool}: {short(event.error, 100)}{_waited(event)}"
         case ToolFlagged():
             why = f" — {short(event.evidence[0], 80)}" if event.evidence else ""
             return f"⚠ {event.tool} result flagged: {short(', '.join(event.categories), 80)}{why}"
@@ -113,6 +113,13 @@ def describe(event: Event) -> str:
         case TaskResumed():
             return f"resumed by {event.by}" + (f": {event.reason}" if event.reason else "")
     return event_type(event)
+
+
+def _waited(event: ToolCompleted | ToolFailed) -> str:
+    """How long the call waited for its tool's shared rate limit, if it did."""
+    if not event.throttled_ms:
+        return ""
+    return f" (waited {event.throttled_ms:.0f} ms for its rate limit)"
 
 
 def rejected_note(entry: Rejected) -> str:

@@ -47,9 +47,12 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
     for e in events:
         if isinstance(e, ToolCompleted):
             replay = ", replayed" if e.replayed else ""
-            outcomes[e.call_id] = f"✓ {short(e.result, 60)} ({e.duration_ms:.0f} ms{replay})"
+            waited = f", throttled {e.throttled_ms:.0f} ms" if e.throttled_ms else ""
+            outcomes[e.call_id] = (f"✓ {short(e.result, 60)} ({e.duration_ms:.0f} ms{replay}"
+                                   f"{waited})")
         elif isinstance(e, ToolFailed):
-            outcomes[e.call_id] = f"✗ {e.error_type or 'error'}: {short(e.error, 70)}"
+            waited = f" (throttled {e.throttled_ms:.0f} ms)" if e.throttled_ms else ""
+            outcomes[e.call_id] = f"✗ {e.error_type or 'error'}: {short(e.error, 70)}{waited}"
         elif isinstance(e, ToolFlagged) and e.call_id in outcomes:
             outcomes[e.call_id] += f"\n⚠ flagged: {short(', '.join(e.categories), 80)}"
     for e in events:

@@ -28,6 +28,7 @@ __all__ = [
     "McpSpec",
     "ModelSpec",
     "PolicySpec",
+    "RateLimitSpec",
     "RuntimeSpec",
     "ScriptRule",
     "ToolSpec",
@@ -80,6 +81,21 @@ class AgentSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     spot_check: float = 0.1  # tier 2: the share of completed actions sampled for review
 
 
+class RateLimitSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[tools.<name>] rate_limit = { per_s = 5, burst = 5, concurrency = 2 }``.
+
+    Shared by every replica of the tool (the state is in NATS): at most
+    ``burst + per_s * t`` calls start in any ``t`` seconds, and at most
+    ``concurrency`` run at once. A throttled call waits its turn; it does not
+    fail. 0 (the default) leaves that limit off; ``burst`` defaults to
+    ``per_s`` rounded up (at least 1).
+    """
+
+    per_s: float = 0.0
+    burst: int = 0
+    concurrency: int = 0
+
+
 class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[tools.<name>]``: a Python callable named by import path.
 
@@ -105,6 +121,13 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     env: list[str] = msgspec.field(default_factory=list)
     # Declared risk class, seen by policies as context.risk; unset: derived from side_effect.
     risk: Literal["low", "medium", "high"] | None = None
+    # Shared by every replica (bus/ratelimit.py); unset: no limit.
+    rate_limit: RateLimitSpec | None = None
+    # Where a sync callable runs: a worker process (a timeout stops it, a crash is a
+    # tool.failed) or a thread of the actor (shares its memory; a hung call cannot be
+    # stopped). Async callables always run in the actor's event loop.
+    runner: Literal["process", "thread"] = "process"
+    workers: int = 4  # worker processes per replica (runner = "process")
     mcp: str = ""  # the [mcp.<server>] that serves it (set by the loader, never in a file)
 
 
@@ -381,6 +404,10 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
         if tspec.replicas < 1:
             raise ConfigError("must be at least 1", file=source, table=table, key="replicas")
+        if tspec.workers < 1:
+            raise ConfigError("must be at least 1", file=source, table=table, key="workers")
+        if tspec.rate_limit is not None:
+            _check_rate_limit(tspec.rate_limit, source, f"{table}.rate_limit")
         for agent in tspec.allowed_agents:
             if agent not in fleet.agents:
                 raise ConfigError(f"unknown agent {agent!r}{did_you_mean(agent, fleet.agents)}",
@@ -465,6 +492,22 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             if spec.replicas < 1:
                 raise ConfigError("must be at least 1", file=source, table=f"{section}.{name}",
                                   key="replicas")
+
+
+def _check_rate_limit(rl: RateLimitSpec, source: str, table: str) -> None:
+    if not rl.per_s >= 0 or rl.per_s == float("inf"):
+        raise ConfigError("must be a number of calls per second, 0 (no limit) or more",
+                          file=source, table=table, key="per_s")
+    for key in ("burst", "concurrency"):
+        if getattr(rl, key) < 0:
+            raise ConfigError("must be 0 (the default) or more", file=source, table=table,
+                              key=key)
+    if rl.burst and not rl.per_s:
+        raise ConfigError("a burst needs a rate: set per_s too", file=source, table=table,
+                          key="burst")
+    if not rl.per_s and not rl.concurrency:
+        raise ConfigError("limits nothing: set per_s, concurrency or both", file=source,
+                          table=table, key="per_s")
 
 
 def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],

@@ -19,6 +19,7 @@ field on the error (``retryable``), not a guess at the catch site.
     │   ├── ToolArgumentsInvalid    arguments do not match the tool's schema
     │   ├── ToolTimeout             the tool ran past its timeout
     │   ├── ToolResultTooLarge      its result is over [limits] tool_result_bytes
+    │   ├── ToolCrashed             its worker process died mid-call
     │   └── OutcomeUnknown          an interrupted side effect: not re-run
     ├── ModelError                  the model gateway failed
     │   ├── BudgetExceeded          a task, agent or team is over its budget
@@ -48,6 +49,7 @@ __all__ = [
     "SchemaError",
     "SupervisorError",
     "ToolArgumentsInvalid",
+    "ToolCrashed",
     "ToolDenied",
     "ToolError",
     "ToolResultTooLarge",
@@ -157,6 +159,14 @@ class ToolTimeout(ToolError):
 
 class ToolResultTooLarge(ToolError):
     """A tool's result, encoded as JSON, is larger than ``limits.tool_result_bytes``."""
+
+
+class ToolCrashed(ToolError):
+    """The worker process running a sync tool died mid-call (a segfault, ``os._exit``, OOM).
+
+    The actor lives on and starts a fresh worker; whether the call took
+    effect is unknown, as for a timeout.
+    """
 
 
 class OutcomeUnknown(ToolError):

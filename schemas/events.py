@@ -159,6 +159,7 @@ class ToolCompleted(EventBase, frozen=True, kw_only=True, tag="tool.completed"):
     idempotency_key: str = ""
     replayed: bool = False
     duration_ms: float = 0.0
+    throttled_ms: float = 0.0  # waited for the tool's shared rate limit before it ran
 
 
 class ToolFailed(EventBase, frozen=True, kw_only=True, tag="tool.failed"):
@@ -171,6 +172,7 @@ class ToolFailed(EventBase, frozen=True, kw_only=True, tag="tool.failed"):
     retryable: bool = False
     idempotency_key: str = ""
     decision: PolicyDecision | None = None  # set when the policy gate refused the call
+    throttled_ms: float = 0.0  # waited for the tool's shared rate limit before it ran
 
 
 class Handoff(EventBase, frozen=True, kw_only=True, tag="handoff"):

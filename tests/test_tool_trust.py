@@ -320,6 +320,7 @@ tools = ["stuck"]
 function = "tests.slow_tools:stuck"
 side_effect = "none"
 timeout_s = 0.2
+runner = "thread"  # what is tested: threads that cannot be stopped (a process can be)
 
 [models.m]
 provider = "scripted"
