@@ -221,6 +221,7 @@ class McpConnection:
         """
         from mcp.shared.exceptions import MCPError
         from mcp_types import CONNECTION_CLOSED
+        from pydantic import ValidationError
 
         meta: Any = {IDEMPOTENCY_META: ctx.idempotency_key} if ctx else None
         while True:
@@ -232,6 +233,10 @@ class McpConnection:
                     raise ToolError(f"MCP server {self.server!r} refused {tool.mcp_name}: "
                                     f"{exc.error.message}", tool=tool.name) from exc
                 lost = "the server went away during the call"
+            except ValidationError as exc:  # it answered, but not in MCP's terms
+                raise ToolError(f"MCP server {self.server!r} answered {tool.mcp_name} with "
+                                f"something that is not a valid result: {_first_line(exc)}",
+                                tool=tool.name) from exc
             except Exception as exc:  # the transport broke (HTTP): the call may have arrived
                 gone.set()
                 lost = f"the connection failed during the call ({type(exc).__name__})"

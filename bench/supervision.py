@@ -49,13 +49,16 @@ from schemas.system import ActorStarted, decode_system_event
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 START, END = "# --- supervision", "# --- end supervision"
 POLICY = ("# --- policy", "# --- end policy")
+MCP = ("# --- mcp", "# --- end mcp")  # the demo's MCP time server: not what is measured here
 
 
 def _fleet_text(*, replicas: int, hand_back: bool, ack_wait_s: float, latency_ms: int) -> str:
     text = (CONFIG_DIR / "demo.toml").read_text()
-    for start, end in ((START, END), POLICY):  # its own tree; no gate (a refund would wait)
-        head, rest = text.split(start, 1)
-        text = head + rest.split(end, 1)[1].split("\n", 1)[1]
+    # Its own tree; no gate (a refund would wait); no MCP server.
+    for start, end in ((START, END), POLICY, MCP):
+        while start in text:
+            head, rest = text.split(start, 1)
+            text = head + rest.split(end, 1)[1].split("\n", 1)[1]
     text = text.replace("ack_wait_s = 10.0", f"ack_wait_s = {ack_wait_s}")
     text = text.replace("latency_ms = 120", f"latency_ms = {latency_ms}")
     return text + f"""

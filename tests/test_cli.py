@@ -80,7 +80,7 @@ def test_up_submit_events_and_graceful_stop(home: Path) -> None:
         assert any("ready" in x for x in seen), "".join(seen)
         assert any("NATS" in x and "nats://127.0.0.1:" in x for x in seen)
         pids = [int(x.split("pid")[1]) for x in seen if "started" in x and "pid" in x]
-        assert len(pids) == 7
+        assert len(pids) == 8  # 3 agents, 3 tools, the MCP time server's actor, 1 gateway
 
         done = corral(home, "submit", "triage", "Where is order 5678?", "--id", "cli-1",
                       "--wait")

@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 
+from actors.runtime import load_fleet
 from bus import subjects
 from bus.connection import Bus
 from bus.server import EmbeddedServer, free_port
@@ -18,7 +19,7 @@ from corral.fleetrun import provision_fleet
 from tests.conftest import DEMO_CONFIG, demo_fleet
 
 ACTOR_CONSUMERS = ["agent_triage", "agent_billing", "agent_support", "tool_lookup_order",
-                   "tool_issue_refund", "tool_send_email", "model_support-model"]
+                   "tool_issue_refund", "tool_send_email", "tool_time", "model_support-model"]
 STREAMS = ["CORRAL_TASKS", "CORRAL_TOOLS", "CORRAL_MODELS", "CORRAL_EVENTS", "CORRAL_APPROVALS",
            "CORRAL_ANCHORS", "CORRAL_SYSTEM", "CORRAL_DLQ"]
 
@@ -58,7 +59,7 @@ async def test_healthy_server_after_provisioning_passes(
         bus: Bus, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("NATS_URL", nats_server.url)
-    await provision_fleet(bus, demo_fleet())
+    await provision_fleet(bus, load_fleet(DEMO_CONFIG))  # the fleet doctor checks (its MCP too)
 
     rc, checks = await doctor_json(capsys)
 
