@@ -23,6 +23,7 @@ import anyio
 import msgspec
 
 from actors.base import Actor
+from actors.deadletter import bounded_dead_letter
 from actors.faults import crash_point
 from actors.gate import ToolGate
 from actors.model import call_key
@@ -45,6 +46,7 @@ from schemas.events import (
     ApprovalLevel,
     ApprovalRequested,
     BudgetExceededEvent,
+    CompensationRequested,
     ContextTruncated,
     ContextWarned,
     EventBase,
@@ -59,7 +61,7 @@ from schemas.events import (
     ToolRequested,
     TurnStarted,
 )
-from schemas.fold import HANDOFF_TOOL, CallState, TaskState, call_signature
+from schemas.fold import HANDOFF_TOOL, CallState, Effect, TaskState, call_signature
 from schemas.identity import SIGNER_HEADER
 from schemas.mcp import McpServerTools
 from schemas.messages import (
@@ -234,6 +236,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             crash_point("agent.after_submit", self.name)
         elif state.terminal:  # a writer that died between a task's end and its anchor
             await self.view.log.ensure_anchor(task_id)
+            await self._undo(task_id, state, head)  # a saga's next step, if any
             return
         while True:
             if (not state.terminal and state.handoffs and state.agent != self.name
@@ -433,6 +436,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         if index >= self.limits.tool_calls_per_turn:
             return (f"more than {self.limits.tool_calls_per_turn} tool calls in one turn "
                     f"([limits] tool_calls_per_turn): this one was not run")
+        if call.id.startswith("comp:"):  # reserved for compensations' outcomes
+            return f"call id {call.id[:40]!r} is reserved (comp:…): this call was not run"
         if call.name == HANDOFF_TOOL:
             target = call.arguments.get("to")
             if target not in self.spec.handoffs:
@@ -507,7 +512,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             key = f"{task_id}:{cs.turn}:{cs.call.id}"
             head = await self._append(task_id, state, head, ToolRequested(
                 **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key,
-                decision=decision, arguments=cs.arguments))
+                decision=decision, arguments=cs.arguments,
+                compensate=self.fleet.tools[cs.call.name].compensate))
         if waiting:
             await self._notify_approvals(task_id, state)
         crash_point("agent.after_tool_requested", self.name)
@@ -662,13 +668,68 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         await self._announce(task_id)
 
     async def _announce(self, task_id: str) -> None:
-        state = self.view.cached(task_id)
-        if state is None:
-            state, _ = await self.view.load(task_id)
+        state, head = await self._load(task_id)
         await self._disarm_deadlines(task_id, state)
         note = {"task_id": task_id, "status": state.status, "answer": state.answer,
                 "error": state.error}
         await self.bus.publish(subjects.results(task_id), _encoder.encode(note))
+        await self._undo(task_id, state, head)
+
+    # -- sagas (docs/tools.md) --------------------------------------------------
+
+    async def _undo(self, task_id: str, state: TaskState, head: LogHead) -> None:
+        """A failed or canceled task's effects are compensated, newest first, one at a time.
+
+        Each step is ``compensation.requested`` in the log, then an invocation
+        of the compensation tool (idempotent: msg id and ledger key), whose
+        outcome wakes us for the next step. Sent again on every look: we may
+        have died between the append and the publish. A compensation that
+        fails is escalated (dead letter and a system event), never dropped;
+        the steps before it are still undone.
+        """
+        if state.status not in ("failed", "canceled") or state.agent != self.name:
+            return
+        for eff in reversed(state.effects):
+            if eff.status in ("completed", "failed"):
+                if eff.status == "failed":
+                    await self._escalate_compensation(task_id, eff)
+                continue
+            if not eff.status:
+                key = f"{task_id}:compensate:{eff.call_id}"
+                head = await self._append(task_id, state, head, CompensationRequested(
+                    **self._envelope(task_id), call_id=eff.call_id, tool=eff.tool,
+                    compensation=eff.compensate, arguments={"arguments": eff.arguments,
+                                                  "result": eff.result},
+                    idempotency_key=key))
+                crash_point("agent.after_compensation_requested", self.name)
+            inv = ToolInvocation(task_id=task_id, call_id=eff.comp_call_id, tool=eff.tool,
+                                 arguments={"arguments": eff.arguments, "result": eff.result},
+                                 idempotency_key=eff.idempotency_key, agent=self.name, turn=0,
+                                 agent_version=self.version, traceparent=traceparent(),
+                                 on_behalf_of=state.submitted_by)
+            await self.bus.js_publish(subjects.tool(eff.tool), _encoder.encode(inv),
+                                      msg_id=eff.idempotency_key)
+            return  # one step at a time: its outcome wakes us for the next
+
+    async def _escalate_compensation(self, task_id: str, eff: Effect) -> None:
+        """A compensation failed: a person must act. Dead letter and system event, once."""
+        reason = (f"compensation {eff.compensate} of {eff.tool} (call {eff.call_id}) in task "
+                  f"{task_id} failed: {eff.error}; undo it by hand")
+        letter = bounded_dead_letter(actor=self.actor_name, subject=subjects.tool(eff.tool),
+                                     reason=reason, data=_encoder.encode(
+                                         {"arguments": eff.arguments, "result": eff.result}))
+        try:
+            await self.bus.js_publish(subjects.dlq(self.actor_name), _encoder.encode(letter),
+                                      msg_id=f"compensation-failed:{eff.idempotency_key}")
+            await self.bus.js_publish(
+                subjects.system("compensation.failed"),
+                _encoder.encode({"time": self.clock(), "task_id": task_id, "call_id": eff.call_id,
+                                 "tool": eff.tool, "compensation": eff.compensate,
+                                 "error": eff.error[:500], "agent": self.name}),
+                msg_id=f"compensation-failed-event:{eff.idempotency_key}")
+        except BusError as exc:  # the next look escalates again (deduplicated by msg id)
+            log.warning("%s: task %s: compensation failure not escalated: %s",
+                        self.actor_name, task_id, exc)
 
     async def on_poison(self, msg: TaskSubmit | Wake, reason: str) -> None:
         """A delivery that keeps failing fails its task, visibly, instead of vanishing."""

@@ -26,6 +26,8 @@ POINTS = frozenset({
     "tool.before_run",  # ledger says running, callable not called
     "tool.after_run",  # the side effect happened, ledger not updated
     "tool.after_ledger",  # ledger has the outcome, event not appended
+    "tool.after_compensation",  # a saga step undid its effect, ledger not updated
+    "agent.after_compensation_requested",  # compensation.requested appended, not published
 })
 
 

@@ -75,7 +75,13 @@ from schemas.errors import (
     ToolResultTooLarge,
     ToolTimeout,
 )
-from schemas.events import ActorRef, ToolCompleted, ToolFailed, ToolRequested
+from schemas.events import (
+    ActorRef,
+    CompensationRequested,
+    ToolCompleted,
+    ToolFailed,
+    ToolRequested,
+)
 from schemas.fold import TaskState
 from schemas.messages import ToolInvocation, Wake
 
@@ -99,6 +105,7 @@ class _Request(NamedTuple):
     writer_kind: str
     writer_name: str
     submitted_by: str = ""  # who asked for the task, as its log says (ADR 0008)
+    compensation: bool = False  # a saga step (compensation.requested), not a model's call
 
 
 class _Book:
@@ -144,6 +151,10 @@ class ToolActor(Actor[ToolInvocation]):
         self.validator = jsonschema.Draft202012Validator(self.schema)
         self.wants_ctx = "ctx" in inspect.signature(self.fn).parameters
         self.is_async = inspect.iscoroutinefunction(self.fn)
+        # The saga step that undoes this tool (``compensate``), run on compensation requests.
+        self.undo: Callable[..., Any] | None = load_callable(
+            msgspec.structs.replace(self.spec, function=self.spec.compensate), name=name,
+            source=fleet.source) if self.spec.compensate else None
         self.ledger = Ledger(bus)
         self.log = EventLog(bus)
         self.ref = ActorRef(kind="tool", name=name, instance=self.instance)
@@ -219,6 +230,12 @@ class ToolActor(Actor[ToolInvocation]):
                         ev.call.id, ev.call.name, ev.turn,
                         args_sha256(ev.call.arguments if ev.arguments is None else ev.arguments),
                         ev.actor.kind, ev.actor.name, book.state.submitted_by))
+                elif (isinstance(ev, CompensationRequested) and ev.tool == self.name
+                      and ev.compensation == self.spec.compensate):
+                    book.requests.setdefault(ev.idempotency_key, _Request(
+                        f"comp:{ev.call_id}", ev.tool, 0, args_sha256(ev.arguments),
+                        ev.actor.kind, ev.actor.name, book.state.submitted_by,
+                        compensation=True))
             found = book.requests.get(key)
             if found is not None:
                 break
@@ -251,6 +268,8 @@ class ToolActor(Actor[ToolInvocation]):
             return _Refusal(f"it names agent {inv.agent!r}, but the request was written by "
                             f"{req.writer_kind} {req.writer_name!r}", genuine=False)
         agent = self.fleet.agents.get(inv.agent)
+        if req.compensation:  # a saga step: the log checked it undoes one of our effects
+            return None
         if agent is None or self.name not in agent.tools:
             return _Refusal(f"agent {inv.agent!r} has no tool {self.name!r}", genuine=True)
         if self.spec.allowed_agents and inv.agent not in self.spec.allowed_agents:
@@ -282,23 +301,28 @@ class ToolActor(Actor[ToolInvocation]):
 
     async def _run(self, inv: ToolInvocation, attempt: int) -> Any:
         kwargs = dict(inv.arguments)
-        if self.wants_ctx:
+        fn, wants_ctx, is_async = self.fn, self.wants_ctx, self.is_async
+        if inv.call_id.startswith("comp:") and self.undo is not None:  # a saga step
+            fn = self.undo
+            wants_ctx = "ctx" in inspect.signature(fn).parameters
+            is_async = inspect.iscoroutinefunction(fn)
+        if wants_ctx:
             kwargs["ctx"] = ToolContext(task_id=inv.task_id, call_id=inv.call_id,
                                         tool=self.name, agent=inv.agent,
                                         idempotency_key=inv.idempotency_key, attempt=attempt,
                                         on_behalf_of=inv.on_behalf_of)
         try:
-            if self.workers is not None:  # the worker is killed at the timeout
+            if self.workers is not None and fn is self.fn:  # killed at the timeout
                 ctx = kwargs.pop("ctx", None)
                 result = await self.workers.run(
                     kwargs, None if ctx is None else msgspec.to_builtins(ctx),
                     timeout_s=self.spec.timeout_s)
-            else:
+            else:  # async tools, the thread runner, and compensations (run in the actor)
                 with anyio.fail_after(self.spec.timeout_s):
-                    if self.is_async:
-                        result = await self.fn(**kwargs)
+                    if is_async:
+                        result = await fn(**kwargs)
                     else:
-                        result = await self.threads.run(functools.partial(self.fn, **kwargs))
+                        result = await self.threads.run(functools.partial(fn, **kwargs))
         except TimeoutError as exc:
             self._count_abandoned()
             if self.workers is not None:
@@ -396,7 +420,8 @@ class ToolActor(Actor[ToolInvocation]):
             await self._record(key, done)
             return done, False
         try:
-            self._check(inv)
+            if not inv.call_id.startswith("comp:"):  # a saga step gets {arguments, result}
+                self._check(inv)
         except ToolError as exc:
             done = LedgerEntry(state="done", ok=False, error=str(exc),
                                error_type=type(exc).__name__, args_sha256=args_hash)
@@ -416,6 +441,8 @@ class ToolActor(Actor[ToolInvocation]):
             done = await self._execute(inv, attempt, args_hash)
         if permit.waited_s:
             done = msgspec.structs.replace(done, throttled_ms=permit.waited_ms)
+        if inv.call_id.startswith("comp:"):
+            crash_point("tool.after_compensation", self.name)
         crash_point("tool.after_run", self.name)
         await self._record(key, done)
         crash_point("tool.after_ledger", self.name)

@@ -124,6 +124,28 @@ def agents_using_tool(fleet: FleetConfig, tool: str) -> list[str]:
     return sorted(a for a, spec in fleet.agents.items() if tools & set(spec.tools))
 
 
+def downstream(fleet: FleetConfig, agent: str) -> list[str]:
+    """``agent`` and every agent a task can be handed to from it (its handoffs, transitively)."""
+    seen, todo = {agent}, [agent]
+    while todo:
+        for nxt in set(fleet.agents[todo.pop()].handoffs) - seen:
+            if nxt in fleet.agents:
+                seen.add(nxt)
+                todo.append(nxt)
+    return sorted(seen)
+
+
+def compensable_upstream(fleet: FleetConfig, agent: str) -> list[str]:
+    """Tools with a compensation whose effects ``agent`` may have to undo.
+
+    Whoever owns a task when it fails or is canceled undoes its effects: those
+    of the tools used by ``agent`` or by any agent that can hand a task on to it.
+    """
+    return sorted({t for a in fleet.agents if agent in downstream(fleet, a)
+                   for t in fleet.agents[a].tools
+                   if t in fleet.tools and fleet.tools[t].compensate})
+
+
 def task_family(fleet: FleetConfig, agent: str) -> list[str]:
     """The agents a task ``agent`` works on can pass through: its handoff graph's component.
 
@@ -218,6 +240,9 @@ def _agent(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     pub += _consume(subjects.TASKS_STREAM, subjects.agent_consumer(name))
     pub += [subjects.task(h) for h in spec.handoffs if h in fleet.agents]
     pub += [subjects.tool(t) for t in spec.tools]
+    # Sagas: whoever owns a task at its end undoes its effects, whichever agent made them.
+    pub += [subjects.tool(t) for t in compensable_upstream(fleet, name)]
+    pub += [subjects.system("compensation.failed")]
     for alias in aliases_of(fleet, name):
         pub += [subjects.llm(alias), subjects.model(alias)]
     pub += [subjects.wake(name)]
@@ -254,6 +279,9 @@ def _tool(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
         subjects.RATELIMITS_BUCKET, *[f"{t}.>" for t in served_tools(fleet, name)])
     pub += [subjects.events("*"), subjects.dlq(me)]
     pub += [subjects.wake(a) for a in agents_using_tool(fleet, name)]
+    if fleet.tools[name].compensate:  # a compensation answers the task's owner at its end
+        pub += [subjects.wake(a) for a in sorted({a for user in agents_using_tool(fleet, name)
+                                                  for a in downstream(fleet, user)})]
     pub += _read(subjects.EVENTS_STREAM)
     return Permissions(publish=_unique(pub), subscribe=_unique(sub))
 

@@ -13,6 +13,7 @@ from schemas.events import (
     ApprovalEscalated,
     ApprovalRequested,
     BudgetExceededEvent,
+    CompensationRequested,
     ContextTruncated,
     ContextWarned,
     Event,
@@ -71,6 +72,9 @@ def describe(event: Event) -> str:
             over = f" with {_args(event.arguments)} (approver's override)" \
                 if event.arguments is not None else ""
             return f"dispatch {event.call.name} [{event.idempotency_key.split(':', 1)[-1]}]{over}"
+        case CompensationRequested():
+            return (f"undo {event.tool} (call {event.call_id}) with {event.compensation}: "
+                    f"{_args(event.arguments.get('arguments') or {})}")
         case ApprovalRequested():
             return (f"waits for {event.decision.group}: {event.tool}({_args(event.arguments)}) "
                     f"— {short(event.decision.reason, 80)} [approval {event.approval_id}]")

@@ -129,6 +129,10 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     runner: Literal["process", "thread"] = "process"
     workers: int = 4  # worker processes per replica (runner = "process")
     mcp: str = ""  # the [mcp.<server>] that serves it (set by the loader, never in a file)
+    # How to undo this tool (a saga step, docs/tools.md): ``package.module:callable``,
+    # called with this call's ``arguments`` and ``result`` when a task fails or is
+    # canceled after it ran; in reverse order of the steps, once each (the same ledger).
+    compensate: str = ""
 
 
 class McpSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -412,6 +416,13 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             if agent not in fleet.agents:
                 raise ConfigError(f"unknown agent {agent!r}{did_you_mean(agent, fleet.agents)}",
                                   file=source, table=table, key="allowed_agents")
+        if tspec.compensate:
+            if ":" not in tspec.compensate:
+                raise ConfigError("must be 'package.module:callable' (the function that undoes "
+                                  "this tool)", file=source, table=table, key="compensate")
+            if tspec.side_effect == "none":
+                raise ConfigError("a tool with no side effect has nothing to compensate",
+                                  file=source, table=table, key="compensate")
         for var in tspec.env:
             if not ENV_RE.match(var):
                 raise ConfigError(f"{var!r} is not an environment variable name",

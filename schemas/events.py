@@ -26,6 +26,7 @@ __all__ = [
     "ApprovalLevel",
     "ApprovalRequested",
     "BudgetExceededEvent",
+    "CompensationRequested",
     "ContextTruncated",
     "ContextWarned",
     "Event",
@@ -148,6 +149,7 @@ class ToolRequested(EventBase, frozen=True, kw_only=True, tag="tool.requested"):
     idempotency_key: str
     decision: PolicyDecision | None = None  # the gate's verdict (None: written before the gate)
     arguments: dict[str, Any] | None = None  # what runs, when an approver overrode the call's
+    compensate: str = ""  # what undoes it if the task fails or is canceled (a saga step)
 
 
 class ToolCompleted(EventBase, frozen=True, kw_only=True, tag="tool.completed"):
@@ -328,6 +330,23 @@ class ApprovalDecided(EventBase, frozen=True, kw_only=True, tag="approval.decide
     arguments: dict[str, Any] | None = None  # an approver's override of the call's arguments
 
 
+class CompensationRequested(EventBase, frozen=True, kw_only=True,
+                            tag="compensation.requested"):
+    """The task ended badly after a side effect: undo it (a saga step, newest first).
+
+    Written by the agent that owned the task at its end, after the terminal
+    event. The tool's actor runs the compensation once (the ledger, under
+    ``idempotency_key``) and answers with ``tool.completed``/``tool.failed``
+    for ``call_id`` ``comp:<the original call id>``.
+    """
+
+    call_id: str  # the original call's id
+    tool: str  # the tool whose effect it undoes (its actor runs the compensation)
+    compensation: str  # the callable that undoes it (``[tools.<tool>] compensate``)
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)  # {arguments, result}
+    idempotency_key: str
+
+
 Event = (
     TaskSubmitted
     | TurnStarted
@@ -350,6 +369,7 @@ Event = (
     | ApprovalEscalated
     | ApprovalDecided
     | ToolFlagged
+    | CompensationRequested
 )
 
 EVENT_TYPES: dict[str, type[EventBase]] = {
@@ -358,7 +378,7 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
         TaskSubmitted, TurnStarted, LlmResponded, LlmFailed, ToolRequested, ToolCompleted,
         ToolFailed, Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
         TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed, ApprovalRequested,
-        ApprovalEscalated, ApprovalDecided, ToolFlagged,
+        ApprovalEscalated, ApprovalDecided, ToolFlagged, CompensationRequested,
     )
 }
 TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})

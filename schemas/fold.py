@@ -21,6 +21,7 @@ from schemas.events import (
     ApprovalLevel,
     ApprovalRequested,
     BudgetExceededEvent,
+    CompensationRequested,
     ContextTruncated,
     ContextWarned,
     EventBase,
@@ -45,6 +46,7 @@ from schemas.messages import ChatMessage, ModelResponse, ToolCall, Usage
 __all__ = [
     "HANDOFF_TOOL",
     "CallState",
+    "Effect",
     "Phase",
     "TaskState",
     "apply",
@@ -89,11 +91,30 @@ class CallState(msgspec.Struct, kw_only=True):
     approval_note: str = ""  # who decided, and their comment or reason
     approval_reason: str = ""  # why the policy asked for a person
     arguments: dict[str, Any] | None = None  # an approver's override: what runs instead
+    compensate: str = ""  # its compensation tool (from tool.requested)
 
     @property
     def effective_arguments(self) -> dict[str, Any]:
         """The arguments the tool runs with (an approver's override, else the model's)."""
         return self.arguments if self.arguments is not None else self.call.arguments
+
+
+class Effect(msgspec.Struct, kw_only=True):
+    """A completed side effect that has a compensation (a saga step), and its undoing."""
+
+    call_id: str
+    tool: str
+    compensate: str
+    arguments: dict[str, Any]
+    result: Any = None
+    status: Literal["", "requested", "completed", "failed"] = ""  # of the compensation
+    idempotency_key: str = ""
+    error: str = ""
+
+    @property
+    def comp_call_id(self) -> str:
+        """The call id the compensation's outcome carries."""
+        return f"comp:{self.call_id}"
 
 
 class TaskState(msgspec.Struct, kw_only=True):
@@ -127,6 +148,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     flagged: list[str] = msgspec.field(default_factory=list)  # calls whose result was flagged
     context_warned: bool = False
     degraded_to: str = ""  # the cheaper model alias the task continues on
+    effects: list[Effect] = msgspec.field(default_factory=list)  # compensable, in order
     seq: int = 0  # events folded
     last_hash: str = GENESIS_HASH
     paused_phase: Phase = "new"
@@ -177,6 +199,8 @@ def _settle(state: TaskState) -> None:
 def apply(state: TaskState, event: EventBase) -> TaskState:
     """Fold one event into ``state`` (mutated in place and returned)."""
     state.seq += 1
+    if _compensation(state, event):
+        return state
     if state.phase == "done":
         return state  # nothing changes a finished task
     match event:
@@ -241,6 +265,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 cs.idempotency_key = event.idempotency_key
                 if event.arguments is not None:
                     cs.arguments = event.arguments
+                cs.compensate = event.compensate
                 state.tool_calls += 1
                 sig = call_signature(event.call)
                 state.call_counts[sig] = state.call_counts.get(sig, 0) + 1
@@ -251,6 +276,11 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             failed = isinstance(event, ToolFailed)
             cs.outcome = "failed" if failed else "completed"
             cs.outcome_by = event.actor.kind
+            if isinstance(event, ToolCompleted) and cs.compensate:
+                state.effects.append(Effect(call_id=cs.call.id, tool=cs.call.name,
+                                            compensate=cs.compensate,
+                                            arguments=cs.effective_arguments,
+                                            result=event.result))
             content = event.error if isinstance(event, ToolFailed) else _result_text(event.result)
             state.conversation.append(
                 ChatMessage(
@@ -344,6 +374,39 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 if state.phase == "thinking":
                     state.phase = "ready"  # the paused turn's model call was abandoned
     return state
+
+
+def _compensation(state: TaskState, event: EventBase) -> bool:
+    """Fold a saga event (they come after the task ended); False: not one."""
+    match event:
+        case CompensationRequested():
+            for eff in state.effects:
+                if eff.call_id == event.call_id and not eff.status:
+                    eff.status, eff.idempotency_key = "requested", event.idempotency_key
+            return True
+        case ToolCompleted() if state.phase == "done":
+            # A compensable effect that landed after the task ended (canceled while
+            # the call was running): it happened, so it must be undone too.
+            cs = state.calls.get(event.call_id)
+            if cs is not None and cs.compensate and cs.requested and not cs.outcome:
+                cs.outcome = "completed"
+                state.effects.append(Effect(call_id=cs.call.id, tool=cs.call.name,
+                                            compensate=cs.compensate,
+                                            arguments=cs.effective_arguments,
+                                            result=event.result))
+                return True
+            return event.call_id.startswith("comp:") and _compensation_outcome(state, event)
+        case ToolCompleted() | ToolFailed() if event.call_id.startswith("comp:"):
+            return _compensation_outcome(state, event)
+    return False
+
+
+def _compensation_outcome(state: TaskState, event: ToolCompleted | ToolFailed) -> bool:
+    for eff in state.effects:
+        if eff.comp_call_id == event.call_id and eff.status == "requested":
+            eff.status = "completed" if isinstance(event, ToolCompleted) else "failed"
+            eff.error = event.error if isinstance(event, ToolFailed) else ""
+    return True
 
 
 def fold(events: Iterable[EventBase]) -> TaskState:

@@ -55,6 +55,7 @@ from schemas.events import (
     ApprovalDecided,
     ApprovalEscalated,
     ApprovalRequested,
+    CompensationRequested,
     Event,
     EventBase,
     Handoff,
@@ -182,11 +183,14 @@ RULES: dict[str, Rule] = {
     "approval.decided":   _rule("owner operator", "acting paused"),
     # The owner's injection screen (schemas/screen.py) records a suspicious result.
     "tool.flagged":       _rule("owner",          LIVE),
+    # Sagas (docs/tools.md): after a failed or canceled task, its owner undoes its effects.
+    "compensation.requested": _rule("owner",      "done"),
 }
 
 # After the task ended, only late reports of work already under way: they
 # record a side effect or a payment that really happened (the fold ignores them).
 LATE: dict[str, str] = {
+    "compensation.requested": "owner",
     "tool.completed": "tool",
     "tool.failed": "tool",
     "llm.responded": "model",
@@ -232,6 +236,22 @@ def _content(event: EventBase, state: TaskState) -> str:
                 return f"call {event.call.id!r} is {cs.approval}, not approved"
             if event.arguments is not None and event.arguments != cs.arguments:
                 return f"call {event.call.id!r} runs with arguments no approver gave"
+        case ToolCompleted() | ToolFailed() if event.call_id.startswith("comp:"):
+            eff = next((e for e in state.effects if e.comp_call_id == event.call_id), None)
+            if (eff is None or eff.tool != event.tool or eff.status != "requested"
+                    or eff.idempotency_key != event.idempotency_key):
+                return f"no requested compensation {event.call_id!r} of tool {event.tool!r}"
+        case CompensationRequested():
+            eff = next((e for e in state.effects if e.call_id == event.call_id), None)
+            if state.status not in ("failed", "canceled"):
+                return f"the task {state.status}: nothing to undo"
+            if eff is None or eff.status:
+                return f"call {event.call_id!r} is no effect waiting to be undone"
+            if (event.tool, event.compensation) != (eff.tool, eff.compensate) or (
+                    event.idempotency_key != f"{event.task_id}:compensate:{event.call_id}"):
+                return "not the compensation the effect's tool.requested named"
+            if event.arguments != {"arguments": eff.arguments, "result": eff.result}:
+                return "its arguments are not the effect's arguments and result"
         case ToolCompleted() | ToolFailed():
             cs = state.calls.get(event.call_id)
             if cs is None or cs.call.name != event.tool:

@@ -24,3 +24,8 @@ def stuck(seconds: float) -> dict[str, float]:
 def big(size: int) -> str:
     """A result of ``size`` characters."""
     return "x" * size
+
+
+def refuse_to_reverse(arguments: dict[str, object], result: dict[str, object]) -> None:
+    """A compensation that always fails (the provider refuses the charge-back)."""
+    raise RuntimeError(f"the provider refused to reverse {result.get('refund_id')}")

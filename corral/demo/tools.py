@@ -24,7 +24,8 @@ from typing import Any
 
 from actors.tooling import ToolContext
 
-__all__ = ["ORDERS", "issue_refund", "lookup_order", "outbox_path", "send_email"]
+__all__ = ["ORDERS", "issue_refund", "lookup_order", "outbox_path", "reverse_refund",
+           "send_email"]
 
 ORDERS: dict[str, dict[str, Any]] = {
     "1234": {"order_id": "1234", "status": "delivered", "total_usd": 42.5,
@@ -94,6 +95,22 @@ def issue_refund(order_id: str, amount_usd: float, ctx: ToolContext) -> dict[str
     if moved:
         _record("issue_refund", ctx, request)
     return refund
+
+
+def reverse_refund(arguments: dict[str, Any], result: dict[str, Any],
+                   ctx: ToolContext) -> dict[str, Any]:
+    """Undo a refund (the compensation of ``issue_refund``): charge the amount back.
+
+    Gets the refund's own arguments and result; keyed like every payment, so a
+    reversal interrupted mid-call and run again moves money once.
+    """
+    request = {"reverses": str(result.get("refund_id", "")),
+               "order_id": str(arguments.get("order_id", "")),
+               "amount_usd": -float(arguments.get("amount_usd", 0.0))}
+    reversal, moved = _payment_provider(ctx.idempotency_key, request)
+    if moved:
+        _record("reverse_refund", ctx, request)
+    return reversal
 
 
 def send_email(to: str, subject: str, body: str, ctx: ToolContext) -> dict[str, Any]:
