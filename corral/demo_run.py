@@ -130,8 +130,10 @@ async def run_demo(args: argparse.Namespace) -> int:
 next: run the fleet yourself (the `corral` command lives in .venv/bin):
   . .venv/bin/activate
   corral up &                                   # the demo fleet, until Ctrl-C
-  corral submit triage "Please refund order 1234" --wait
+  corral submit triage "Please refund order 1234" --wait   # over $20: it asks a person
+  corral approvals                              # what waits; then corral approve ID
   corral events --follow                        # the audit trail, live
+  corral audit verify                           # chains, signatures and anchors
   CORRAL_HOME={home} corral up                  # or look back at this run: then
   CORRAL_HOME={home} corral trace {first}""")
     return 0 if ok == len(labels) else 1
