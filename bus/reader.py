@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 import msgspec
@@ -45,7 +45,7 @@ async def consumer_waiting(bus: Bus, stream: str, consumer: str) -> int:
 
 async def read_stream(bus: Bus, stream: str, subject: str, *, follow: bool = False,
                       new_only: bool = False, since: dt.datetime | None = None,
-                      idle_s: float = 1.0) -> AsyncIterator[StreamMessage]:
+                      idle_s: float = 1.0) -> AsyncGenerator[StreamMessage, None]:
     """Messages of ``subject`` in stream order, through an ordered consumer.
 
     From the start (or ``since`` a time, or only ``new_only`` ones). Without

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Literal
 
 import anyio
@@ -74,7 +75,7 @@ class Client:
 
     async def follow(self, task_id: str | None = None, *, follow: bool = True,
                      idle_s: float = 1.0, since: dt.datetime | None = None,
-                     ) -> AsyncIterator[Event | Rejected]:
+                     ) -> AsyncGenerator[Event | Rejected, None]:
         """Events of one task (or all tasks) from the start, in log order, verified.
 
         An entry that fails verification (``schemas.verify``) comes out as a
@@ -84,33 +85,38 @@ class Client:
         ``since`` it starts at that time (each task's earlier events are read
         first, to check against).
         """
-        async for _, verdict in self.follow_entries(task_id, follow=follow, idle_s=idle_s,
-                                                    since=since):
-            yield verdict
+        # Closed with us (aclosing all the way down): a follower that stops early must
+        # unsubscribe its consumer now, or a connection drain waits for it.
+        async with contextlib.aclosing(self.follow_entries(
+                task_id, follow=follow, idle_s=idle_s, since=since)) as entries:
+            async for _, verdict in entries:
+                yield verdict
 
     async def follow_entries(self, task_id: str | None = None, *, follow: bool = True,
                              idle_s: float = 1.0, since: dt.datetime | None = None,
-                             ) -> AsyncIterator[tuple[StreamMessage, Event | Rejected]]:
+                             ) -> AsyncGenerator[tuple[StreamMessage, Event | Rejected], None]:
         """Like ``follow``, with each verdict's stored message (its bytes, headers, sequence)."""
         subject = subjects.events(task_id) if task_id else subjects.EVENTS_ALL
         verifiers: OrderedDict[str, LogVerifier] = OrderedDict()
         rebuild = task_id is None or since is not None
-        async for msg in read_stream(self.bus, subjects.EVENTS_STREAM, subject, follow=follow,
-                                     idle_s=idle_s, since=since):
-            # The whole rest of the subject: an entry on corral.events.x.T1 is not T1's.
-            tid = msg.subject.removeprefix(_EVENTS_PREFIX)
-            verifier = verifiers.pop(tid, None)
-            if verifier is None:
-                verifier = await self._verifier(tid, msg.stream_seq, rebuild=rebuild)
-            verifiers[tid] = verifier
-            while len(verifiers) > MAX_FOLLOWED_TASKS:
-                verifiers.popitem(last=False)
-            verdict = verifier.feed(msg.data, msg.headers)
-            verifier.state.conversation.clear()  # the checks do not need it; callers fold
-            if isinstance(verdict, Rejected):
-                verdict = msgspec.structs.replace(verdict, stream_seq=msg.stream_seq)
-                await self.log.report(verdict)
-            yield msg, verdict
+        async with contextlib.aclosing(read_stream(
+                self.bus, subjects.EVENTS_STREAM, subject, follow=follow, idle_s=idle_s,
+                since=since)) as stream:
+            async for msg in stream:
+                # The whole rest of the subject: an entry on corral.events.x.T1 is not T1's.
+                tid = msg.subject.removeprefix(_EVENTS_PREFIX)
+                verifier = verifiers.pop(tid, None)
+                if verifier is None:
+                    verifier = await self._verifier(tid, msg.stream_seq, rebuild=rebuild)
+                verifiers[tid] = verifier
+                while len(verifiers) > MAX_FOLLOWED_TASKS:
+                    verifiers.popitem(last=False)
+                verdict = verifier.feed(msg.data, msg.headers)
+                verifier.state.conversation.clear()  # the checks do not need it; callers fold
+                if isinstance(verdict, Rejected):
+                    verdict = msgspec.structs.replace(verdict, stream_seq=msg.stream_seq)
+                    await self.log.report(verdict)
+                yield msg, verdict
 
     async def _verifier(self, task_id: str, stream_seq: int, *, rebuild: bool) -> LogVerifier:
         """A verifier for a task met at ``stream_seq``: from its log so far, if asked."""
@@ -133,18 +139,21 @@ class Client:
         """
         events: list[Event] = []
         state = TaskState()
+        # aclosing: returning from inside the loop must close the follower (its consumer)
+        # now, not when the generator is collected: a connection drain would wait for it.
         with anyio.move_on_after(timeout_s):
-            async for event in self.follow(task_id):
-                if isinstance(event, Rejected):
-                    continue
-                events.append(event)
-                apply(state, event)
-                if event_type(event) in TERMINAL_EVENTS:
-                    return state
-                if until_input and state.status == "input-required":
-                    now = await self.state(task_id)  # still waiting, or only in the past?
-                    if now.status == "input-required" or now.terminal:
-                        return now
+            async with contextlib.aclosing(self.follow(task_id)) as follower:
+                async for event in follower:
+                    if isinstance(event, Rejected):
+                        continue
+                    events.append(event)
+                    apply(state, event)
+                    if event_type(event) in TERMINAL_EVENTS:
+                        return state
+                    if until_input and state.status == "input-required":
+                        now = await self.state(task_id)  # still waiting, or only in the past?
+                        if now.status == "input-required" or now.terminal:
+                            return now
         raise BusTimeout(f"task {task_id} did not finish within {timeout_s:g}s "
                          f"({len(events)} events so far)")
 
