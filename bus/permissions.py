@@ -279,9 +279,12 @@ def _tool(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
         subjects.RATELIMITS_BUCKET, *[f"{t}.>" for t in served_tools(fleet, name)])
     pub += [subjects.events("*"), subjects.dlq(me)]
     pub += [subjects.wake(a) for a in agents_using_tool(fleet, name)]
-    if fleet.tools[name].compensate:  # a compensation answers the task's owner at its end
-        pub += [subjects.wake(a) for a in sorted({a for user in agents_using_tool(fleet, name)
-                                                  for a in downstream(fleet, user)})]
+    # A compensation answers whichever agent owns the task at its end (sagas).
+    undoing = [t for t in served_tools(fleet, name)
+               if t in fleet.tools and fleet.tools[t].compensate]
+    pub += [subjects.wake(a) for a in sorted({a for t in undoing
+                                              for user in agents_using_tool(fleet, t)
+                                              for a in downstream(fleet, user)})]
     pub += _read(subjects.EVENTS_STREAM)
     return Permissions(publish=_unique(pub), subscribe=_unique(sub))
 
