@@ -257,6 +257,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 return
             if state.phase == "ready":
                 head = await self._screen_results(task_id, state, head)
+                await self._queue_reviews(task_id, state)
                 breach = self._task_budget_breach(state)
                 if breach is not None:
                     await self._fail_budget(task_id, state, head, *breach)
@@ -562,6 +563,25 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 categories=verdict.categories, evidence=verdict.evidence(),
                 screen=SCREEN_VERSION, truncated=verdict.truncated))
         return head
+
+    async def _queue_reviews(self, task_id: str, state: TaskState) -> None:
+        """Tier 2: completed calls in the spot-check sample go to the review queue.
+
+        A notice in state ``review`` on ``corral.approvals.<approver or 'review'>``
+        (``corral approvals --reviews``); sent again on every look, deduplicated
+        by its msg id.
+        """
+        group = group_token(self.spec.approver or "review")
+        for cs in state.calls.values():
+            if not cs.spot_check or cs.outcome != "completed":
+                continue
+            notice = ApprovalNotice(
+                approval_id=f"{task_id}.review.{cs.call.id}"[:200], task_id=task_id,
+                state="review", agent=self.name, call_id=cs.call.id, tool=cs.call.name,
+                arguments=cs.effective_arguments, group=group,
+                reason="tier 2 spot check: review what ran on its own", time=self.clock())
+            await self.bus.js_publish(subjects.approvals(group), encode_notice(notice),
+                                      msg_id=f"review:{task_id}:{cs.call.id}")
 
     # -- approvals (docs/approvals.md) -----------------------------------------
 

@@ -25,7 +25,14 @@ from bus.connection import Bus
 from bus.eventlog import EventLog
 from bus.reader import read_stream
 from corral.access import connect_command
-from schemas.approvals import ApprovalNotice, decode_notice, encode_notice, group_token, waiting
+from schemas.approvals import (
+    ApprovalNotice,
+    decode_notice,
+    encode_notice,
+    group_token,
+    reviews,
+    waiting,
+)
 from schemas.errors import BusError, FencedWrite, SchemaError
 from schemas.events import ActorRef, ApprovalDecided, ApprovalRequested, Event
 from schemas.fold import CallState, TaskState, apply, fold
@@ -204,9 +211,22 @@ async def cmd_list(args: argparse.Namespace) -> int:
                 else:
                     print(f"{n.state:<9} {_line(n)}{f'  by {n.by}' if n.by else ''}", flush=True)
             return 0
-        waiting_now = await pending(bus)
+        if args.reviews:
+            sampled = reviews([n async for n in follow_notices(bus, follow=False)])
+        else:
+            waiting_now = await pending(bus)
     finally:
         await bus.close()
+    if args.reviews:
+        if args.json:
+            print(msgspec.json.encode(sampled).decode())
+            return 0
+        print(f"{'TASK':<40} {'AGENT':<12} {'TOOL':<16} ARGUMENTS" if sampled
+              else "nothing to review")
+        for n in sampled:
+            args_text = json.dumps(n.arguments, sort_keys=True, ensure_ascii=False)[:60]
+            print(f"{n.task_id:<40} {n.agent:<12} {n.tool:<16} {args_text}")
+        return 0
     if args.json:
         print(msgspec.json.encode(waiting_now).decode())
         return 0
@@ -251,4 +271,7 @@ def add_parsers(sub: argparse._SubParsersAction[Any]) -> None:
         "arguments. --follow prints every request, escalation and decision as it happens.")
     ls.add_argument("--json", action="store_true", help="JSON instead of a table")
     ls.add_argument("--follow", "-f", action="store_true", help="keep printing changes")
+    ls.add_argument("--reviews", action="store_true",
+                    help="the tier-2 review queue instead: actions that ran on their own and "
+                    "were sampled (spot_check) for a person to look at afterwards")
     ls.set_defaults(func=cmd_list)

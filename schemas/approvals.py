@@ -1,5 +1,9 @@
 """Approval notices: what approvers and bridges see on ``corral.approvals.<group>``.
 
+A notice in state ``review`` is a tier-2 spot check: an action that ran on
+its own and was sampled for a person to look at afterwards (``corral
+approvals --reviews``); nothing waits for it.
+
 The task's log is the truth (``approval.requested`` / ``escalated`` /
 ``decided`` events, schemas/events.py). A notice is its index: published by
 the agent when a call starts waiting or escalates, and by the approver's CLI
@@ -16,9 +20,10 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["ApprovalNotice", "decode_notice", "encode_notice", "group_token", "waiting"]
+__all__ = ["ApprovalNotice", "decode_notice", "encode_notice", "group_token", "reviews",
+           "waiting"]
 
-NoticeState = Literal["pending", "approved", "denied", "expired"]
+NoticeState = Literal["pending", "approved", "denied", "expired", "review"]
 
 _TOKEN_RE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -69,9 +74,20 @@ def waiting(notices: Iterable[ApprovalNotice]) -> list[ApprovalNotice]:
     """The approvals still waiting, each at its latest level, oldest first."""
     last: dict[str, ApprovalNotice] = {}
     for n in notices:
+        if n.state == "review":
+            continue
         seen = last.get(n.approval_id)
         if seen is not None and seen.state != "pending":
             continue  # decided: a late pending notice (a resend) does not reopen it
         if seen is None or n.state != "pending" or n.level >= seen.level:
             last[n.approval_id] = n
     return sorted((n for n in last.values() if n.state == "pending"), key=lambda n: n.time)
+
+
+def reviews(notices: Iterable[ApprovalNotice]) -> list[ApprovalNotice]:
+    """The sampled actions to review (tier 2), oldest first, each once."""
+    seen: dict[str, ApprovalNotice] = {}
+    for n in notices:
+        if n.state == "review":
+            seen.setdefault(n.approval_id, n)
+    return sorted(seen.values(), key=lambda n: n.time)

@@ -92,6 +92,7 @@ class CallState(msgspec.Struct, kw_only=True):
     approval_reason: str = ""  # why the policy asked for a person
     arguments: dict[str, Any] | None = None  # an approver's override: what runs instead
     compensate: str = ""  # its compensation tool (from tool.requested)
+    spot_check: bool = False  # tier 2: in the sample reviewed after the fact
 
     @property
     def effective_arguments(self) -> dict[str, Any]:
@@ -266,6 +267,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 if event.arguments is not None:
                     cs.arguments = event.arguments
                 cs.compensate = event.compensate
+                cs.spot_check = bool(event.decision and event.decision.spot_check)
                 state.tool_calls += 1
                 sig = call_signature(event.call)
                 state.call_counts[sig] = state.call_counts.get(sig, 0) + 1

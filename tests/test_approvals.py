@@ -18,9 +18,10 @@ import pytest
 
 from bus.connection import Bus
 from bus.eventlog import EventLog
-from corral.approvals import decide, pending
+from corral.approvals import decide, follow_notices, pending
 from corral.client import Client
 from corral.decisions import DecisionLog
+from schemas.approvals import reviews
 from schemas.config import FleetConfig
 from schemas.errors import SchemaError
 from schemas.events import (
@@ -286,3 +287,25 @@ def test_a_pending_approval_survives_kill_9_of_everything(home: Path) -> None:
             finish(up)
     refunds = [e for e in outbox(home) if e["tool"] == "issue_refund"]
     assert len(refunds) == 1 and refunds[0]["task_id"] == "held-1"
+
+
+async def test_tier_2_spot_checks_land_in_the_review_queue(bus: Bus, home: Path) -> None:
+    sampled = DEMO_TEXT.replace(
+        'tools = ["lookup_order", "issue_refund", "send_email"]\nmax_turns = 8',
+        'tools = ["lookup_order", "issue_refund", "send_email"]\nmax_turns = 8\n'
+        'tier = 2\nspot_check = 1.0\napprover = "billing-lead"', 1)
+    assert sampled != DEMO_TEXT
+    text = sampled + f'\n[policy]\nfiles = ["{DEMO_POLICY}"]\n'
+    async with fleet_in_process(bus, fleet_variant(text, source=str(home / "fleet.toml"))):
+        client = Client(bus)
+        task_id = await client.submit("triage", "I want my money back for order 4242")
+        state = await client.wait(task_id, timeout_s=20)
+        with anyio.fail_after(10):
+            while len(queued := reviews([n async for n in follow_notices(
+                    bus, follow=False)])) < 3:
+                await anyio.sleep(0.05)
+    assert state.status == "completed"
+    # Every call billing made on its own ran (tier 2 never holds one) and was sampled.
+    assert sorted(n.tool for n in queued) == ["issue_refund", "lookup_order", "send_email"]
+    assert all(n.task_id == task_id and n.group == "billing-lead" for n in queued)
+    assert await pending(bus) == []  # nothing waits for anyone
