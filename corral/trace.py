@@ -6,7 +6,11 @@ from collections.abc import Sequence
 
 from corral.render import plural, rejected_note, short
 from schemas.events import (
+    ApprovalDecided,
+    ApprovalEscalated,
+    ApprovalRequested,
     BudgetExceededEvent,
+    CompensationRequested,
     ContextTruncated,
     Event,
     Handoff,
@@ -44,6 +48,18 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
     lines = [head]
     agent = ""
     outcomes: dict[str, str] = {}
+    held: dict[str, list[str]] = {}  # call id -> what the gate and the approvers did
+    for e in events:
+        if isinstance(e, ApprovalRequested):
+            held.setdefault(e.call_id, []).append(
+                f"⏸ waits for {e.decision.group}: {short(e.decision.reason, 70)} "
+                f"[{e.approval_id}]")
+        elif isinstance(e, ApprovalEscalated):
+            held.setdefault(e.call_id, []).append(f"⏫ escalated to {e.group}")
+        elif isinstance(e, ApprovalDecided):
+            over = " with other arguments" if e.arguments is not None else ""
+            note = f": {short(e.comment, 60)}" if e.comment else ""
+            held.setdefault(e.call_id, []).append(f"{e.decision} by {e.by}{over}{note}")
     for e in events:
         if isinstance(e, ToolCompleted):
             replay = ", replayed" if e.replayed else ""
@@ -73,7 +89,8 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
                 for c in r.tool_calls:
                     args = ", ".join(f"{k}={short(v, 30)}" for k, v in c.arguments.items())
                     lines.append(f"{at} ├─ turn {e.turn}{via}: {c.name}({args})")
-                    for outcome in outcomes.get(c.id, "").splitlines():
+                    for outcome in [*held.get(c.id, []),
+                                    *outcomes.get(c.id, "").splitlines()]:
                         lines.append(f"{' ' * len(at)} │    {outcome}")
             case Handoff():
                 lines.append(f"{at} ├─ handoff → {e.to_agent}: {e.reason}")
@@ -90,6 +107,9 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
                 lines.append(f"{at} └ completed: {short(e.message.text(), 90)!r}")
             case TaskFailed():
                 lines.append(f"{at} └ failed: {short(e.reason, 90)}")
+            case CompensationRequested():
+                undone = outcomes.get(f"comp:{e.call_id}", "(not yet)").splitlines()[0]
+                lines.append(f"{at}   ↶ undo {e.tool} ({e.call_id}): {undone}")
             case _:
                 pass
     return "\n".join(lines + notes)
