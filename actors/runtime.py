@@ -11,6 +11,7 @@ import anyio
 import anyio.abc
 
 from actors.agent import AgentActor
+from actors.http_tool import HttpToolActor
 from actors.intake import Intake
 from actors.link import orphaned
 from actors.mcp_tool import McpToolActor, check_mcp_server
@@ -39,7 +40,7 @@ log = logging.getLogger("corral.runtime")
 ORPHAN_POLL_S = 0.1  # how often a supervised process checks that its supervisor lives
 
 ActorKind = Literal["agent", "tool", "model"]
-AnyActor = AgentActor | ToolActor | McpToolActor | ModelGateway
+AnyActor = AgentActor | ToolActor | McpToolActor | HttpToolActor | ModelGateway
 
 
 def load_fleet(path: str | Path) -> FleetConfig:
@@ -67,7 +68,7 @@ def check_fleet(fleet: FleetConfig) -> None:
         ConfigError: naming the file, table and key.
     """
     for name, spec in fleet.tools.items():
-        if not spec.mcp:
+        if not spec.mcp and not spec.openapi:
             tool_parameters(spec, load_callable(spec, name=name, source=fleet.source))
     for server in fleet.mcp:
         check_mcp_server(fleet, server)
@@ -87,6 +88,8 @@ def build_actor(bus: Bus, fleet: FleetConfig, kind: ActorKind, name: str) -> Any
         return AgentActor(bus, name, fleet)
     if kind == "tool" and name in fleet.mcp:
         return McpToolActor(bus, name, fleet)
+    if kind == "tool" and name in fleet.openapi:
+        return HttpToolActor(bus, name, fleet)
     if kind == "tool" and name in tool_actors(fleet):
         return ToolActor(bus, name, fleet)
     if kind == "model" and name in fleet.models:

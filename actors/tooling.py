@@ -64,12 +64,12 @@ def load_callable(spec: ToolSpec, *, name: str, source: str = "") -> Callable[..
 
 
 def tool_function(spec: ToolSpec, *, name: str, source: str = "") -> Callable[..., Any] | None:
-    """The tool's callable (``load_callable``); None for a tool an MCP server serves.
+    """The tool's callable (``load_callable``); None for an MCP server's or an HTTP API's.
 
     Raises:
         ConfigError: naming the tool's table when it cannot be imported.
     """
-    return None if spec.mcp else load_callable(spec, name=name, source=source)
+    return None if spec.mcp or spec.openapi else load_callable(spec, name=name, source=source)
 
 
 def _derived_parameters(fn: Callable[..., Any]) -> dict[str, Any]:

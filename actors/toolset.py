@@ -16,7 +16,7 @@ import logging
 
 import msgspec
 
-from actors.tooling import handoff_schema, load_callable, tool_schema
+from actors.tooling import handoff_schema, tool_function, tool_schema
 from bus import subjects
 from bus.connection import Bus
 from bus.kv import Bucket
@@ -40,7 +40,7 @@ class AgentTools:
         self.fleet = fleet
         self.names = list(spec.tools)
         self._plain = {t: tool_schema(t, fleet.tools[t],
-                                      load_callable(fleet.tools[t], name=t, source=fleet.source))
+                                      tool_function(fleet.tools[t], name=t, source=fleet.source))
                        for t in self.names if not fleet.tools[t].mcp}
         self._handoff = handoff_schema(spec.handoffs) if spec.handoffs else None
         self.servers = sorted({fleet.tools[t].mcp for t in self.names} - {""})

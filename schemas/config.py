@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import jsonschema
@@ -16,6 +17,13 @@ import msgspec
 
 from schemas.errors import ConfigError
 from schemas.mcp import SEP, mcp_server_of, mcp_tool_name
+from schemas.openapi import (
+    HttpOperation,
+    OpenApiError,
+    default_side_effect,
+    operations,
+    tool_suffix,
+)
 from schemas.routing import PriceSpec, RouteSpec, ScriptRule, TeamSpec
 from schemas.supervision import RawSupervision, RawSupervisor, SupervisionTree, resolve_tree
 
@@ -24,14 +32,18 @@ __all__ = [
     "ApprovalLevel",
     "ApprovalSpec",
     "FleetConfig",
+    "HttpAuthSpec",
     "LimitsSpec",
     "McpSpec",
     "ModelSpec",
+    "OpenApiSpec",
     "PolicySpec",
     "RateLimitSpec",
     "RuntimeSpec",
     "ScriptRule",
     "ToolSpec",
+    "api_operations",
+    "openapi_document",
     "parse_fleet",
     "served_tools",
     "supervision_tree",
@@ -129,6 +141,7 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     runner: Literal["process", "thread"] = "process"
     workers: int = 4  # worker processes per replica (runner = "process")
     mcp: str = ""  # the [mcp.<server>] that serves it (set by the loader, never in a file)
+    openapi: str = ""  # the [openapi.<api>] whose operation it is (set by the loader, likewise)
     # How to undo this tool (a saga step, docs/tools.md): ``package.module:callable``,
     # called with this call's ``arguments`` and ``result`` when a task fails or is
     # canceled after it ran; in reverse order of the steps, once each (the same ledger).
@@ -159,6 +172,42 @@ class McpSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     replicas: int = 1  # actors, each with its own server process
     # The environment variables the server's actor (and so the server) gets, as ToolSpec.env.
     env: list[str] = msgspec.field(default_factory=list)
+
+
+class HttpAuthSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``auth = { header = "Authorization", scheme = "Bearer", env = "ORDERS_TOKEN" }``."""
+
+    env: str
+    header: str = "Authorization"
+    scheme: str = "Bearer"  # "" sends the variable's value alone
+
+
+class OpenApiSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[openapi.<api>]``: HTTP tools from an OpenAPI 3.x document (docs/tools.md).
+
+    ``spec``: the document (JSON), relative to the fleet file. Each operation
+    of ``operations`` (operationIds) is the corral tool
+    ``<api>__<operation_id>`` (``schemas.openapi``), served by one actor,
+    ``tool.<api>``. ``side_effect``: per operationId; else by method (GET →
+    none, PUT/DELETE → idempotent, POST/PATCH → side-effecting).
+    ``idempotency_header``: the header the API takes ``ctx.idempotency_key``
+    in; sent on side-effecting operations that declare it as a header
+    parameter, or on all of them when set here. Credentials come only from
+    ``env`` (``auth.env`` must be one of them).
+    """
+
+    spec: str
+    base_url: str
+    operations: list[str]
+    side_effect: dict[str, Literal["none", "idempotent", "side-effecting"]] = msgspec.field(
+        default_factory=dict)
+    idempotency_header: str = ""
+    auth: HttpAuthSpec | None = None
+    env: list[str] = msgspec.field(default_factory=list)
+    timeout_s: float = 30.0  # one call, retries of a 5xx included
+    max_response_bytes: int = 1024 * 1024
+    allowed_agents: list[str] = msgspec.field(default_factory=list)
+    replicas: int = 1
 
 
 class PolicySpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -220,6 +269,7 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     models: dict[str, ModelSpec]
     tools: dict[str, ToolSpec] = msgspec.field(default_factory=dict)
     mcp: dict[str, McpSpec] = msgspec.field(default_factory=dict)
+    openapi: dict[str, OpenApiSpec] = msgspec.field(default_factory=dict)
     runtime: RuntimeSpec = msgspec.field(default_factory=RuntimeSpec)
     limits: LimitsSpec = msgspec.field(default_factory=LimitsSpec)
     prices: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
@@ -238,21 +288,24 @@ def tool_actors(fleet: FleetConfig) -> dict[str, int]:
     An MCP server is one actor (``tool.<server>``) for all the tools it
     serves: one consumer, one identity, one failure domain with the tools.
     """
-    out = {name: spec.replicas for name, spec in fleet.tools.items() if not spec.mcp}
+    out = {name: spec.replicas for name, spec in fleet.tools.items()
+           if not spec.mcp and not spec.openapi}
     out.update({server: spec.replicas for server, spec in fleet.mcp.items()})
+    out.update({api: spec.replicas for api, spec in fleet.openapi.items()})
     return out
 
 
 def tool_actor(fleet: FleetConfig, tool: str) -> str:
     """The tool actor that serves ``tool``: itself, or its MCP server."""
     spec = fleet.tools.get(tool)
-    return spec.mcp if spec is not None and spec.mcp else tool
+    return (spec.mcp or spec.openapi or tool) if spec is not None else tool
 
 
 def served_tools(fleet: FleetConfig, actor: str) -> list[str]:
     """The tools tool actor ``actor`` serves: itself, or an MCP server's tools."""
-    if actor in fleet.mcp:
-        return [name for name, spec in fleet.tools.items() if spec.mcp == actor]
+    if actor in fleet.mcp or actor in fleet.openapi:
+        return [name for name, spec in fleet.tools.items()
+                if actor in (spec.mcp, spec.openapi)]
     return [actor] if actor in fleet.tools else []
 
 
@@ -401,7 +454,7 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                               file=source, table=table, key="degrade_model")
     for name, tspec in fleet.tools.items():
         table = f"tools.{name}"
-        if ":" not in tspec.function and not tspec.mcp:
+        if ":" not in tspec.function and not tspec.mcp and not tspec.openapi:
             raise ConfigError("must be 'package.module:callable'",
                               file=source, table=table, key="function")
         if tspec.timeout_s <= 0:
@@ -522,7 +575,8 @@ def _check_rate_limit(rl: RateLimitSpec, source: str, table: str) -> None:
 
 
 def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
-               servers: dict[str, McpSpec], source: str) -> dict[str, ToolSpec]:
+               servers: dict[str, McpSpec], source: str,
+               http: dict[str, ToolSpec] | None = None) -> dict[str, ToolSpec]:
     """The tools the ``[mcp.*]`` servers serve, as ToolSpecs named ``<server>__<tool>``.
 
     A server exposes the tools of its ``tools`` list, or (without one) the
@@ -596,7 +650,7 @@ def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
     for agent, a in agents.items():
         for t in a.tools:
             server = mcp_server_of(t)
-            if not server or t in out:
+            if not server or t in out or t in (http or {}):
                 continue
             known = ", ".join(sorted(servers)) or "none"
             raise ConfigError(
@@ -604,6 +658,109 @@ def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
                     f"[mcp.{server}] does not expose {t.partition(SEP)[2]!r} (its tools list)"
                     if server in servers else f"no [mcp.{server}] server (servers: {known})"),
                 file=source, table=f"agents.{agent}", key="tools")
+    return out
+
+
+def openapi_document(spec: OpenApiSpec, *, source: str, table: str) -> dict[str, Any]:
+    """The API's OpenAPI document, read from ``spec`` (relative to the fleet file).
+
+    Raises:
+        ConfigError: it cannot be read or is not a JSON object.
+    """
+    path = Path(source).parent / spec.spec
+    try:
+        doc = msgspec.json.decode(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}", file=source,
+                          table=table, key="spec") from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{str(path)!r} is not JSON: {exc}", file=source, table=table,
+                          key="spec") from exc
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{str(path)!r} is not a JSON object", file=source, table=table,
+                          key="spec")
+    return doc
+
+
+def api_operations(spec: OpenApiSpec, *, source: str, table: str) -> dict[str, HttpOperation]:
+    """The exposed operations of ``[openapi.<api>]``, by operationId (``schemas.openapi``).
+
+    Raises:
+        ConfigError: naming the table, the key and the document's problem.
+    """
+    doc = openapi_document(spec, source=source, table=table)
+    try:
+        return operations(doc, spec.operations,
+                          idempotency_header=spec.idempotency_header or "Idempotency-Key")
+    except OpenApiError as exc:
+        raise ConfigError(f"{spec.spec}: {exc}", file=source, table=table,
+                          key="operations") from exc
+
+
+def _openapi_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
+                   servers: dict[str, McpSpec], apis: dict[str, OpenApiSpec],
+                   source: str) -> dict[str, ToolSpec]:
+    """The operations the ``[openapi.*]`` APIs expose, as ToolSpecs ``<api>__<operation_id>``."""
+    out: dict[str, ToolSpec] = {}
+    for api, spec in apis.items():
+        table = f"openapi.{api}"
+        if not NAME_RE.match(api) or SEP in api or api.endswith("_"):
+            raise ConfigError(f"API name {api!r} must match {NAME_RE.pattern}, without "
+                              f"{SEP!r} and not ending in '_' (its tools are "
+                              f"<api>{SEP}<operation>)", file=source, table=table)
+        if api in servers or api in tools:
+            raise ConfigError(f"[openapi.{api}]: a tool actor of that name exists already",
+                              file=source, table=table)
+        if not spec.base_url.startswith(("http://", "https://")):
+            raise ConfigError("must be an http:// or https:// URL", file=source, table=table,
+                              key="base_url")
+        if not spec.operations:
+            raise ConfigError("exposes no operation: list operationIds", file=source,
+                              table=table, key="operations")
+        if len(set(spec.operations)) != len(spec.operations):
+            raise ConfigError("lists an operation twice", file=source, table=table,
+                              key="operations")
+        for key in ("timeout_s", "max_response_bytes", "replicas"):
+            if not getattr(spec, key) > 0:
+                raise ConfigError("must be positive", file=source, table=table, key=key)
+        for var in spec.env:
+            if not ENV_RE.match(var):
+                raise ConfigError(f"{var!r} is not an environment variable name",
+                                  file=source, table=table, key="env")
+        if spec.auth is not None and spec.auth.env not in spec.env:
+            raise ConfigError(f"auth.env {spec.auth.env!r} must be one of the API's declared "
+                              f"variables (env = {spec.env})", file=source, table=table,
+                              key="auth")
+        for agent in spec.allowed_agents:
+            if agent not in agents:
+                raise ConfigError(f"unknown agent {agent!r}{did_you_mean(agent, agents)}",
+                                  file=source, table=table, key="allowed_agents")
+        for op_id in spec.side_effect:
+            if op_id not in spec.operations:
+                raise ConfigError(f"{op_id!r} is not one of the operations exposed"
+                                  f"{did_you_mean(op_id, spec.operations)}", file=source,
+                                  table=table, key="side_effect")
+        for op_id, op in api_operations(spec, source=source, table=table).items():
+            name = mcp_tool_name(api, tool_suffix(op_id))
+            if not NAME_RE.match(name) or name in out:
+                raise ConfigError(f"operation {op_id!r} would be the corral tool {name!r}, "
+                                  f"which must match {NAME_RE.pattern} and be unique",
+                                  file=source, table=table, key="operations")
+            side = spec.side_effect.get(op_id, default_side_effect(op.method))
+            idem = bool(spec.idempotency_header or op.idempotency_header)
+            out[name] = ToolSpec(openapi=api, description=op.description,
+                                 parameters=op.schema, side_effect=side,
+                                 accepts_idempotency_key=idem and side == "side-effecting",
+                                 timeout_s=spec.timeout_s, allowed_agents=spec.allowed_agents,
+                                 env=spec.env)
+    for agent, a in agents.items():
+        for t in a.tools:
+            api = mcp_server_of(t)
+            if api in apis and t not in out:
+                raise ConfigError(f"unknown tool {t!r}: [openapi.{api}] exposes "
+                                  f"{', '.join(n for n in out if mcp_server_of(n) == api)}"
+                                  f"{did_you_mean(t, out)}", file=source,
+                                  table=f"agents.{agent}", key="tools")
     return out
 
 
@@ -678,7 +835,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
                           table="fleet", key=key)
     name = fleet_table.get("name", "fleet")
     known = {"fleet", "runtime", "limits", "agents", "tools", "models", "prices", "teams",
-             "supervision", "supervisors", "policy", "approvals", "mcp"}
+             "supervision", "supervisors", "policy", "approvals", "mcp", "openapi"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}"
@@ -691,7 +848,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     for section, spec_type in (("agents", AgentSpec), ("tools", ToolSpec),
                                ("models", ModelSpec), ("prices", PriceSpec),
                                ("teams", TeamSpec), ("approvals", ApprovalSpec),
-                               ("mcp", McpSpec)):
+                               ("mcp", McpSpec), ("openapi", OpenApiSpec)):
         tables = raw.get(section, {})
         if not isinstance(tables, dict):
             raise ConfigError("must be a table of tables", file=source, table=section)
@@ -709,8 +866,11 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
     supervisors = {n: _convert(v, RawSupervisor, source, f"supervisors.{n}")
                    for n, v in sups.items()}
     policy = _convert(raw["policy"], PolicySpec, source, "policy") if "policy" in raw else None
+    http = _openapi_tools(sections["agents"], sections["tools"], sections["mcp"],
+                          sections["openapi"], source)
     sections["tools"].update(_mcp_tools(sections["agents"], sections["tools"], sections["mcp"],
-                                        source))
+                                        source, http))
+    sections["tools"].update(http)
     fleet = FleetConfig(name=str(name), source=source, runtime=runtime, limits=limits,
                         supervision=supervision, policy=policy,
                         supervisors=supervisors, **sections)

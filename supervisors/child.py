@@ -82,8 +82,10 @@ def actor_secrets(fleet: FleetConfig) -> dict[str, frozenset[str]]:
         keys = {v for v in (key_env(e) for e in route.entries()) if v}
         out[f"model.{alias}"] = frozenset(keys) | GATEWAY_ENV
     for name, tool in fleet.tools.items():
-        if not tool.mcp:
+        if not tool.mcp and not tool.openapi:
             out[f"tool.{name}"] = frozenset(tool.env)
+    for name, api in fleet.openapi.items():  # an HTTP API's actor reads its credential
+        out[f"tool.{name}"] = frozenset(api.env)
     for name, server in fleet.mcp.items():  # an MCP server's actor passes them to the server
         out[f"tool.{name}"] = frozenset(server.env)
     return out

@@ -1,0 +1,297 @@
+"""HTTP tools from an OpenAPI document, called with ``httpx2`` (docs/tools.md, "HTTP tools").
+
+One actor per ``[openapi.<api>]`` (``tool.<api>``: one identity, one durable
+consumer for all the operations it exposes, one child of the tools' domain,
+like an MCP server's actor). Each call runs through a ``ToolActor`` made for
+its operation, with the HTTP request as its callable: the same trust check,
+ledger, validation (the schema ``schemas.openapi`` made from the operation's
+parameters), timeout and events as any tool.
+
+A call:
+
+- fills the path template (each value URL-encoded), the query and header
+  parameters and the JSON ``body`` from the arguments;
+- sends the credential of ``auth`` from the API's declared environment
+  variable (read at the call, never logged or put in an event);
+- sends ``ctx.idempotency_key`` in the idempotency header on a
+  side-effecting operation when the API takes one;
+- reads at most ``max_response_bytes`` of the answer (streamed: a bigger one
+  fails the call with the size, it is never buffered whole);
+- follows redirects only on the same scheme, host and port.
+
+A 2xx answer is the result (its JSON, else its text). A 4xx is a
+``tool.failed`` the model sees (the status and a bounded excerpt of the
+body), never retried. A 5xx or a broken connection is retried with backoff,
+within ``timeout_s``, when sending again is safe: the operation is
+side-effect-free or idempotent, or the idempotency header went with it (the
+API dedupes). Otherwise a side-effecting call that may have arrived is
+``OutcomeUnknown``. A request that never connected is always safe to send
+again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+import anyio.abc
+import httpx2
+
+from actors.base import Actor, backoff_s
+from actors.tool import ToolActor
+from actors.tooling import ToolContext
+from bus import subjects
+from bus.connection import Bus
+from bus.mailbox import Delivery
+from bus.provision import ensure_tool_consumer
+from schemas.config import FleetConfig, OpenApiSpec, api_operations, served_tools
+from schemas.errors import OutcomeUnknown, ToolError
+from schemas.events import ActorRef
+from schemas.mcp import SEP
+from schemas.messages import ToolInvocation
+from schemas.openapi import BODY, HttpOperation, tool_suffix
+
+__all__ = ["HttpApi", "HttpToolActor"]
+
+log = logging.getLogger("corral.http")
+
+EXCERPT_CHARS = 500  # of an error answer's body, in the failure the model sees
+MAX_REDIRECTS = 5
+
+
+class _Retry(Exception):
+    """A try that may be sent again when that is safe (a 5xx, a broken connection)."""
+
+    def __init__(self, reason: str, *, connected: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.connected = connected  # False: the request never left (safe to send again)
+
+
+class HttpApi:
+    """One API's client: its base URL, credential and limits."""
+
+    def __init__(self, api: str, spec: OpenApiSpec) -> None:
+        self.api = api
+        self.spec = spec
+        self.base = httpx2.URL(spec.base_url)
+        self.client = httpx2.AsyncClient(
+            follow_redirects=True, max_redirects=MAX_REDIRECTS,
+            timeout=httpx2.Timeout(spec.timeout_s),
+            event_hooks={"response": [self._same_origin]})
+
+    async def _same_origin(self, response: httpx2.Response) -> None:
+        """Refuse a redirect to another scheme, host or port (credentials stay home)."""
+        if response.has_redirect_location:
+            target = response.url.join(response.headers["location"])
+            if (target.scheme, target.host, target.port) != (
+                    self.base.scheme, self.base.host, self.base.port):
+                raise ToolError(f"{self.api}: {response.request.method} "
+                                f"{response.request.url.path} redirected to another host "
+                                f"({target.scheme}://{target.host}), not followed")
+
+    def _request(self, op: HttpOperation, arguments: dict[str, Any],
+                 ctx: ToolContext | None, side_effect: str) -> tuple[str, dict[str, Any],
+                                                                     dict[str, str]]:
+        path = op.path
+        query: dict[str, Any] = {}
+        headers: dict[str, str] = {"Accept": "application/json"}
+        for p in op.params:
+            if p.name not in arguments:
+                continue
+            value = arguments[p.name]
+            text = value if isinstance(value, str) else json.dumps(value)
+            if p.location == "path":
+                path = path.replace("{" + p.name + "}", quote(text, safe=""))
+            elif p.location == "query":
+                query[p.name] = value if isinstance(value, list) else (
+                    str(value).lower() if isinstance(value, bool) else value)
+            else:
+                headers[p.name] = text
+        header = op.idempotency_header or self.spec.idempotency_header
+        if header and ctx is not None and side_effect == "side-effecting":
+            headers[header] = ctx.idempotency_key
+        auth = self.spec.auth
+        if auth is not None:
+            secret = os.environ.get(auth.env, "")
+            if not secret:
+                raise ToolError(f"{self.api}: the credential variable {auth.env} is not set "
+                                "for this tool", retryable=False)
+            headers[auth.header] = f"{auth.scheme} {secret}" if auth.scheme else secret
+        url = str(self.base).rstrip("/") + path
+        return url, query, headers
+
+    async def call(self, name: str, op: HttpOperation, side_effect: str,
+                   arguments: dict[str, Any], ctx: ToolContext | None) -> Any:
+        """Send the operation; retry a 5xx or broken connection when safe (module doc).
+
+        Raises:
+            ToolError: a 4xx, an answer too big, a redirect off the host, or a
+                5xx that may not be sent again (its status and an excerpt).
+            OutcomeUnknown: a side-effecting request may have arrived, and no
+                idempotency header makes sending it again safe.
+        """
+        url, query, headers = self._request(op, arguments, ctx, side_effect)
+        idem_sent = any(h in headers for h in (op.idempotency_header,
+                                               self.spec.idempotency_header) if h)
+        safe = side_effect != "side-effecting" or idem_sent
+        deadline = time.monotonic() + self.spec.timeout_s
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await self._once(name, op, url, query, headers,
+                                        arguments.get(BODY) if op.body else None)
+            except _Retry as exc:
+                delay = backoff_s(tries, base_s=0.1, cap_s=2.0)
+                if (exc.connected and not safe) or time.monotonic() + delay >= deadline:
+                    if exc.connected and side_effect == "side-effecting" and not idem_sent:
+                        raise OutcomeUnknown(
+                            f"{name}: {exc.reason}; the request may have taken effect, and "
+                            "without an idempotency header it is not sent again",
+                            tool=name) from None
+                    raise ToolError(f"{name}: {exc.reason} (after {tries} "
+                                    f"tr{'y' if tries == 1 else 'ies'})", tool=name) from None
+                log.warning("%s: %s; try %d again in %.2fs", name, exc.reason, tries + 1, delay)
+                await anyio.sleep(delay)
+
+    async def _once(self, name: str, op: HttpOperation, url: str, query: dict[str, Any],
+                    headers: dict[str, str], body: Any) -> Any:
+        cap = self.spec.max_response_bytes
+        what = f"{op.method} {op.path}"
+        try:
+            async with self.client.stream(op.method, url, params=query, headers=headers,
+                                          json=body) as response:
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > cap:
+                        raise ToolError(f"{name}: the answer to {what} is over "
+                                        f"max_response_bytes ({cap} bytes); not read further",
+                                        tool=name)
+                    chunks.append(chunk)
+        except httpx2.ConnectError as exc:
+            raise _Retry(f"cannot connect to {self.base.host}:{self.base.port} "
+                         f"({type(exc).__name__})", connected=False) from exc
+        except httpx2.TooManyRedirects as exc:
+            raise ToolError(f"{name}: {what}: more than {MAX_REDIRECTS} redirects",
+                            tool=name) from exc
+        except httpx2.TransportError as exc:
+            raise _Retry(f"the connection failed during {what} ({type(exc).__name__})",
+                         connected=True) from exc
+        data = b"".join(chunks)
+        status = response.status_code
+        if status >= 500:
+            raise _Retry(f"HTTP {status} from {what}: {_excerpt(data)}", connected=True)
+        if status >= 400:
+            raise ToolError(f"HTTP {status} from {what}: {_excerpt(data)}", tool=name,
+                            retryable=False)
+        if status >= 300:
+            raise ToolError(f"HTTP {status} from {what}, not followed", tool=name)
+        if not data:
+            return {"status": status}
+        if "json" in response.headers.get("content-type", ""):
+            try:
+                return json.loads(data)
+            except ValueError as exc:
+                raise ToolError(f"{name}: {what} answered invalid JSON: {exc}",
+                                tool=name) from exc
+        return data.decode(response.encoding or "utf-8", errors="replace")
+
+    async def aclose(self) -> None:
+        """Close the client's connections."""
+        await self.client.aclose()
+
+
+def _excerpt(data: bytes) -> str:
+    text = data.decode("utf-8", errors="replace").strip()
+    return text[:EXCERPT_CHARS] + ("…" if len(text) > EXCERPT_CHARS else "") or "(no body)"
+
+
+def _caller(api: HttpApi, name: str, op: HttpOperation,
+            side_effect: str) -> Callable[..., Awaitable[Any]]:
+    async def call(ctx: ToolContext, **arguments: Any) -> Any:
+        return await api.call(name, op, side_effect, arguments, ctx)
+    return call
+
+
+class _Operation(ToolActor):
+    """One operation of the API: a ToolActor whose callable is the HTTP request.
+
+    It never runs a mailbox of its own: the API's actor hands it each
+    invocation, and it writes, dead-letters and records as that actor.
+    """
+
+    def __init__(self, owner: HttpToolActor, name: str, op: HttpOperation) -> None:
+        self.owner = owner
+        spec = owner.fleet.tools[name]
+        super().__init__(owner.bus, name, owner.fleet,
+                         fn=_caller(owner.http, name, op, spec.side_effect), spec=spec,
+                         parameters=op.schema)
+        self.instance = owner.instance
+        self.ref = owner.ref
+
+    @property
+    def actor_name(self) -> str:
+        """The API's actor: its dead letters, logs and metrics."""
+        return self.owner.actor_name
+
+
+class HttpToolActor(Actor[ToolInvocation]):
+    """One replica of an API's actor: the calls of its operations."""
+
+    kind = "tool"
+    message_type = ToolInvocation
+
+    def __init__(self, bus: Bus, name: str, fleet: FleetConfig) -> None:
+        rt = fleet.runtime
+        super().__init__(bus, name, stream=subjects.TOOLS_STREAM,
+                         consumer=subjects.tool_consumer(name), max_inflight=rt.max_inflight,
+                         max_deliver=rt.max_deliver, grace_s=rt.grace_s,
+                         ack_wait_s=rt.ack_wait_s,
+                         dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
+        self.fleet = fleet
+        self.spec = fleet.openapi[name]
+        self.serves = served_tools(fleet, name)
+        self.ref = ActorRef(kind="tool", name=name, instance=self.instance)
+        self.http = HttpApi(name, self.spec)
+        ops = api_operations(self.spec, source=fleet.source, table=f"openapi.{name}")
+        by_name = {f"{name}{SEP}{tool_suffix(i)}": op for i, op in ops.items()}
+        self.tools = {t: _Operation(self, t, by_name[t]) for t in self.serves}
+
+    async def setup(self) -> None:
+        """Make sure the shared durable consumer exists (on every operation it serves)."""
+        await ensure_tool_consumer(self.bus, self.name, ack_wait_s=self.ack_wait_s,
+                                   serves=self.serves)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Serve calls until stopped; the HTTP client is closed at the end."""
+        try:
+            await super().run(task_status=task_status)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.http.aclose()
+
+    async def handle(self, msg: ToolInvocation, delivery: Delivery) -> None:
+        """Hand the call to its operation; a tool this API does not serve is refused."""
+        tool = self.tools.get(msg.tool)
+        if tool is None:
+            await self._poison(delivery, f"refused: API {self.name!r} serves no tool "
+                                         f"{msg.tool!r}")
+            return
+        await tool.handle(msg, delivery)
+
+    async def on_poison(self, msg: ToolInvocation, reason: str) -> None:
+        """A genuine call given up on still gets an outcome (``ToolActor.on_poison``)."""
+        tool = self.tools.get(msg.tool)
+        if tool is not None:
+            await tool.on_poison(msg, reason)
+
