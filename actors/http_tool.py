@@ -1,9 +1,10 @@
 """HTTP tools from an OpenAPI document, called with ``httpx2`` (docs/tools.md, "HTTP tools").
 
-One actor per ``[openapi.<api>]`` (``tool.<api>``: one identity, one durable
-consumer for all the operations it exposes, one child of the tools' domain,
-like an MCP server's actor). Each call runs through a ``ToolActor`` made for
-its operation, with the HTTP request as its callable: the same trust check,
+One actor per ``[openapi.<api>]`` (``tool.<api>``, an ``actors.served``
+``ToolServer`` like an MCP server's actor: one identity, one durable consumer
+for all the operations it exposes, one child of the tools' domain). Each call
+runs through a ``ServedTool`` made for its operation, with the HTTP request as
+its callable: the same trust check,
 ledger, validation (the schema ``schemas.openapi`` made from the operation's
 parameters), timeout and events as any tool.
 
@@ -43,18 +44,13 @@ import anyio
 import anyio.abc
 import httpx2
 
-from actors.base import Actor, backoff_s
-from actors.tool import ToolActor
+from actors.base import backoff_s
+from actors.served import ServedTool, ToolServer
 from actors.tooling import ToolContext
-from bus import subjects
 from bus.connection import Bus
-from bus.mailbox import Delivery
-from bus.provision import ensure_tool_consumer
-from schemas.config import FleetConfig, OpenApiSpec, api_operations, served_tools
+from schemas.config import FleetConfig, OpenApiSpec, api_operations
 from schemas.errors import OutcomeUnknown, ToolError
-from schemas.events import ActorRef
 from schemas.mcp import SEP
-from schemas.messages import ToolInvocation
 from schemas.openapi import BODY, HttpOperation, tool_suffix
 
 __all__ = ["HttpApi", "HttpToolActor"]
@@ -222,54 +218,22 @@ def _caller(api: HttpApi, name: str, op: HttpOperation,
     return call
 
 
-class _Operation(ToolActor):
-    """One operation of the API: a ToolActor whose callable is the HTTP request.
+class HttpToolActor(ToolServer[ServedTool]):
+    """One replica of an API's actor (``actors.served``): the calls of its operations."""
 
-    It never runs a mailbox of its own: the API's actor hands it each
-    invocation, and it writes, dead-letters and records as that actor.
-    """
-
-    def __init__(self, owner: HttpToolActor, name: str, op: HttpOperation) -> None:
-        self.owner = owner
-        spec = owner.fleet.tools[name]
-        super().__init__(owner.bus, name, owner.fleet,
-                         fn=_caller(owner.http, name, op, spec.side_effect), spec=spec,
-                         parameters=op.schema)
-        self.instance = owner.instance
-        self.ref = owner.ref
-
-    @property
-    def actor_name(self) -> str:
-        """The API's actor: its dead letters, logs and metrics."""
-        return self.owner.actor_name
-
-
-class HttpToolActor(Actor[ToolInvocation]):
-    """One replica of an API's actor: the calls of its operations."""
-
-    kind = "tool"
-    message_type = ToolInvocation
+    what = "API"
 
     def __init__(self, bus: Bus, name: str, fleet: FleetConfig) -> None:
-        rt = fleet.runtime
-        super().__init__(bus, name, stream=subjects.TOOLS_STREAM,
-                         consumer=subjects.tool_consumer(name), max_inflight=rt.max_inflight,
-                         max_deliver=rt.max_deliver, grace_s=rt.grace_s,
-                         ack_wait_s=rt.ack_wait_s,
-                         dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
-        self.fleet = fleet
+        super().__init__(bus, name, fleet)
         self.spec = fleet.openapi[name]
-        self.serves = served_tools(fleet, name)
-        self.ref = ActorRef(kind="tool", name=name, instance=self.instance)
         self.http = HttpApi(name, self.spec)
         ops = api_operations(self.spec, source=fleet.source, table=f"openapi.{name}")
         by_name = {f"{name}{SEP}{tool_suffix(i)}": op for i, op in ops.items()}
-        self.tools = {t: _Operation(self, t, by_name[t]) for t in self.serves}
-
-    async def setup(self) -> None:
-        """Make sure the shared durable consumer exists (on every operation it serves)."""
-        await ensure_tool_consumer(self.bus, self.name, ack_wait_s=self.ack_wait_s,
-                                   serves=self.serves)
+        for t in self.serves:
+            spec = fleet.tools[t]
+            self.tools[t] = ServedTool(self, t, fn=_caller(self.http, t, by_name[t],
+                                                           spec.side_effect),
+                                       spec=spec, parameters=by_name[t].schema)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -279,19 +243,3 @@ class HttpToolActor(Actor[ToolInvocation]):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.http.aclose()
-
-    async def handle(self, msg: ToolInvocation, delivery: Delivery) -> None:
-        """Hand the call to its operation; a tool this API does not serve is refused."""
-        tool = self.tools.get(msg.tool)
-        if tool is None:
-            await self._poison(delivery, f"refused: API {self.name!r} serves no tool "
-                                         f"{msg.tool!r}")
-            return
-        await tool.handle(msg, delivery)
-
-    async def on_poison(self, msg: ToolInvocation, reason: str) -> None:
-        """A genuine call given up on still gets an outcome (``ToolActor.on_poison``)."""
-        tool = self.tools.get(msg.tool)
-        if tool is not None:
-            await tool.on_poison(msg, reason)
-

@@ -44,19 +44,15 @@ import anyio
 import anyio.abc
 import msgspec
 
-from actors.base import Actor, backoff_s
-from actors.tool import ToolActor
+from actors.base import backoff_s
+from actors.served import ServedTool, ToolServer
 from actors.tooling import ToolContext
 from bus import subjects
 from bus.connection import Bus
 from bus.kv import Bucket
-from bus.mailbox import Delivery
-from bus.provision import ensure_tool_consumer
-from schemas.config import FleetConfig, McpSpec, served_tools
+from schemas.config import FleetConfig, McpSpec
 from schemas.errors import ActorError, ConfigError, OutcomeUnknown, ToolError
-from schemas.events import ActorRef
 from schemas.mcp import SEP, McpServerTools, McpTool, check_input_schema, side_effect_from_hints
-from schemas.messages import ToolInvocation
 
 if TYPE_CHECKING:  # the SDK is imported where a server is reached: other actors never load it
     from mcp import Client
@@ -287,62 +283,35 @@ def _caller(conn: McpConnection, record: McpTool) -> Callable[..., Awaitable[Any
     return call
 
 
-class _ServedTool(ToolActor):
-    """One tool of the server: a ToolActor whose callable is the MCP call.
-
-    It never runs a mailbox of its own: the server's actor hands it each
-    invocation, and it writes, dead-letters and records as that actor.
-    """
+class _ServedTool(ServedTool):
+    """One tool of the server: a ServedTool whose callable is the MCP call."""
 
     def __init__(self, owner: McpToolActor, record: McpTool,
                  previous: _ServedTool | None = None) -> None:
-        self.owner = owner
         self.record = record
         base = owner.fleet.tools[record.name]
         spec = msgspec.structs.replace(base, side_effect=record.side_effect,
                                        description=record.description)
-        super().__init__(owner.bus, record.name, owner.fleet, fn=_caller(owner.conn, record),
-                         spec=spec, parameters=record.parameters if not record.problem
+        super().__init__(owner, record.name, fn=_caller(owner.conn, record), spec=spec,
+                         parameters=record.parameters if not record.problem
                          else {"type": "object"})
-        self.instance = owner.instance
-        self.ref = owner.ref
         if previous is not None:  # the server restarted: what this replica knows carries over
             self._running, self._books = previous._running, previous._books
             self._unrecorded = previous._unrecorded
             self._claims_in_doubt = previous._claims_in_doubt
 
-    @property
-    def actor_name(self) -> str:
-        """The server's actor: its dead letters, logs and metrics."""
-        return self.owner.actor_name
 
+class McpToolActor(ToolServer[_ServedTool]):
+    """One replica of an MCP server's actor (``actors.served``): the server and its calls."""
 
-class McpToolActor(Actor[ToolInvocation]):
-    """One replica of an MCP server's actor: the server process and its tools' calls."""
-
-    kind = "tool"
-    message_type = ToolInvocation
+    what = "MCP server"
 
     def __init__(self, bus: Bus, name: str, fleet: FleetConfig) -> None:
-        rt = fleet.runtime
-        super().__init__(bus, name, stream=subjects.TOOLS_STREAM,
-                         consumer=subjects.tool_consumer(name), max_inflight=rt.max_inflight,
-                         max_deliver=rt.max_deliver, grace_s=rt.grace_s,
-                         ack_wait_s=rt.ack_wait_s,
-                         dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
-        self.fleet = fleet
+        super().__init__(bus, name, fleet)
         self.spec = fleet.mcp[name]
-        self.serves = served_tools(fleet, name)
-        self.ref = ActorRef(kind="tool", name=name, instance=self.instance)
         self.conn = McpConnection(name, self.spec)
-        self.tools: dict[str, _ServedTool] = {}
         self.offered: McpServerTools | None = None
         self.schemas = Bucket(bus, subjects.TOOL_SCHEMAS_BUCKET)
-
-    async def setup(self) -> None:
-        """Make sure the shared durable consumer exists (on every tool it serves)."""
-        await ensure_tool_consumer(self.bus, self.name, ack_wait_s=self.ack_wait_s,
-                                   serves=self.serves)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -398,18 +367,3 @@ class McpToolActor(Actor[ToolInvocation]):
                        parameters=schema if isinstance(schema, dict) else {},
                        annotations=hints, side_effect=declared or side_effect_from_hints(hints),
                        declared=declared is not None, problem=check_input_schema(schema))
-
-    async def handle(self, msg: ToolInvocation, delivery: Delivery) -> None:
-        """Hand the call to its tool's handler; a tool this server does not serve is refused."""
-        tool = self.tools.get(msg.tool)
-        if tool is None:
-            await self._poison(delivery, f"refused: MCP server {self.name!r} serves no tool "
-                                         f"{msg.tool!r}")
-            return
-        await tool.handle(msg, delivery)
-
-    async def on_poison(self, msg: ToolInvocation, reason: str) -> None:
-        """A genuine call given up on still gets an outcome (``ToolActor.on_poison``)."""
-        tool = self.tools.get(msg.tool)
-        if tool is not None:
-            await tool.on_poison(msg, reason)

@@ -574,6 +574,15 @@ def _check_rate_limit(rl: RateLimitSpec, source: str, table: str) -> None:
                           table=table, key="per_s")
 
 
+def _check_prefix(name: str, what: str, outer: str, inner: str, source: str,
+                  table: str) -> None:
+    """An MCP server's or API's name, which starts the names of its tools (``schemas.mcp``)."""
+    if not NAME_RE.match(name) or SEP in name or name.endswith("_"):
+        raise ConfigError(f"{what} name {name!r} must match {NAME_RE.pattern}, without "
+                          f"{SEP!r} and not ending in '_' (its tools are {outer}{SEP}{inner})",
+                          file=source, table=table)
+
+
 def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
                servers: dict[str, McpSpec], source: str,
                http: dict[str, ToolSpec] | None = None) -> dict[str, ToolSpec]:
@@ -597,10 +606,7 @@ def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
     out: dict[str, ToolSpec] = {}
     for server, spec in servers.items():
         table = f"mcp.{server}"
-        if not NAME_RE.match(server) or SEP in server or server.endswith("_"):
-            raise ConfigError(f"MCP server name {server!r} must match {NAME_RE.pattern}, "
-                              f"without {SEP!r} and not ending in '_' (its tools are "
-                              f"<server>{SEP}<tool>)", file=source, table=table)
+        _check_prefix(server, "MCP server", "<server>", "<tool>", source, table)
         if bool(spec.command) == bool(spec.url):
             raise ConfigError("set command = [...] (a server corral starts, over stdio) or "
                               "url = \"http://…/mcp\" (one running, over streamable HTTP), "
@@ -704,10 +710,7 @@ def _openapi_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
     out: dict[str, ToolSpec] = {}
     for api, spec in apis.items():
         table = f"openapi.{api}"
-        if not NAME_RE.match(api) or SEP in api or api.endswith("_"):
-            raise ConfigError(f"API name {api!r} must match {NAME_RE.pattern}, without "
-                              f"{SEP!r} and not ending in '_' (its tools are "
-                              f"<api>{SEP}<operation>)", file=source, table=table)
+        _check_prefix(api, "API", "<api>", "<operation>", source, table)
         if api in servers or api in tools:
             raise ConfigError(f"[openapi.{api}]: a tool actor of that name exists already",
                               file=source, table=table)

@@ -22,14 +22,14 @@ import pytest
 
 from actors.http_tool import HttpToolActor
 from bus.connection import Bus
-from corral.client import Client
 from schemas.config import FleetConfig, parse_fleet, served_tools, tool_actor, tool_actors
 from schemas.errors import ConfigError
 from schemas.events import Event, ToolCompleted, ToolFailed, ToolRequested
 from schemas.fold import TaskState
 from schemas.openapi import default_side_effect, tool_suffix
-from tests.conftest import REPO, fleet_in_process, fleet_variant, task_events
+from tests.conftest import REPO, fleet_in_process, fleet_variant
 from tests.http_test_server import FLAKY_FAILURES, OrdersServer
+from tests.test_mcp import run_task
 
 FIXTURES = REPO / "tests" / "fixtures"
 SOURCE = str(FIXTURES / "orders-fleet.toml")  # the spec path is relative to it
@@ -104,11 +104,8 @@ def http_fleet(server: OrdersServer) -> FleetConfig:
     return fleet_variant(FLEET.format(url=server.url, cap=CAP), source=SOURCE)
 
 
-async def run_task(bus: Bus, text: str) -> tuple[TaskState, list[Event]]:
-    client = Client(bus)
-    task_id = await client.submit("clerk", text)
-    state = await client.wait(task_id, timeout_s=60)
-    return state, await task_events(bus, task_id)
+async def run(bus: Bus, text: str) -> tuple[TaskState, list[Event]]:
+    return await run_task(bus, "clerk", text)
 
 
 def failure(events: list[Event]) -> ToolFailed:
@@ -123,7 +120,7 @@ async def test_a_call_succeeds_with_the_credential_which_no_event_or_log_shows(
     caplog.set_level(logging.DEBUG)
     async with fleet_in_process(bus, http_fleet(server)) as actors:
         assert any(isinstance(a, HttpToolActor) and a.name == "orders" for a in actors)
-        state, events = await run_task(bus, "order A1")
+        state, events = await run(bus, "order A1")
     assert state.status == "completed", state.error
     [done] = [e for e in events if isinstance(e, ToolCompleted)]
     assert (done.tool, done.actor.kind, done.actor.name) == ("orders__get_order", "tool",
@@ -141,7 +138,7 @@ async def test_a_call_succeeds_with_the_credential_which_no_event_or_log_shows(
 async def test_a_4xx_is_a_failure_the_model_sees_and_is_not_retried(
         bus: Bus, server: OrdersServer) -> None:
     async with fleet_in_process(bus, http_fleet(server)):
-        state, events = await run_task(bus, "order Z9")
+        state, events = await run(bus, "order Z9")
     f = failure(events)
     assert f.error_type == "ToolError" and f.tool == "orders__get_order"
     assert f.error.startswith("HTTP 404 from GET /orders/{order_id}: ")
@@ -153,7 +150,7 @@ async def test_a_4xx_is_a_failure_the_model_sees_and_is_not_retried(
 async def test_a_5xx_is_retried_with_the_same_idempotency_key_until_it_succeeds(
         bus: Bus, server: OrdersServer) -> None:
     async with fleet_in_process(bus, http_fleet(server)):
-        state, events = await run_task(bus, "refund flaky")
+        state, events = await run(bus, "refund flaky")
     assert state.status == "completed", state.error
     [requested] = [e for e in events if isinstance(e, ToolRequested)]
     [done] = [e for e in events if isinstance(e, ToolCompleted)]
@@ -171,8 +168,8 @@ async def test_the_idempotency_header_goes_with_a_side_effecting_call_that_takes
     assert fleet.tools["orders__create_refund"].accepts_idempotency_key
     assert not fleet.tools["orders__create_note"].accepts_idempotency_key
     async with fleet_in_process(bus, fleet):
-        refund, refund_events = await run_task(bus, "refund A1")
-        note, _ = await run_task(bus, "note hello")
+        refund, refund_events = await run(bus, "refund A1")
+        note, _ = await run(bus, "note hello")
     assert refund.status == note.status == "completed"
     [requested] = [e for e in refund_events if isinstance(e, ToolRequested)]
     [sent] = server.seen("POST", "/orders/A1/refunds")
@@ -184,7 +181,7 @@ async def test_the_idempotency_header_goes_with_a_side_effecting_call_that_takes
 async def test_a_side_effecting_5xx_without_an_idempotency_key_is_not_sent_again(
         bus: Bus, server: OrdersServer) -> None:
     async with fleet_in_process(bus, http_fleet(server)):
-        state, events = await run_task(bus, "note flaky one")
+        state, events = await run(bus, "note flaky one")
     f = failure(events)
     assert f.error_type == "OutcomeUnknown"
     assert "HTTP 503" in f.error and "not sent again" in f.error
@@ -195,9 +192,9 @@ async def test_a_side_effecting_5xx_without_an_idempotency_key_is_not_sent_again
 async def test_an_answer_over_the_cap_fails_cleanly_and_redirects_stay_on_the_host(
         bus: Bus, server: OrdersServer) -> None:
     async with fleet_in_process(bus, http_fleet(server)):
-        big, big_events = await run_task(bus, "report big")
-        away, away_events = await run_task(bus, "report away")
-        here, here_events = await run_task(bus, "report here")
+        big, big_events = await run(bus, "report big")
+        away, away_events = await run(bus, "report away")
+        here, here_events = await run(bus, "report here")
     f = failure(big_events)
     assert f.error_type == "ToolError"
     assert f"over max_response_bytes ({CAP} bytes)" in f.error
@@ -216,7 +213,7 @@ async def test_a_missing_credential_is_a_failure_naming_the_variable(
         bus: Bus, server: OrdersServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ORDERS_TOKEN")
     async with fleet_in_process(bus, http_fleet(server)):
-        _, events = await run_task(bus, "order A1")
+        _, events = await run(bus, "order A1")
     assert "ORDERS_TOKEN is not set" in failure(events).error
     assert server.seen("GET", "/orders/") == []
 
