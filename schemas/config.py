@@ -707,6 +707,10 @@ def _openapi_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
                    servers: dict[str, McpSpec], apis: dict[str, OpenApiSpec],
                    source: str) -> dict[str, ToolSpec]:
     """The operations the ``[openapi.*]`` APIs expose, as ToolSpecs ``<api>__<operation_id>``."""
+    for name, plain in tools.items():
+        if plain.openapi:
+            raise ConfigError(f"an API's tools come from its [openapi.{plain.openapi}] table",
+                              file=source, table=f"tools.{name}", key="openapi")
     out: dict[str, ToolSpec] = {}
     for api, spec in apis.items():
         table = f"openapi.{api}"

@@ -285,6 +285,12 @@ def test_config_mistakes_name_the_table_and_key(changes: dict[str, Any], match: 
     assert "openapi.orders" in str(info.value) and "orders-fleet.toml" in str(info.value)
 
 
+def test_a_python_tool_cannot_claim_to_be_an_operation() -> None:
+    text = variant() + '[tools.x]\nfunction = "m:f"\nopenapi = "orders"\n'
+    with pytest.raises(ConfigError, match=re.escape("come from its [openapi.orders] table")):
+        parse_fleet(text, SOURCE)
+
+
 def test_an_agent_listing_an_operation_not_exposed_is_a_config_error() -> None:
     text = variant(operations='["getOrder", "createRefund", "createNote"]')
     with pytest.raises(ConfigError, match=re.escape(
