@@ -10,6 +10,7 @@ what corral sent. Its answers:
   order ``flaky`` the first ``FLAKY_FAILURES`` tries of a key are 503s.
 - ``POST /notes``: 201, or 503 when the text starts with "flaky".
 - ``GET /reports/big``: a text bigger than the tests' response cap;
+  ``/reports/flaky``: 502 for the first ``FLAKY_FAILURES`` tries, then a text;
   ``/reports/away``: a redirect to another host; ``/reports/here``: one to
   ``/reports/small`` (same host); ``/reports/<other>``: a short text.
 """
@@ -94,6 +95,13 @@ def _handler(server: OrdersServer) -> type[BaseHTTPRequestHandler]:
             elif path == "/reports/away":
                 self._answer(302, "", kind="text/plain",
                              headers={"Location": "http://elsewhere.invalid/steal"})
+            elif path == "/reports/flaky":
+                with server.lock:
+                    server.tries[path] = tries = server.tries.get(path, 0) + 1
+                if tries <= FLAKY_FAILURES:
+                    self._answer(502, {"error": "bad gateway"})
+                else:
+                    self._answer(200, "report flaky: all good at last", kind="text/plain")
             elif path == "/reports/here":
                 self._answer(302, "", kind="text/plain", headers={"Location": "/reports/small"})
             elif path.startswith("/reports/"):

@@ -29,7 +29,7 @@ from schemas.fold import TaskState
 from schemas.openapi import default_side_effect, tool_suffix
 from tests.conftest import REPO, fleet_in_process, fleet_variant
 from tests.http_test_server import FLAKY_FAILURES, OrdersServer
-from tests.test_mcp import run_task
+from tests.test_mcp import free_port, run_task
 
 FIXTURES = REPO / "tests" / "fixtures"
 SOURCE = str(FIXTURES / "orders-fleet.toml")  # the spec path is relative to it
@@ -160,6 +160,23 @@ async def test_a_5xx_is_retried_with_the_same_idempotency_key_until_it_succeeds(
     assert {t["headers"]["idempotency-key"] for t in tries} == {requested.idempotency_key}
     assert all(t["body"] == {"amount": 5, "reason": "late"} for t in tries)
     assert len(server.refunds) == 1
+
+
+async def test_a_5xx_of_a_read_is_retried_and_a_dead_server_is_a_failure_naming_it(
+        bus: Bus, server: OrdersServer) -> None:
+    port = free_port()  # nothing listens there
+    gone = fleet_variant(FLEET.format(url=f"http://127.0.0.1:{port}", cap=CAP)
+                         .replace("timeout_s = 20", "timeout_s = 1"), source=SOURCE)
+    async with fleet_in_process(bus, http_fleet(server)):
+        flaky, flaky_events = await run(bus, "report flaky")
+    async with fleet_in_process(bus, gone):
+        dead, dead_events = await run(bus, "order A1")
+    [done] = [e for e in flaky_events if isinstance(e, ToolCompleted)]
+    assert done.result == "report flaky: all good at last"
+    assert len(server.seen("GET", "/reports/flaky")) == FLAKY_FAILURES + 1
+    f = failure(dead_events)
+    assert f.error_type == "ToolError" and f"cannot connect to 127.0.0.1:{port}" in f.error
+    assert flaky.status == dead.status == "completed"
 
 
 async def test_the_idempotency_header_goes_with_a_side_effecting_call_that_takes_one(
