@@ -37,6 +37,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -227,7 +228,8 @@ class HttpToolActor(ToolServer[ServedTool]):
         super().__init__(bus, name, fleet)
         self.spec = fleet.openapi[name]
         self.http = HttpApi(name, self.spec)
-        ops = api_operations(self.spec, source=fleet.source, table=f"openapi.{name}")
+        ops = api_operations(self.spec, source=fleet.source, table=f"openapi.{name}",
+                             read=lambda p: Path(p).read_bytes())
         by_name = {f"{name}{SEP}{tool_suffix(i)}": op for i, op in ops.items()}
         for t in self.serves:
             spec = fleet.tools[t]

@@ -31,6 +31,7 @@ __all__ = [
     "check_fleet",
     "fleet_actors",
     "load_fleet",
+    "read_file",
     "run_actors",
     "serve_one",
 ]
@@ -54,7 +55,12 @@ def load_fleet(path: str | Path) -> FleetConfig:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read fleet file: {exc.strerror}", file=str(p)) from exc
-    return parse_fleet(text, str(p))
+    return parse_fleet(text, str(p), read=read_file)
+
+
+def read_file(path: str) -> bytes:
+    """A file a fleet names (an ``[openapi.*]`` document): the reader ``parse_fleet`` takes."""
+    return Path(path).read_bytes()
 
 
 def check_fleet(fleet: FleetConfig) -> None:

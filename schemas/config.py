@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -39,6 +40,7 @@ __all__ = [
     "OpenApiSpec",
     "PolicySpec",
     "RateLimitSpec",
+    "Reader",
     "RuntimeSpec",
     "ScriptRule",
     "ToolSpec",
@@ -52,6 +54,7 @@ __all__ = [
 ]
 
 _S = TypeVar("_S", bound=msgspec.Struct)
+Reader = Callable[[str], bytes]  # a file's bytes by its path (schemas itself reads nothing)
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}\Z")
 ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -667,15 +670,22 @@ def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
     return out
 
 
-def openapi_document(spec: OpenApiSpec, *, source: str, table: str) -> dict[str, Any]:
-    """The API's OpenAPI document, read from ``spec`` (relative to the fleet file).
+def openapi_document(spec: OpenApiSpec, *, source: str, table: str,
+                     read: Reader | None) -> dict[str, Any]:
+    """The API's OpenAPI document: ``spec`` (relative to the fleet file), as ``read`` gives it.
+
+    schemas does no I/O: the caller passes the reader (``actors.runtime.read_file``).
 
     Raises:
-        ConfigError: it cannot be read or is not a JSON object.
+        ConfigError: no reader, or the document cannot be read or is not a JSON object.
     """
     path = Path(source).parent / spec.spec
+    if read is None:
+        raise ConfigError("an [openapi.*] table needs its document read: load the fleet file "
+                          "with actors.runtime.load_fleet, or pass parse_fleet a reader",
+                          file=source, table=table, key="spec")
     try:
-        doc = msgspec.json.decode(path.read_bytes())
+        doc = msgspec.json.decode(read(str(path)))
     except OSError as exc:
         raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}", file=source,
                           table=table, key="spec") from exc
@@ -688,13 +698,14 @@ def openapi_document(spec: OpenApiSpec, *, source: str, table: str) -> dict[str,
     return doc
 
 
-def api_operations(spec: OpenApiSpec, *, source: str, table: str) -> dict[str, HttpOperation]:
+def api_operations(spec: OpenApiSpec, *, source: str, table: str,
+                   read: Reader | None) -> dict[str, HttpOperation]:
     """The exposed operations of ``[openapi.<api>]``, by operationId (``schemas.openapi``).
 
     Raises:
         ConfigError: naming the table, the key and the document's problem.
     """
-    doc = openapi_document(spec, source=source, table=table)
+    doc = openapi_document(spec, source=source, table=table, read=read)
     try:
         return operations(doc, spec.operations,
                           idempotency_header=spec.idempotency_header or "Idempotency-Key")
@@ -705,7 +716,7 @@ def api_operations(spec: OpenApiSpec, *, source: str, table: str) -> dict[str, H
 
 def _openapi_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
                    servers: dict[str, McpSpec], apis: dict[str, OpenApiSpec],
-                   source: str) -> dict[str, ToolSpec]:
+                   source: str, read: Reader | None) -> dict[str, ToolSpec]:
     """The operations the ``[openapi.*]`` APIs expose, as ToolSpecs ``<api>__<operation_id>``."""
     for name, plain in tools.items():
         if plain.openapi:
@@ -747,7 +758,7 @@ def _openapi_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
                 raise ConfigError(f"{op_id!r} is not one of the operations exposed"
                                   f"{did_you_mean(op_id, spec.operations)}", file=source,
                                   table=table, key="side_effect")
-        for op_id, op in api_operations(spec, source=source, table=table).items():
+        for op_id, op in api_operations(spec, source=source, table=table, read=read).items():
             name = mcp_tool_name(api, tool_suffix(op_id))
             if not NAME_RE.match(name) or name in out:
                 raise ConfigError(f"operation {op_id!r} would be the corral tool {name!r}, "
@@ -819,8 +830,13 @@ def _check_autonomy(fleet: FleetConfig, source: str) -> None:
                                   table=f"{table}.levels[{i}]", key="within_s")
 
 
-def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
+def parse_fleet(text: str, source: str = "<string>", *,
+                read: Reader | None = None) -> FleetConfig:
     """Parse and validate a fleet file's text.
+
+    ``read``: how to read a file the fleet names (an ``[openapi.*]`` document),
+    by its path; ``actors.runtime.load_fleet`` passes one. Without it a fleet
+    with ``[openapi.*]`` tables is refused.
 
     Example:
         >>> fleet = parse_fleet(open("config/demo.toml").read(), "config/demo.toml")
@@ -874,7 +890,7 @@ def parse_fleet(text: str, source: str = "<string>") -> FleetConfig:
                    for n, v in sups.items()}
     policy = _convert(raw["policy"], PolicySpec, source, "policy") if "policy" in raw else None
     http = _openapi_tools(sections["agents"], sections["tools"], sections["mcp"],
-                          sections["openapi"], source)
+                          sections["openapi"], source, read)
     sections["tools"].update(_mcp_tools(sections["agents"], sections["tools"], sections["mcp"],
                                         source, http))
     sections["tools"].update(http)

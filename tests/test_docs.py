@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.runtime import read_file
 from schemas.config import parse_fleet
 from schemas.errors import ConfigError
 from tests.docs_runner import (
@@ -43,9 +44,9 @@ def test_config_example_parses(block: Block) -> None:
     text = merge_fragment(block.text) if "fragment" in block.marks else block.text
     if "error" in block.marks:
         with pytest.raises(ConfigError):
-            parse_fleet(text, block.where)
+            parse_fleet(text, block.where, read=read_file)
     else:
-        parse_fleet(text, block.where)
+        parse_fleet(text, block.where, read=read_file)  # as corral reads a fleet's files
 
 
 def test_the_reference_names_every_table_the_loader_takes() -> None:

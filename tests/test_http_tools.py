@@ -21,13 +21,14 @@ import msgspec
 import pytest
 
 from actors.http_tool import HttpToolActor
+from actors.runtime import read_file
 from bus.connection import Bus
 from schemas.config import FleetConfig, parse_fleet, served_tools, tool_actor, tool_actors
 from schemas.errors import ConfigError
 from schemas.events import Event, ToolCompleted, ToolFailed, ToolRequested
 from schemas.fold import TaskState
 from schemas.openapi import default_side_effect, tool_suffix
-from tests.conftest import REPO, fleet_in_process, fleet_variant
+from tests.conftest import REPO, fleet_in_process
 from tests.http_test_server import FLAKY_FAILURES, OrdersServer
 from tests.test_mcp import free_port, run_task
 
@@ -100,8 +101,20 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[OrdersServer]:
         yield s
 
 
+def parse(text: str) -> FleetConfig:
+    """The fleet, its document read as ``corral up`` reads it (``load_fleet``'s reader)."""
+    return parse_fleet(text, SOURCE, read=read_file)
+
+
+def variant_fleet(text: str) -> FleetConfig:
+    """As ``tests.conftest.fleet_variant``: a short grace period for quick stops."""
+    fleet = parse(text)
+    return msgspec.structs.replace(fleet, runtime=msgspec.structs.replace(fleet.runtime,
+                                                                          grace_s=2.0))
+
+
 def http_fleet(server: OrdersServer) -> FleetConfig:
-    return fleet_variant(FLEET.format(url=server.url, cap=CAP), source=SOURCE)
+    return variant_fleet(FLEET.format(url=server.url, cap=CAP))
 
 
 async def run(bus: Bus, text: str) -> tuple[TaskState, list[Event]]:
@@ -165,8 +178,8 @@ async def test_a_5xx_is_retried_with_the_same_idempotency_key_until_it_succeeds(
 async def test_a_5xx_of_a_read_is_retried_and_a_dead_server_is_a_failure_naming_it(
         bus: Bus, server: OrdersServer) -> None:
     port = free_port()  # nothing listens there
-    gone = fleet_variant(FLEET.format(url=f"http://127.0.0.1:{port}", cap=CAP)
-                         .replace("timeout_s = 20", "timeout_s = 1"), source=SOURCE)
+    gone = variant_fleet(FLEET.format(url=f"http://127.0.0.1:{port}", cap=CAP)
+                         .replace("timeout_s = 20", "timeout_s = 1"))
     async with fleet_in_process(bus, http_fleet(server)):
         flaky, flaky_events = await run(bus, "report flaky")
     async with fleet_in_process(bus, gone):
@@ -238,7 +251,7 @@ async def test_a_missing_credential_is_a_failure_naming_the_variable(
 # -- the document and the config -----------------------------------------------------------
 
 def test_operations_become_tools_with_one_json_schema_each() -> None:
-    fleet = parse_fleet(FLEET.format(url="http://127.0.0.1:1", cap=CAP), SOURCE)
+    fleet = parse(FLEET.format(url="http://127.0.0.1:1", cap=CAP))
     assert tool_actors(fleet) == {"orders": 1}
     assert tool_actor(fleet, "orders__get_order") == "orders"
     assert served_tools(fleet, "orders") == ["orders__get_order", "orders__create_refund",
@@ -263,6 +276,21 @@ def test_operations_become_tools_with_one_json_schema_each() -> None:
     assert not list(v.iter_errors({"order_id": "A1", "body": {"amount": 5}}))
     assert list(v.iter_errors({"order_id": "A1", "body": {"amount": -1}}))
     assert list(v.iter_errors({"order_id": "A1", "body": {"amount": 5}, "extra": 1}))
+
+
+def test_the_document_is_read_only_through_the_reader_given() -> None:
+    text = FLEET.format(url="http://127.0.0.1:1", cap=CAP)
+    with pytest.raises(ConfigError, match="needs its document read") as info:
+        parse_fleet(text, SOURCE)  # schemas does no I/O of its own
+    assert "openapi.orders" in str(info.value) and "spec" in str(info.value)
+    asked: list[str] = []
+
+    def reader(path: str) -> bytes:
+        asked.append(path)
+        return read_file(path)
+
+    parse_fleet(text, SOURCE, read=reader)
+    assert asked == [str(FIXTURES / "orders_openapi.json")]
 
 
 def test_names_and_default_side_effects() -> None:
@@ -298,18 +326,18 @@ def variant(**changes: Any) -> str:
 ])
 def test_config_mistakes_name_the_table_and_key(changes: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match) as info:
-        parse_fleet(variant(**changes), SOURCE)
+        parse(variant(**changes))
     assert "openapi.orders" in str(info.value) and "orders-fleet.toml" in str(info.value)
 
 
 def test_a_python_tool_cannot_claim_to_be_an_operation() -> None:
     text = variant() + '[tools.x]\nfunction = "m:f"\nopenapi = "orders"\n'
     with pytest.raises(ConfigError, match=re.escape("come from its [openapi.orders] table")):
-        parse_fleet(text, SOURCE)
+        parse(text)
 
 
 def test_an_agent_listing_an_operation_not_exposed_is_a_config_error() -> None:
     text = variant(operations='["getOrder", "createRefund", "createNote"]')
     with pytest.raises(ConfigError, match=re.escape(
             "unknown tool 'orders__get_report': [openapi.orders] exposes orders__get_order, ")):
-        parse_fleet(text, SOURCE)
+        parse(text)
