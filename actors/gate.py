@@ -10,16 +10,20 @@ for an approval, its escalation levels. Shadow disagreements are counted
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from actors.metrics import POLICY_DECISIONS, SHADOW_DISAGREEMENTS
 from actors.tooling import tool_function, tool_schema
 from schemas.config import FleetConfig
+from schemas.errors import ConfigError
 from schemas.events import ApprovalLevel, PolicyDecision
 from schemas.policy import DEFAULT_APPROVAL_WITHIN_S, Gate, gate_for
 
 __all__ = ["ToolGate"]
+
+log = logging.getLogger("corral.gate")
 
 
 class ToolGate:
@@ -30,9 +34,18 @@ class ToolGate:
     """
 
     def __init__(self, fleet: FleetConfig) -> None:
-        params = {name: tool_schema(name, spec, tool_function(spec, name=name,
-                                                               source=fleet.source)).parameters
-                  for name, spec in fleet.tools.items()}
+        # Every tool's argument schema, so policies validate the same in every agent. A
+        # tool that cannot be imported here is its own actor's problem (it fails there,
+        # under its supervisor): this agent sees its declared parameters, or none.
+        params: dict[str, dict[str, Any]] = {}
+        for name, spec in fleet.tools.items():
+            try:
+                fn = tool_function(spec, name=name, source=fleet.source)
+            except ConfigError as exc:
+                log.warning("policy gate: tool %s: %s; its arguments are untyped here",
+                            name, exc)
+                fn = None
+            params[name] = tool_schema(name, spec, fn).parameters
         self.gate: Gate = gate_for(fleet, lambda p: Path(p).read_text(), parameters=params)
 
     def decide(self, agent: str, version: str, tool: str, args: dict[str, Any],

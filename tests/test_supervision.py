@@ -21,6 +21,7 @@ import pytest
 from anyio.streams.text import TextReceiveStream
 
 from actors.runtime import load_fleet
+from bus import subjects
 from bus.auth import embedded_creds
 from bus.connection import connect
 from bus.server import EmbeddedServer
@@ -73,6 +74,14 @@ async def test_kill_9_worker_is_restarted_and_its_unacked_work_handed_back(home:
             return False
 
         await until(billing_is_thinking, 20, "billing waiting on the model")
+
+        async def gateway_holds_a_call() -> bool:  # delivered to it, not yet answered
+            info = await handle.bus.js.consumer_info(subjects.MODELS_STREAM,
+                                                     subjects.model_consumer("support-model"))
+            return info.num_ack_pending >= 1
+
+        await until(gateway_holds_a_call, 20, "the gateway holding a call")
+        await anyio.sleep(0.1)  # it read the delivery and told its supervisor (the link)
         os.kill(victim.pid, signal.SIGKILL)
         states = [await client.wait(t, timeout_s=45) for t in ids]
         for t in ids:
