@@ -61,7 +61,14 @@ from schemas.events import (
     ToolRequested,
     TurnStarted,
 )
-from schemas.fold import HANDOFF_TOOL, CallState, Effect, TaskState, call_signature
+from schemas.fold import (
+    HANDOFF_TOOL,
+    PLAN_TOOL,
+    CallState,
+    Effect,
+    TaskState,
+    call_signature,
+)
 from schemas.identity import SIGNER_HEADER
 from schemas.mcp import McpServerTools
 from schemas.messages import (
@@ -77,6 +84,7 @@ from schemas.messages import (
     Usage,
     Wake,
 )
+from schemas.policy import DEFAULT_APPROVAL_WITHIN_S
 from schemas.screen import SCREEN_VERSION, screen_result
 from schemas.verify import submitter
 
@@ -439,6 +447,16 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     f"([limits] tool_calls_per_turn): this one was not run")
         if call.id.startswith("comp:"):  # reserved for compensations' outcomes
             return f"call id {call.id[:40]!r} is reserved (comp:…): this call was not run"
+        if call.name == PLAN_TOOL:
+            if not self.spec.plan_approval:
+                return f"agent {self.name!r} has no tool {PLAN_TOOL!r} (no plan_approval)"
+            steps = call.arguments.get("steps")
+            if not isinstance(steps, list) or not steps or any(
+                    not isinstance(st, dict) or st.get("tool") not in self.spec.tools
+                    for st in steps):
+                return (f"{PLAN_TOOL} needs steps, each naming one of this agent's tools: "
+                        f"{', '.join(self.spec.tools)}")
+            return ""
         if call.name == HANDOFF_TOOL:
             target = call.arguments.get("to")
             if target not in self.spec.handoffs:
@@ -476,6 +494,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             decision: PolicyDecision | None = None
             if cs.approval == "pending":
                 head = await self._chase_approval(task_id, state, head, cs)
+                if cs.outcome:  # a plan's expiry is its outcome (schemas/fold.py)
+                    continue
             if cs.approval == "pending":
                 waiting = True
                 continue
@@ -486,10 +506,34 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
                     error=f"not run: {what}", error_type="ApprovalDenied"))
                 continue
+            if not cs.approval and cs.call.name == PLAN_TOOL:  # one approval for the plan
+                head = await self._request_approval(task_id, state, head, cs, PolicyDecision(
+                    effect="approve", policies=["plan"], group=self.spec.approver,
+                    reason=f"plan approval: {len(cs.call.arguments['steps'])} step(s) before "
+                           f"any side effect"), self._levels(self.spec.approver))
+                waiting = True
+                continue
             if not cs.approval:
                 decision, levels = self.gate.decide(self.name, self.version, cs.call.name,
                                                     cs.call.arguments, task_id, state.cost_usd,
                                                     flagged=bool(state.flagged))
+                if self._plans(cs) and decision.effect != "deny":
+                    if state.plan is None:
+                        head = await self._append(task_id, state, head, ToolFailed(
+                            **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
+                            error=f"not run: propose your plan first ({PLAN_TOOL}: the steps "
+                                  f"with side effects you intend), for one approval",
+                            error_type="PlanRequired", decision=decision))
+                        continue
+                    if cs.call.name in state.plan:  # in the approved plan: no second ask
+                        decision = msgspec.structs.replace(
+                            decision, effect="allow", policies=[*decision.policies, "plan"],
+                            reason=f"in the plan approved for this task ({decision.reason})")
+                    elif decision.effect == "allow":  # a side effect outside the plan
+                        decision = msgspec.structs.replace(
+                            decision, effect="approve", group=self.spec.approver,
+                            reason="a side effect outside the approved plan")
+                        levels = self._levels(self.spec.approver)
                 if decision.effect == "deny":
                     head = await self._append(task_id, state, head, ToolFailed(
                         **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
@@ -584,6 +628,18 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                                       msg_id=f"review:{task_id}:{cs.call.id}")
 
     # -- approvals (docs/approvals.md) -----------------------------------------
+
+    def _plans(self, cs: CallState) -> bool:
+        """Whether this call falls under plan approval (a side effect of such an agent)."""
+        spec = self.fleet.tools.get(cs.call.name)
+        return self.spec.plan_approval and spec is not None and spec.side_effect != "none"
+
+    def _levels(self, group: str) -> list[ApprovalLevel]:
+        """The escalation chain of an approver group (one level of an hour by default)."""
+        approvals = self.fleet.approvals.get(group)
+        if approvals is None:
+            return [ApprovalLevel(group=group, within_s=DEFAULT_APPROVAL_WITHIN_S)]
+        return [ApprovalLevel(group=lv.group, within_s=lv.within_s) for lv in approvals.levels]
 
     async def _request_approval(self, task_id: str, state: TaskState, head: LogHead,
                                 cs: CallState, decision: PolicyDecision,

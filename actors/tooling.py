@@ -17,11 +17,19 @@ import msgspec
 
 from schemas.config import ToolSpec
 from schemas.errors import ConfigError, ToolError
-from schemas.fold import HANDOFF_TOOL
+from schemas.fold import HANDOFF_TOOL, PLAN_TOOL
 from schemas.messages import ToolSchema
 
-__all__ = ["ThreadRunner", "ToolContext", "handoff_schema", "load_callable", "tool_function",
-           "tool_parameters", "tool_schema"]
+__all__ = [
+    "ThreadRunner",
+    "ToolContext",
+    "handoff_schema",
+    "load_callable",
+    "plan_schema",
+    "tool_function",
+    "tool_parameters",
+    "tool_schema",
+]
 
 log = logging.getLogger("corral.tool")
 
@@ -107,6 +115,26 @@ def tool_schema(name: str, spec: ToolSpec, fn: Callable[..., Any] | None) -> Too
     description = spec.description or inspect.getdoc(fn) or "" if fn else spec.description
     return ToolSchema(name=name, description=description or "",
                       parameters=tool_parameters(spec, fn))
+
+
+def plan_schema(tools: list[str]) -> ToolSchema:
+    """The built-in ``propose_plan(steps)`` tool of an agent with ``plan_approval``."""
+    return ToolSchema(
+        name=PLAN_TOOL,
+        description="Before any step with a side effect, propose your plan: the tools you "
+                    "intend to call, with their arguments and why. A person approves it once; "
+                    "then take those steps.",
+        parameters={
+            "type": "object",
+            "properties": {"steps": {"type": "array", "minItems": 1, "maxItems": 32, "items": {
+                "type": "object",
+                "properties": {"tool": {"type": "string", "enum": tools},
+                               "arguments": {"type": "object"}, "why": {"type": "string"}},
+                "required": ["tool"]}}},
+            "required": ["steps"],
+            "additionalProperties": False,
+        },
+    )
 
 
 def handoff_schema(targets: list[str]) -> ToolSchema:

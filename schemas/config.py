@@ -94,6 +94,10 @@ class AgentSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     tier: int = 1
     approver: str = ""  # the approval group of tiers 3 and 4
     spot_check: float = 0.1  # tier 2: the share of completed actions sampled for review
+    # Plan approval: before its first side effect the agent proposes its plan (the
+    # built-in propose_plan tool) for one approval by ``approver``; the side effects in
+    # the approved plan then run without asking again (policies still deny).
+    plan_approval: bool = False
 
 
 class RateLimitSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -799,6 +803,10 @@ def _check_autonomy(fleet: FleetConfig, source: str) -> None:
             raise ConfigError(f"tier {a.tier} ({TIERS[a.tier]}) needs the approver group "
                               "that decides its calls, e.g. approver = \"billing-lead\"",
                               file=source, table=table, key="approver")
+        if a.plan_approval and not a.approver:
+            raise ConfigError("plan_approval needs the approver group that approves the plan, "
+                              "e.g. approver = \"billing-lead\"", file=source, table=table,
+                              key="approver")
         if not 0.0 <= a.spot_check <= 1.0:
             raise ConfigError("must be a share between 0 and 1", file=source, table=table,
                               key="spot_check")

@@ -45,6 +45,7 @@ from schemas.messages import ChatMessage, ModelResponse, ToolCall, Usage
 
 __all__ = [
     "HANDOFF_TOOL",
+    "PLAN_TOOL",
     "CallState",
     "Effect",
     "Phase",
@@ -55,6 +56,7 @@ __all__ = [
 ]
 
 HANDOFF_TOOL = "handoff"
+PLAN_TOOL = "propose_plan"  # the built-in tool of an agent with plan_approval
 
 TaskStatus = Literal[
     "submitted", "working", "input-required", "completed", "failed", "canceled", "rejected"
@@ -149,6 +151,8 @@ class TaskState(msgspec.Struct, kw_only=True):
     flagged: list[str] = msgspec.field(default_factory=list)  # calls whose result was flagged
     context_warned: bool = False
     degraded_to: str = ""  # the cheaper model alias the task continues on
+    # Plan approval: the tools of the approved plan not yet used (None: no plan approved).
+    plan: list[str] | None = None
     effects: list[Effect] = msgspec.field(default_factory=list)  # compensable, in order
     seq: int = 0  # events folded
     last_hash: str = GENESIS_HASH
@@ -268,6 +272,9 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                     cs.arguments = event.arguments
                 cs.compensate = event.compensate
                 cs.spot_check = bool(event.decision and event.decision.spot_check)
+                if (state.plan is not None and event.decision is not None
+                        and "plan" in event.decision.policies and event.call.name in state.plan):
+                    state.plan.remove(event.call.name)  # one step of the plan, used
                 state.tool_calls += 1
                 sig = call_signature(event.call)
                 state.call_counts[sig] = state.call_counts.get(sig, 0) + 1
@@ -344,6 +351,8 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 cs.arguments = event.arguments
             if not state.pending_approvals() and state.status == "input-required":
                 state.status = "working"
+            if cs.call.name == PLAN_TOOL:  # the plan's decision is the call's outcome
+                _decide_plan(state, cs, event)
         case BudgetExceededEvent():
             state.error = f"{event.limit} budget exceeded ({event.value:g} > {event.maximum:g})"
             if event.degraded_to:
@@ -376,6 +385,26 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 if state.phase == "thinking":
                     state.phase = "ready"  # the paused turn's model call was abandoned
     return state
+
+
+def _decide_plan(state: TaskState, cs: CallState, event: ApprovalDecided) -> None:
+    steps = cs.call.arguments.get("steps")
+    tools = [str(st.get("tool", "")) for st in steps if isinstance(st, dict)] \
+        if isinstance(steps, list) else []
+    approved = event.decision == "approved"
+    cs.outcome, cs.outcome_by = ("completed" if approved else "failed"), "agent"
+    if approved:
+        state.plan = tools
+        text = (f"Plan approved by {event.by}"
+                f"{': ' + event.comment if event.comment else ''}. Go ahead with: "
+                f"{', '.join(tools) or 'nothing'}.")
+    else:
+        why = "nobody approved it in time" if event.decision == "expired" else \
+            f"denied by {event.by}{': ' + event.comment if event.comment else ''}"
+        text = f"Plan not approved ({why}). Do not take those steps."
+    state.conversation.append(ChatMessage(role="tool", content=text, tool_call_id=cs.call.id,
+                                          name=PLAN_TOOL, is_error=not approved))
+    _settle(state)
 
 
 def _compensation(state: TaskState, event: EventBase) -> bool:
