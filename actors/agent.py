@@ -49,10 +49,13 @@ from schemas.events import (
     CompensationRequested,
     ContextTruncated,
     ContextWarned,
+    DelegationReturned,
     EventBase,
     Handoff,
     PolicyDecision,
+    TaskCanceled,
     TaskCompleted,
+    TaskDelegated,
     TaskFailed,
     TaskRejected,
     TaskSubmitted,
@@ -62,14 +65,17 @@ from schemas.events import (
     TurnStarted,
 )
 from schemas.fold import (
+    DELEGATE_TOOL,
     HANDOFF_TOOL,
     PLAN_TOOL,
     CallState,
+    Child,
     Effect,
     TaskState,
     call_signature,
+    child_task_id,
 )
-from schemas.identity import SIGNER_HEADER
+from schemas.identity import SIGNER_HEADER, agent_identity
 from schemas.mcp import McpServerTools
 from schemas.messages import (
     ChatMessage,
@@ -77,6 +83,7 @@ from schemas.messages import (
     ModelCall,
     ModelRequest,
     ModelResponse,
+    ParentLink,
     TaskSubmit,
     TextPart,
     ToolInvocation,
@@ -237,14 +244,20 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                         f"{self.limits.submission_bytes} ([limits] submission_bytes)")))
                 await self._announce(task_id)
                 return
+            forged = self._forged_parent(msg, delivery)
+            if forged:
+                await self._append(task_id, state, head, TaskRejected(
+                    **self._envelope(task_id), reason=forged))
+                await self._announce(task_id)
+                return
             head = await self._append(task_id, state, head, TaskSubmitted(
                 **self._envelope(task_id), agent=self.name, message=msg.message,
                 context_id=msg.context_id or task_id, metadata=msg.metadata,
-                submitted_by=self._submitted_by(delivery)))
+                submitted_by=self._submitted_by(delivery), parent=msg.parent))
             crash_point("agent.after_submit", self.name)
         elif state.terminal:  # a writer that died between a task's end and its anchor
             await self.view.log.ensure_anchor(task_id)
-            await self._undo(task_id, state, head)  # a saga's next step, if any
+            await self._after_end(task_id, state, head)  # a saga's next step, children
             return
         while True:
             if (not state.terminal and state.handoffs and state.agent != self.name
@@ -256,12 +269,14 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 return
             if state.terminal or state.phase == "paused" or state.agent != self.name:
                 return
-            if self.clock() - state.submitted_at > self.spec.timeout_s:
+            if self.clock() > self._deadline(state):
                 waited = state.llm_failure
                 await self._fail_budget(
                     task_id, state, head, "wall_clock_s", self.clock() - state.submitted_at,
-                    self.spec.timeout_s,
+                    self._deadline(state) - state.submitted_at,
                     detail=f"last model error: {waited.error}" if waited else "")
+                return
+            if state.phase == "ready" and await self._orphaned(task_id, state, head):
                 return
             if state.phase == "ready":
                 head = await self._screen_results(task_id, state, head)
@@ -302,17 +317,48 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             return ""
         return keys.identity_of(delivery.headers.get(SIGNER_HEADER, "")) or ""
 
+    def _forged_parent(self, msg: TaskSubmit, delivery: Delivery) -> str:
+        """Why a submission's parent link is not to be believed ("" when it is).
+
+        Only the parent's agent submits its child (signed, in a fleet with
+        keys), and only an agent that lists us as a delegate. Even a believed
+        link only tightens limits (deadline, budget), never loosens them.
+        """
+        link = msg.parent
+        if link is None:
+            return ""
+        asker = self.fleet.agents.get(link.agent)
+        if asker is None or self.name not in asker.delegates:
+            return f"agent {link.agent[:64]!r} does not delegate to {self.name!r}"
+        by = self._submitted_by(delivery)
+        if self.bus.keys is not None and by != agent_identity(link.agent):
+            return (f"a task delegated by {link.agent} must be submitted by "
+                    f"{agent_identity(link.agent)}, not {by or 'an unknown signer'}")
+        return ""
+
     def _lease_until(self) -> float:
         """How long a claimed turn is ours: the longest the model call may take."""
         route = self.fleet.models[self.spec.model]
         return self.clock() + max(self.fleet.runtime.model_timeout_s,
                                   route.worst_case_s() + 5) + 5
 
+    def _deadline(self, state: TaskState) -> float:
+        """When the task's wall-clock limit passes: its own, or its parent's if sooner."""
+        own = state.submitted_at + self.spec.timeout_s
+        inherited = state.parent.deadline if state.parent else 0.0
+        return min(own, inherited) if inherited else own
+
+    def _budget_usd(self, state: TaskState) -> float:
+        """The task's spend limit (0: none): its agent's, or what its parent had left."""
+        caps = [c for c in (self.spec.budget_usd,
+                            state.parent.budget_usd if state.parent else 0.0) if c]
+        return min(caps) if caps else 0.0
+
     async def _arm_deadline(self, task_id: str, state: TaskState) -> None:
         """A scheduled wake at the wall-clock limit, so a task stuck waiting still ends."""
         wake = Wake(task_id=task_id, reason="deadline")
         await self.bus.schedule(subjects.timer(task_id, self.name), _encoder.encode(wake),
-                                at=state.submitted_at + self.spec.timeout_s + 1,
+                                at=self._deadline(state) + 1,
                                 target=subjects.wake(self.name))
 
     async def _disarm_deadlines(self, task_id: str, state: TaskState) -> None:
@@ -333,8 +379,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             return "turns_per_task", state.turn + 1, self.limits.turns_per_task
         if spec.budget_tokens and state.usage.total >= spec.budget_tokens:
             return "tokens", state.usage.total, spec.budget_tokens
-        if spec.budget_usd and state.cost_usd >= spec.budget_usd:
-            return "usd", state.cost_usd, spec.budget_usd
+        budget_usd = self._budget_usd(state)  # a delegated task's may be its parent's rest
+        if budget_usd and state.cost_usd >= budget_usd:
+            return "usd", state.cost_usd, budget_usd
         return None
 
     async def _ask(self, req: ModelRequest) -> ModelResponse:
@@ -457,6 +504,17 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 return (f"{PLAN_TOOL} needs steps, each naming one of this agent's tools: "
                         f"{', '.join(self.spec.tools)}")
             return ""
+        if call.name == DELEGATE_TOOL:
+            target, message = call.arguments.get("to"), call.arguments.get("message")
+            if target not in self.spec.delegates:
+                return (f"agent {self.name!r} may not delegate to {target!r}; allowed: "
+                        f"{', '.join(self.spec.delegates) or 'none'}")
+            if not isinstance(message, str) or not message.strip():
+                return "delegate needs a message: what you ask of the other agent"
+            if len(message.encode()) > self.limits.submission_bytes // 2:
+                return (f"the message is over {self.limits.submission_bytes // 2} bytes "
+                        f"(half of [limits] submission_bytes)")
+            return ""
         if call.name == HANDOFF_TOOL:
             target = call.arguments.get("to")
             if target not in self.spec.handoffs:
@@ -547,6 +605,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     continue
             if cs.call.name == HANDOFF_TOOL:
                 return await self._handoff(task_id, state, head, cs, decision), False
+            if cs.call.name == DELEGATE_TOOL:
+                head = await self._delegate(task_id, state, head, cs, decision)
+                continue
             repeats = state.call_counts.get(call_signature(cs.call), 0)
             if repeats >= self.spec.max_repeated_calls:
                 await self._fail_budget(task_id, state, head, "repeated_call", repeats + 1,
@@ -568,6 +629,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         # past it, the tool's ledger answers from its record or its running claim.
         for cs in state.pending_calls():
             if not cs.requested:
+                continue
+            if cs.child:  # a delegation: its child answers, not a tool
+                head = await self._check_child(task_id, state, head, cs)
                 continue
             inv = ToolInvocation(task_id=task_id, call_id=cs.call.id, tool=cs.call.name,
                                  arguments=cs.effective_arguments,
@@ -595,7 +659,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             results.setdefault(m.tool_call_id, m.content)
         for cs in state.calls.values():
             content = results.get(cs.call.id)
-            if cs.outcome_by != "tool" or cs.call.id in state.flagged or content is None:
+            written = cs.outcome_by == "tool" or (cs.child and cs.outcome == "completed")
+            if not written or cs.call.id in state.flagged or content is None:
                 continue
             verdict = screen_result(content)
             if not verdict.flagged:
@@ -749,7 +814,142 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         note = {"task_id": task_id, "status": state.status, "answer": state.answer,
                 "error": state.error}
         await self.bus.publish(subjects.results(task_id), _encoder.encode(note))
+        await self._after_end(task_id, state, head)
+
+    async def _after_end(self, task_id: str, state: TaskState, head: LogHead) -> None:
+        """What follows a task's end, on every look at it: undo, children, tell the parent."""
+        head = await self._end_children(task_id, state, head)
         await self._undo(task_id, state, head)
+        if state.parent is not None:  # the parent's owner records our end (and our cost)
+            wake = Wake(task_id=state.parent.task_id, reason=f"child {task_id} {state.status}")
+            await self.bus.js_publish(subjects.wake(state.parent.agent), _encoder.encode(wake),
+                                      msg_id=f"child-ended:{task_id}")
+
+    # -- delegation (docs/tools.md) ---------------------------------------------
+
+    async def _delegate(self, task_id: str, state: TaskState, head: LogHead, cs: CallState,
+                        decision: PolicyDecision | None) -> LogHead:
+        """A ``delegate`` call becomes a child task (``task.delegated``, then its submission)."""
+        depth = (state.parent.depth if state.parent else 0) + 1
+        budget = self._budget_usd(state)
+        problem = ""
+        if depth > self.limits.delegation_depth:
+            problem = (f"delegation nested {depth} deep, over [limits] delegation_depth = "
+                       f"{self.limits.delegation_depth}: answer with what you have")
+        elif budget and state.cost_usd >= budget:
+            problem = f"no budget left to delegate (spent ${state.cost_usd:.4f} of ${budget:g})"
+        if problem:
+            return await self._append(task_id, state, head, ToolFailed(
+                **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name, error=problem,
+                error_type="DelegationRefused", decision=decision))
+        child = child_task_id(task_id, cs.call.id)
+        with tracer.start_as_current_span(
+                f"delegate {self.name} -> {cs.call.arguments['to']}",
+                attributes={"corral.task.id": task_id, "corral.delegate.child": child,
+                            "corral.delegate.to": str(cs.call.arguments["to"])}):
+            head = await self._append(task_id, state, head, TaskDelegated(
+                **self._envelope(task_id), call_id=cs.call.id,
+                to_agent=str(cs.call.arguments["to"]), child_task_id=child,
+                message=str(cs.call.arguments["message"]), decision=decision))
+            crash_point("agent.after_delegated", self.name)
+            await self._send_child(task_id, state, cs)
+        return head
+
+    def _link(self, task_id: str, state: TaskState, cs: CallState) -> ParentLink:
+        budget = self._budget_usd(state)
+        return ParentLink(task_id=task_id, call_id=cs.call.id, agent=self.name,
+                          deadline=self._deadline(state),
+                          budget_usd=max(budget - state.cost_usd, 1e-9) if budget else 0.0,
+                          depth=(state.parent.depth if state.parent else 0) + 1)
+
+    async def _send_child(self, task_id: str, state: TaskState, cs: CallState) -> None:
+        """Submit the child task (signed like a client's; the msg id dedupes a resend)."""
+        child = child_task_id(task_id, cs.call.id)
+        submit = TaskSubmit(
+            id=child, context_id=state.context_id or task_id,
+            message=Message(role="user", parts=[TextPart(text=str(cs.call.arguments["message"]))]),
+            metadata={"delegated_by": self.name, "parent_task_id": task_id},
+            parent=self._link(task_id, state, cs))
+        data = _encoder.encode(submit)
+        signer = self.bus.signer
+        await self.bus.js_publish(subjects.task(str(cs.call.arguments["to"])), data,
+                                  headers=signer.headers(data) if signer else None,
+                                  msg_id=f"delegate:{child}")
+
+    async def _check_child(self, task_id: str, state: TaskState, head: LogHead,
+                           cs: CallState) -> LogHead:
+        """A waiting delegation: record the child's end, or send it again if it never started."""
+        child = next(c for c in state.children if c.task_id == cs.child)
+        cstate, _ = await self._load(child.task_id)
+        if cstate.phase == "new":  # we may have died between task.delegated and the send
+            await self._send_child(task_id, state, cs)
+            return head
+        return await self._record_child(task_id, state, head, child, cstate)
+
+    def _stranger(self, task_id: str, child: Child, cstate: TaskState) -> str:
+        """Why a child's log is not the task we delegated ("" when it is)."""
+        link = cstate.parent
+        if link is None or (link.task_id, link.call_id) != (task_id, child.call_id):
+            return "its id was taken by a task this one did not delegate"
+        if self.bus.keys is not None and cstate.submitted_by not in (
+                agent_identity(link.agent),):
+            return f"it was submitted by {cstate.submitted_by or 'nobody'}, not by {link.agent}"
+        return ""
+
+    async def _record_child(self, task_id: str, state: TaskState, head: LogHead, child: Child,
+                            cstate: TaskState) -> LogHead:
+        """Append ``delegation.returned`` for a child that ended (or is not ours)."""
+        stranger = self._stranger(task_id, child, cstate)
+        if not stranger and not cstate.terminal:
+            return head
+        status = "rejected" if stranger else cstate.status
+        assert status in ("completed", "failed", "canceled", "rejected")
+        return await self._append(task_id, state, head, DelegationReturned(
+            **self._envelope(task_id), call_id=child.call_id, child_task_id=child.task_id,
+            status=status, answer="" if stranger else cstate.answer,
+            error=f"child task {child.task_id}: {stranger}" if stranger else cstate.error,
+            usage=Usage() if stranger else cstate.usage,
+            cost_usd=0.0 if stranger else cstate.cost_usd))
+
+    async def _end_children(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
+        """An ended task's running children are canceled; those that ended are recorded.
+
+        Each cancel is the child's ``task.canceled`` (by this agent) and a wake
+        of its owner, who undoes its effects, ends its own children and wakes
+        us back to record what it spent.
+        """
+        if state.agent != self.name:
+            return head
+        for child in state.running_children():
+            cstate, chead = await self._load(child.task_id)
+            if cstate.terminal or self._stranger(task_id, child, cstate):
+                head = await self._record_child(task_id, state, head, child, cstate)
+                continue
+            if cstate.phase == "new":  # never started: it refuses itself (see _orphaned)
+                continue
+            try:
+                await self._append(child.task_id, cstate, chead, TaskCanceled(
+                    **self._envelope(child.task_id), by=f"agent {self.name}",
+                    reason=f"its parent task {task_id} {state.status}"))
+            except FencedWrite:
+                pass  # the child moved on: the next look cancels it
+            wake = Wake(task_id=child.task_id, reason=f"parent {task_id} {state.status}")
+            await self.bus.js_publish(subjects.wake(cstate.agent or child.agent),
+                                      _encoder.encode(wake))
+        return head
+
+    async def _orphaned(self, task_id: str, state: TaskState, head: LogHead) -> bool:
+        """A delegated task whose parent ended stops before paying for another turn."""
+        if state.parent is None:
+            return False
+        pstate, _ = await self._load(state.parent.task_id)
+        if not pstate.terminal:
+            return False
+        await self._append(task_id, state, head, TaskCanceled(
+            **self._envelope(task_id), by=f"agent {self.name}",
+            reason=f"its parent task {state.parent.task_id} {pstate.status}"))
+        await self._announce(task_id)
+        return True
 
     # -- sagas (docs/tools.md) --------------------------------------------------
 

@@ -21,6 +21,7 @@ POINTS = frozenset({
     "agent.after_llm",  # llm.responded in the log, tools not dispatched
     "agent.after_tool_requested",  # tool.requested appended, invocation not published
     "agent.after_handoff",  # handoff appended, task not yet sent to the other agent
+    "agent.after_delegated",  # task.delegated appended, the child task not yet submitted
     "model.after_call",  # the provider answered (paid), llm.responded not appended
     "model.after_llm",  # llm.responded appended, the agent not woken
     "tool.before_run",  # ledger says running, callable not called

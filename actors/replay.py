@@ -18,7 +18,7 @@ import msgspec
 
 from actors.agent import agent_version
 from actors.providers import make_provider
-from actors.tooling import handoff_schema, tool_function, tool_schema
+from actors.tooling import delegate_schema, handoff_schema, tool_function, tool_schema
 from schemas.config import FleetConfig
 from schemas.events import EventBase, LlmResponded, verify_chain
 from schemas.fold import fold
@@ -74,6 +74,9 @@ def _tools(name: str, fleet: FleetConfig) -> list[ToolSchema]:
              for t in spec.tools]
     if spec.handoffs:
         tools.append(handoff_schema(spec.handoffs))
+    if spec.delegates:
+        tools.append(delegate_schema(spec.delegates, {
+            d: fleet.agents[d].description for d in spec.delegates}))
     return tools
 
 

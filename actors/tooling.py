@@ -17,12 +17,13 @@ import msgspec
 
 from schemas.config import ToolSpec
 from schemas.errors import ConfigError, ToolError
-from schemas.fold import HANDOFF_TOOL, PLAN_TOOL
+from schemas.fold import DELEGATE_TOOL, HANDOFF_TOOL, PLAN_TOOL
 from schemas.messages import ToolSchema
 
 __all__ = [
     "ThreadRunner",
     "ToolContext",
+    "delegate_schema",
     "handoff_schema",
     "load_callable",
     "plan_schema",
@@ -148,6 +149,24 @@ def handoff_schema(targets: list[str]) -> ToolSchema:
             "properties": {"to": {"type": "string", "enum": targets},
                            "reason": {"type": "string"}},
             "required": ["to"],
+            "additionalProperties": False,
+        },
+    )
+
+
+def delegate_schema(targets: list[str], descriptions: dict[str, str]) -> ToolSchema:
+    """The built-in ``delegate(to, message)`` tool: ask another agent and wait for its answer."""
+    who = "; ".join(f"{t}: {descriptions[t]}" if descriptions.get(t) else t for t in targets)
+    return ToolSchema(
+        name=DELEGATE_TOOL,
+        description="Ask another agent to do part of the work and wait for its answer, which "
+                    f"comes back as this call's result (the task stays yours). Agents: {who}.",
+        parameters={
+            "type": "object",
+            "properties": {"to": {"type": "string", "enum": targets},
+                           "message": {"type": "string", "minLength": 1,
+                                       "description": "what you ask of it, self-contained"}},
+            "required": ["to", "message"],
             "additionalProperties": False,
         },
     )

@@ -16,7 +16,13 @@ import logging
 
 import msgspec
 
-from actors.tooling import handoff_schema, plan_schema, tool_function, tool_schema
+from actors.tooling import (
+    delegate_schema,
+    handoff_schema,
+    plan_schema,
+    tool_function,
+    tool_schema,
+)
 from bus import subjects
 from bus.connection import Bus
 from bus.kv import Bucket
@@ -43,6 +49,8 @@ class AgentTools:
                                       tool_function(fleet.tools[t], name=t, source=fleet.source))
                        for t in self.names if not fleet.tools[t].mcp}
         self._handoff = handoff_schema(spec.handoffs) if spec.handoffs else None
+        self._delegate = delegate_schema(spec.delegates, {
+            d: fleet.agents[d].description for d in spec.delegates}) if spec.delegates else None
         self._plan = plan_schema(self.names) if spec.plan_approval else None
         self.servers = sorted({fleet.tools[t].mcp for t in self.names} - {""})
         self.offered: dict[str, McpServerTools] = {}
@@ -64,6 +72,8 @@ class AgentTools:
                                       parameters=record.parameters))
         if self._handoff is not None:
             out.append(self._handoff)
+        if self._delegate is not None:
+            out.append(self._delegate)
         if self._plan is not None:
             out.append(self._plan)
         return out

@@ -239,6 +239,10 @@ def _agent(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     claim = intake_consumer(name)
     pub += _consume(subjects.TASKS_STREAM, subjects.agent_consumer(name))
     pub += [subjects.task(h) for h in spec.handoffs if h in fleet.agents]
+    # Delegation: submit to its delegates and wake them (a cancel), wake its delegators back.
+    pub += [subjects.task(d) for d in spec.delegates if d in fleet.agents]
+    pub += [subjects.wake(d) for d in spec.delegates if d in fleet.agents]
+    pub += [subjects.wake(a) for a, s in fleet.agents.items() if name in s.delegates]
     pub += [subjects.tool(t) for t in spec.tools]
     # Sagas: whoever owns a task at its end undoes its effects, whichever agent made them.
     pub += [subjects.tool(t) for t in compensable_upstream(fleet, name)]

@@ -49,8 +49,9 @@ from corral.demo_run import run_demo
 from corral.fleetrun import FleetHandle, running_fleet
 from corral.ps import live_trees, print_ps, print_system_events
 from corral.render import event_line, json_line
-from corral.trace import render_tree
+from corral.trace import child_ids, render_tree
 from schemas.errors import BusTimeout, ConfigError, CorralError, RestartIntensityExceeded
+from schemas.events import Event
 from schemas.verify import Rejected
 
 __all__ = ["main"]
@@ -203,12 +204,23 @@ async def cmd_trace(args: argparse.Namespace) -> int:
     bus = await connect_command("auditor", "corral-trace", creds_file=args.creds)
     try:
         logged, rejected = await _verified_log(bus, args.task, "corral-trace")
+        # Delegated tasks have their own logs: read the tree (bounded) to draw it whole.
+        children: dict[str, list[Event]] = {}
+        todo = child_ids([e.event for e in logged])
+        while todo and len(children) < 256:
+            child = todo.pop(0)
+            if child in children:
+                continue
+            sub, more = await _verified_log(bus, child, "corral-trace")
+            children[child] = [e.event for e in sub]
+            rejected = [*rejected, *more]
+            todo += child_ids(children[child])
     finally:
         await bus.close()
     if not logged:
         print(f"corral: no events for task {args.task}", file=sys.stderr)
         return 1
-    print(render_tree([e.event for e in logged], rejected))
+    print(render_tree([e.event for e in logged], rejected, children))
     return 0
 
 

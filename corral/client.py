@@ -201,7 +201,9 @@ class Client:
             if command == "cancel":
                 note = {"task_id": task_id, "status": state.status, "error": state.error}
                 await self.bus.publish(subjects.results(task_id), _encoder.encode(note))
-                if state.effects and state.agent:  # its owner undoes what was done (a saga)
+                # Its owner undoes what was done (a saga), cancels its delegated children
+                # and, for a child, tells its parent.
+                if (state.effects or state.children or state.parent) and state.agent:
                     wake = Wake(task_id=task_id, reason=f"canceled by {by}: compensate")
                     await self.bus.js_publish(subjects.wake(state.agent),
                                               _encoder.encode(wake))

@@ -22,7 +22,7 @@ from actors.runtime import load_fleet
 from actors.tooling import tool_function, tool_parameters
 from schemas.config import FleetConfig, did_you_mean
 from schemas.errors import ConfigError
-from schemas.fold import HANDOFF_TOOL
+from schemas.fold import DELEGATE_TOOL, HANDOFF_TOOL
 from schemas.policy import Decision, Gate, PolicyInfo, PolicySource, gate_for, policy_path
 
 __all__ = ["Case", "CaseResult", "add_parser", "load_cases", "run_cases", "tool_schemas"]
@@ -178,7 +178,7 @@ def cases_gate(cases: CasesFile, cases_path: Path, config: str | None) -> Gate:
             raise ConfigError(f"unknown agent {case.agent!r}"
                               f"{did_you_mean(case.agent, fleet.agents)}",
                               file=str(cases_path), table=table, key="agent")
-        if case.tool != HANDOFF_TOOL and case.tool not in fleet.tools:
+        if case.tool not in (HANDOFF_TOOL, DELEGATE_TOOL) and case.tool not in fleet.tools:
             raise ConfigError(f"unknown tool {case.tool!r}{did_you_mean(case.tool, fleet.tools)}",
                               file=str(cases_path), table=table, key="tool")
     return Gate(fleet, live=sets["policies"], shadow=sets["shadow"],

@@ -16,12 +16,14 @@ from schemas.events import (
     CompensationRequested,
     ContextTruncated,
     ContextWarned,
+    DelegationReturned,
     Event,
     Handoff,
     LlmFailed,
     LlmResponded,
     TaskCanceled,
     TaskCompleted,
+    TaskDelegated,
     TaskFailed,
     TaskPaused,
     TaskRejected,
@@ -55,7 +57,17 @@ def describe(event: Event) -> str:
     """What happened, in one line."""
     match event:
         case TaskSubmitted():
-            return f"→ {event.agent}: {short(event.message.text())!r}"
+            asked = (f" (delegated by {event.parent.agent} for task {event.parent.task_id})"
+                     if event.parent else "")
+            return f"→ {event.agent}: {short(event.message.text())!r}{asked}"
+        case TaskDelegated():
+            return (f"delegate → {event.to_agent} as task {event.child_task_id}: "
+                    f"{short(event.message)!r}")
+        case DelegationReturned():
+            spent = f" (${event.cost_usd:.4f})" if event.cost_usd else ""
+            said = short(event.answer, 60) if event.status == "completed" else \
+                short(event.error, 80)
+            return f"child {event.child_task_id} {event.status}{spent}: {said}"
         case TurnStarted():
             again = f" (attempt {event.attempt})" if event.attempt > 1 else ""
             return f"{event.agent} takes turn {event.turn}{again}"

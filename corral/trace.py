@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from corral.render import plural, rejected_note, short
 from schemas.events import (
@@ -12,11 +12,13 @@ from schemas.events import (
     BudgetExceededEvent,
     CompensationRequested,
     ContextTruncated,
+    DelegationReturned,
     Event,
     Handoff,
     LlmResponded,
     TaskCanceled,
     TaskCompleted,
+    TaskDelegated,
     TaskFailed,
     TaskPaused,
     TaskResumed,
@@ -28,14 +30,23 @@ from schemas.events import (
 from schemas.fold import fold
 from schemas.verify import Rejected
 
-__all__ = ["render_tree"]
+__all__ = ["child_ids", "render_tree"]
 
 
-def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
+def child_ids(events: Sequence[Event]) -> list[str]:
+    """The tasks this one delegated to (``task.delegated``), in order."""
+    return [e.child_task_id for e in events if isinstance(e, TaskDelegated)]
+
+
+def render_tree(events: list[Event], rejected: Sequence[Rejected] = (),
+                children: Mapping[str, list[Event]] | None = None) -> str:
     """The task as a tree: agents, their turns, each turn's decision and outcomes.
 
     ``events`` are the accepted ones (``EventLog.read``); entries a reader
     rejected are skipped and, when given, listed in a note at the end.
+    ``children`` (task id → events) are the delegated tasks' logs: each is
+    drawn under the ``delegate`` call that made it, across as many levels as
+    given.
     """
     notes = [f"note: {rejected_note(r)}" for r in rejected]
     if not events:
@@ -49,7 +60,10 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
     agent = ""
     outcomes: dict[str, str] = {}
     held: dict[str, list[str]] = {}  # call id -> what the gate and the approvers did
+    delegated: dict[str, str] = {}  # call id -> its child task
     for e in events:
+        if isinstance(e, TaskDelegated):
+            delegated[e.call_id] = e.child_task_id
         if isinstance(e, ApprovalRequested):
             held.setdefault(e.call_id, []).append(
                 f"⏸ waits for {e.decision.group}: {short(e.decision.reason, 70)} "
@@ -69,6 +83,11 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
         elif isinstance(e, ToolFailed):
             waited = f" (throttled {e.throttled_ms:.0f} ms)" if e.throttled_ms else ""
             outcomes[e.call_id] = f"✗ {e.error_type or 'error'}: {short(e.error, 70)}{waited}"
+        elif isinstance(e, DelegationReturned):
+            spent = f", ${e.cost_usd:.4f}" if e.cost_usd else ""
+            outcomes[e.call_id] = (f"✓ {short(e.answer, 60)} (child{spent})"
+                                   if e.status == "completed" else
+                                   f"✗ child {e.status}: {short(e.error, 70)}{spent}")
         elif isinstance(e, ToolFlagged) and e.call_id in outcomes:
             outcomes[e.call_id] += f"\n⚠ flagged: {short(', '.join(e.categories), 80)}"
     for e in events:
@@ -89,9 +108,15 @@ def render_tree(events: list[Event], rejected: Sequence[Rejected] = ()) -> str:
                 for c in r.tool_calls:
                     args = ", ".join(f"{k}={short(v, 30)}" for k, v in c.arguments.items())
                     lines.append(f"{at} ├─ turn {e.turn}{via}: {c.name}({args})")
+                    pad = f"{' ' * len(at)} │    "
+                    if c.id in delegated:
+                        sub = (children or {}).get(delegated[c.id])
+                        lines += [pad + line for line in (
+                            render_tree(sub, children=children).splitlines() if sub else
+                            [f"task {delegated[c.id]} (log not read)"])]
                     for outcome in [*held.get(c.id, []),
                                     *outcomes.get(c.id, "").splitlines()]:
-                        lines.append(f"{' ' * len(at)} │    {outcome}")
+                        lines.append(f"{pad}{outcome}")
             case Handoff():
                 lines.append(f"{at} ├─ handoff → {e.to_agent}: {e.reason}")
             case BudgetExceededEvent():

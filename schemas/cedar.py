@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from schemas.config import FleetConfig, ToolSpec
-from schemas.fold import HANDOFF_TOOL
+from schemas.fold import DELEGATE_TOOL, HANDOFF_TOOL
 
 __all__ = [
     "MAX_SCHEMA_DEPTH",
@@ -44,6 +44,7 @@ __all__ = [
     "cedar_value",
     "check_shape",
     "decimal_text",
+    "delegate_type",
     "fleet_schema",
     "handoff_type",
     "tool_risk",
@@ -151,6 +152,12 @@ def handoff_type() -> ArgType:
     """``context.args`` of the built-in ``handoff(to, reason)``."""
     return ArgType("Record", attrs={"to": (ArgType("String"), True),
                                     "reason": (ArgType("String"), False)})
+
+
+def delegate_type() -> ArgType:
+    """``context.args`` of the built-in ``delegate(to, message)``."""
+    return ArgType("Record", attrs={"to": (ArgType("String"), True),
+                                    "message": (ArgType("String"), True)})
 
 
 def tool_risk(spec: ToolSpec) -> str:
@@ -265,6 +272,7 @@ def fleet_schema(fleet: FleetConfig, args: Mapping[str, ArgType]) -> dict[str, A
 
     actions = {name: action(args[name]) for name in sorted(fleet.tools)}
     actions[HANDOFF_TOOL] = action(handoff_type())
+    actions[DELEGATE_TOOL] = action(delegate_type())
     agent = {"type": "Record", "attributes": {
         "tier": {"type": "Long"}, "team": {"type": "String"}, "version": {"type": "String"}}}
     return {"": {"entityTypes": {"Agent": {"shape": agent}, "Task": {}}, "actions": actions}}

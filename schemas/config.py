@@ -75,6 +75,9 @@ class AgentSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     description: str = ""
     tools: list[str] = msgspec.field(default_factory=list)
     handoffs: list[str] = msgspec.field(default_factory=list)
+    # Delegation: the agents it may ask (the built-in delegate tool), each a child task
+    # with its own log whose answer is the call's result (docs/tools.md).
+    delegates: list[str] = msgspec.field(default_factory=list)
     max_turns: int = 10
     timeout_s: float = 300.0
     max_tokens: int = 1024
@@ -265,6 +268,7 @@ class LimitsSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     model_response_bytes: int = 256 * 1024  # a model response, encoded as JSON
     tool_calls_per_turn: int = 16  # tool calls one model response may ask for
     turns_per_task: int = 50  # turns of all agents of a task together (handoffs included)
+    delegation_depth: int = 4  # how deep delegated tasks may nest (a child's child is 2)
     dead_letter_payload_bytes: int = 8 * 1024  # the original kept in a dead letter
     state_cache_bytes: int = 64 * 1024 * 1024  # an agent replica's cache of folded tasks
 
@@ -420,9 +424,10 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             if getattr(price, key) < 0:
                 raise ConfigError("a price cannot be negative", file=source,
                                   table=f"prices.{model}", key=key)
-    if "handoff" in fleet.tools:
-        raise ConfigError("'handoff' is a built-in tool; pick another name",
-                          file=source, table="tools.handoff")
+    for builtin in ("handoff", "delegate", "propose_plan"):
+        if builtin in fleet.tools:
+            raise ConfigError(f"{builtin!r} is a built-in tool; pick another name",
+                              file=source, table=f"tools.{builtin}")
     for name, a in fleet.agents.items():
         table = f"agents.{name}"
         if a.model not in fleet.models:
@@ -441,6 +446,11 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
                 raise ConfigError(f"handoff target {h!r} is not another agent of this fleet"
                                   f"{did_you_mean(h, set(fleet.agents) - {name})}",
                                   file=source, table=table, key="handoffs")
+        for d in a.delegates:
+            if d not in fleet.agents:
+                raise ConfigError(f"delegate {d!r} is not an agent of this fleet"
+                                  f"{did_you_mean(d, fleet.agents)}",
+                                  file=source, table=table, key="delegates")
         for key in ("max_turns", "replicas", "max_tokens"):
             if getattr(a, key) < 1:
                 raise ConfigError("must be at least 1", file=source, table=table, key=key)
@@ -555,7 +565,7 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             raise ConfigError("must be at least 1", file=source, table="runtime", key=key)
     for key in ("submission_bytes", "tool_result_bytes", "model_response_bytes",
                 "tool_calls_per_turn", "turns_per_task", "dead_letter_payload_bytes",
-                "state_cache_bytes"):
+                "state_cache_bytes", "delegation_depth"):
         if getattr(fleet.limits, key) < 1:
             raise ConfigError("must be at least 1", file=source, table="limits", key=key)
     for section, specs in (("tools", fleet.tools), ("models", fleet.models)):

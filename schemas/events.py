@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas.messages import Message, ModelResponse, ToolCall, Usage
+from schemas.messages import Message, ModelResponse, ParentLink, ToolCall, Usage
 
 __all__ = [
     "EVENT_TYPES",
@@ -29,6 +29,7 @@ __all__ = [
     "CompensationRequested",
     "ContextTruncated",
     "ContextWarned",
+    "DelegationReturned",
     "Event",
     "EventBase",
     "Handoff",
@@ -37,6 +38,7 @@ __all__ = [
     "PolicyDecision",
     "TaskCanceled",
     "TaskCompleted",
+    "TaskDelegated",
     "TaskFailed",
     "TaskPaused",
     "TaskRejected",
@@ -93,6 +95,7 @@ class TaskSubmitted(EventBase, frozen=True, kw_only=True, tag="task.submitted"):
     context_id: str = ""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     submitted_by: str = ""
+    parent: ParentLink | None = None  # a delegated task: who asked, and what it inherits
 
 
 class TurnStarted(EventBase, frozen=True, kw_only=True, tag="turn.started"):
@@ -185,6 +188,37 @@ class Handoff(EventBase, frozen=True, kw_only=True, tag="handoff"):
     to_agent: str
     reason: str = ""
     decision: PolicyDecision | None = None  # the gate's verdict (None: written before the gate)
+
+
+class TaskDelegated(EventBase, frozen=True, kw_only=True, tag="task.delegated"):
+    """The owner's ``delegate`` call became a child task with its own log.
+
+    ``child_task_id`` is derived from this task and the call
+    (``schemas.fold.child_task_id``), so sending the child again is the same
+    task. The child's answer comes back as ``delegation.returned``.
+    """
+
+    call_id: str
+    to_agent: str
+    child_task_id: str
+    message: str
+    decision: PolicyDecision | None = None  # the gate's verdict
+
+
+class DelegationReturned(EventBase, frozen=True, kw_only=True, tag="delegation.returned"):
+    """A child task ended: its answer (or why not) is the ``delegate`` call's outcome.
+
+    ``usage`` and ``cost_usd`` are everything the child (and its own
+    children) spent: they add to this task's, so budgets see the whole tree.
+    """
+
+    call_id: str
+    child_task_id: str
+    status: Literal["completed", "failed", "canceled", "rejected"]
+    answer: str = ""
+    error: str = ""
+    usage: Usage = msgspec.field(default_factory=Usage)
+    cost_usd: float = 0.0
 
 
 class ToolFlagged(EventBase, frozen=True, kw_only=True, tag="tool.flagged"):
@@ -370,6 +404,8 @@ Event = (
     | ApprovalDecided
     | ToolFlagged
     | CompensationRequested
+    | TaskDelegated
+    | DelegationReturned
 )
 
 EVENT_TYPES: dict[str, type[EventBase]] = {
@@ -378,7 +414,8 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
         TaskSubmitted, TurnStarted, LlmResponded, LlmFailed, ToolRequested, ToolCompleted,
         ToolFailed, Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
         TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed, ApprovalRequested,
-        ApprovalEscalated, ApprovalDecided, ToolFlagged, CompensationRequested,
+        ApprovalEscalated, ApprovalDecided, ToolFlagged, CompensationRequested, TaskDelegated,
+        DelegationReturned,
     )
 }
 TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})

@@ -7,6 +7,7 @@ writers retry and replicas replay without coordination beyond fencing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -24,12 +25,14 @@ from schemas.events import (
     CompensationRequested,
     ContextTruncated,
     ContextWarned,
+    DelegationReturned,
     EventBase,
     Handoff,
     LlmFailed,
     LlmResponded,
     TaskCanceled,
     TaskCompleted,
+    TaskDelegated,
     TaskFailed,
     TaskPaused,
     TaskRejected,
@@ -41,22 +44,32 @@ from schemas.events import (
     ToolRequested,
     TurnStarted,
 )
-from schemas.messages import ChatMessage, ModelResponse, ToolCall, Usage
+from schemas.messages import ChatMessage, ModelResponse, ParentLink, ToolCall, Usage
 
 __all__ = [
+    "DELEGATE_TOOL",
     "HANDOFF_TOOL",
     "PLAN_TOOL",
     "CallState",
+    "Child",
     "Effect",
     "Phase",
     "TaskState",
     "apply",
     "call_signature",
+    "child_task_id",
     "fold",
 ]
 
 HANDOFF_TOOL = "handoff"
 PLAN_TOOL = "propose_plan"  # the built-in tool of an agent with plan_approval
+DELEGATE_TOOL = "delegate"  # the built-in tool of an agent with delegates: ask and wait
+
+
+def child_task_id(task_id: str, call_id: str) -> str:
+    """The id of the child task a ``delegate`` call creates: the same for every resend."""
+    digest = hashlib.sha256(f"{task_id}\0{call_id}".encode()).hexdigest()[:16]
+    return f"{task_id[:100]}-d{digest}"
 
 TaskStatus = Literal[
     "submitted", "working", "input-required", "completed", "failed", "canceled", "rejected"
@@ -94,6 +107,7 @@ class CallState(msgspec.Struct, kw_only=True):
     approval_reason: str = ""  # why the policy asked for a person
     arguments: dict[str, Any] | None = None  # an approver's override: what runs instead
     compensate: str = ""  # its compensation tool (from tool.requested)
+    child: str = ""  # a delegate call's child task (from task.delegated)
     spot_check: bool = False  # tier 2: in the sample reviewed after the fact
 
     @property
@@ -118,6 +132,15 @@ class Effect(msgspec.Struct, kw_only=True):
     def comp_call_id(self) -> str:
         """The call id the compensation's outcome carries."""
         return f"comp:{self.call_id}"
+
+
+class Child(msgspec.Struct, kw_only=True):
+    """A task this one delegated to (``task.delegated``), and how it ended."""
+
+    task_id: str
+    agent: str
+    call_id: str
+    status: str = ""  # "" while it runs; its final status once returned
 
 
 class TaskState(msgspec.Struct, kw_only=True):
@@ -154,6 +177,8 @@ class TaskState(msgspec.Struct, kw_only=True):
     # Plan approval: the tools of the approved plan not yet used (None: no plan approved).
     plan: list[str] | None = None
     effects: list[Effect] = msgspec.field(default_factory=list)  # compensable, in order
+    parent: ParentLink | None = None  # a delegated task's link to the task that asked
+    children: list[Child] = msgspec.field(default_factory=list)  # the tasks it delegated to
     seq: int = 0  # events folded
     last_hash: str = GENESIS_HASH
     paused_phase: Phase = "new"
@@ -170,6 +195,10 @@ class TaskState(msgspec.Struct, kw_only=True):
     def unrequested_calls(self) -> list[CallState]:
         """Calls of the last response not yet dispatched."""
         return [c for c in self.calls.values() if not c.requested and not c.outcome]
+
+    def running_children(self) -> list[Child]:
+        """Delegated tasks whose end has not been recorded here."""
+        return [c for c in self.children if not c.status]
 
     def pending_approvals(self) -> list[CallState]:
         """Calls waiting for a person's decision."""
@@ -206,6 +235,9 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
     state.seq += 1
     if _compensation(state, event):
         return state
+    if isinstance(event, DelegationReturned) and state.phase == "done":
+        _child_returned(state, event)  # a child that ended after its parent: its cost counts
+        return state
     if state.phase == "done":
         return state  # nothing changes a finished task
     match event:
@@ -218,6 +250,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.submitted_by = event.submitted_by
             state.submitted_at = event.time
             state.traceparent = event.traceparent
+            state.parent = event.parent
             state.phase = "ready"
             state.conversation.append(ChatMessage(role="user", content=event.message.text()))
         case TurnStarted():
@@ -278,6 +311,27 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 state.tool_calls += 1
                 sig = call_signature(event.call)
                 state.call_counts[sig] = state.call_counts.get(sig, 0) + 1
+        case TaskDelegated():
+            cs = state.calls.get(event.call_id)
+            if cs is not None and not cs.requested and cs.call.name == DELEGATE_TOOL:
+                cs.requested, cs.child = True, event.child_task_id
+                state.children.append(Child(task_id=event.child_task_id, agent=event.to_agent,
+                                            call_id=event.call_id))
+                state.tool_calls += 1
+                sig = call_signature(cs.call)
+                state.call_counts[sig] = state.call_counts.get(sig, 0) + 1
+        case DelegationReturned():
+            cs = state.calls.get(event.call_id)
+            if not _child_returned(state, event) or cs is None or cs.outcome:
+                return state
+            ok = event.status == "completed"
+            cs.outcome, cs.outcome_by = ("completed" if ok else "failed"), "agent"
+            content = event.answer if ok else \
+                f"the delegated task {event.status}: {event.error or 'no reason given'}"
+            state.conversation.append(ChatMessage(
+                role="tool", content=content, tool_call_id=event.call_id, name=DELEGATE_TOOL,
+                is_error=not ok, untrusted=True))  # another agent's words: data, not orders
+            _settle(state)
         case ToolCompleted() | ToolFailed():
             cs = state.calls.get(event.call_id)
             if cs is None or cs.outcome:
@@ -385,6 +439,18 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 if state.phase == "thinking":
                     state.phase = "ready"  # the paused turn's model call was abandoned
     return state
+
+
+def _child_returned(state: TaskState, event: DelegationReturned) -> bool:
+    """Record a child's end and add what it spent; False for an unknown or repeated return."""
+    child = next((c for c in state.children if c.task_id == event.child_task_id
+                  and c.call_id == event.call_id), None)
+    if child is None or child.status:
+        return False
+    child.status = event.status
+    state.usage = state.usage + event.usage
+    state.cost_usd += event.cost_usd
+    return True
 
 
 def _decide_plan(state: TaskState, cs: CallState, event: ApprovalDecided) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "ModelCall",
     "ModelRequest",
     "ModelResponse",
+    "ParentLink",
     "Part",
     "TaskSubmit",
     "TextPart",
@@ -88,6 +89,23 @@ class Message(msgspec.Struct, frozen=True, kw_only=True):
 OptionalTaskId = Annotated[str, msgspec.Meta(pattern=r"^([A-Za-z0-9_-]{1,128})?$(?!\n)")]
 
 
+class ParentLink(msgspec.Struct, frozen=True, kw_only=True):
+    """What a delegated (child) task knows of the task that asked for it.
+
+    The parent's task id and the call that delegated, the agent to wake when
+    the child ends, and the limits it inherits: the parent's wall-clock
+    ``deadline`` (epoch seconds) and the ``budget_usd`` the parent had left
+    (0: none), and how deep in delegation it is (the parent's depth + 1).
+    """
+
+    task_id: TaskId
+    call_id: Annotated[str, msgspec.Meta(max_length=256)]
+    agent: Annotated[str, msgspec.Meta(max_length=64)]
+    deadline: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    budget_usd: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    depth: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+
+
 class TaskSubmit(msgspec.Struct, frozen=True, kw_only=True):
     """Published to ``corral.tasks.<agent>`` to start (or hand over) a task.
 
@@ -101,6 +119,7 @@ class TaskSubmit(msgspec.Struct, frozen=True, kw_only=True):
     id: OptionalTaskId = ""
     context_id: str = ""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
+    parent: ParentLink | None = None  # set by an agent that delegates (docs/tools.md)
 
 
 class Wake(msgspec.Struct, frozen=True, kw_only=True):

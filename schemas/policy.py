@@ -52,13 +52,14 @@ from schemas.cedar import (
     cedar_record,
     check_shape,
     decimal_text,
+    delegate_type,
     fleet_schema,
     handoff_type,
     tool_risk,
 )
 from schemas.config import NAME_RE, ApprovalLevel, FleetConfig, did_you_mean
 from schemas.errors import ConfigError
-from schemas.fold import HANDOFF_TOOL
+from schemas.fold import DELEGATE_TOOL, HANDOFF_TOOL
 
 __all__ = [
     "ANNOTATIONS",
@@ -331,10 +332,12 @@ class Gate:
             or ArgType("Record") for name, spec in fleet.tools.items()}
         self.schema_json = fleet_schema(fleet, self._args)
         self._args[HANDOFF_TOOL] = handoff_type()
+        self._args[DELEGATE_TOOL] = delegate_type()
         self._schema = cedarpy.Schema.from_json_str(json.dumps(self.schema_json))
         self._tool_context = {name: (tool_risk(spec), spec.side_effect)
                               for name, spec in fleet.tools.items()}
         self._tool_context[HANDOFF_TOOL] = ("low", "none")
+        self._tool_context[DELEGATE_TOOL] = ("low", "none")  # its child's tools are gated there
         self._live = _PolicySet(live, self._schema, self.schema_json) if live else None
         self._shadow = _PolicySet(shadow, self._schema, self.schema_json) if shadow else None
         tiers = tier_policies(fleet)
@@ -430,11 +433,13 @@ class Gate:
             return "the task id and the agent version must be strings"
         if not isinstance(tool, str):
             return "the tool name must be a string"
-        if tool == HANDOFF_TOOL:
+        if tool in (HANDOFF_TOOL, DELEGATE_TOOL):  # built-ins: to an agent its spec names
+            targets, verb = ((spec.handoffs, "hand off") if tool == HANDOFF_TOOL
+                             else (spec.delegates, "delegate"))
             to = args.get("to") if isinstance(args, Mapping) else None
-            if not isinstance(to, str) or to not in spec.handoffs:
-                return (f"agent {agent} may hand off only to "
-                        f"{', '.join(spec.handoffs) or 'no one'}, not {to!r}")
+            if not isinstance(to, str) or to not in targets:
+                return (f"agent {agent} may {verb} only to "
+                        f"{', '.join(targets) or 'no one'}, not {to!r}")
             return ""
         if tool not in spec.tools:
             return (f"{tool!r} is not one of agent {agent}'s tools "

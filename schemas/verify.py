@@ -56,10 +56,13 @@ from schemas.events import (
     ApprovalEscalated,
     ApprovalRequested,
     CompensationRequested,
+    DelegationReturned,
     Event,
     EventBase,
     Handoff,
+    TaskCanceled,
     TaskCompleted,
+    TaskDelegated,
     TaskSubmitted,
     ToolCompleted,
     ToolFailed,
@@ -70,7 +73,7 @@ from schemas.events import (
     event_hash,
     event_type,
 )
-from schemas.fold import HANDOFF_TOOL, Phase, TaskState, apply
+from schemas.fold import DELEGATE_TOOL, HANDOFF_TOOL, Phase, TaskState, apply, child_task_id
 from schemas.identity import SIGNATURE_HEADER, SIGNER_HEADER, KeySet, may_claim
 from schemas.mcp import mcp_server_of
 
@@ -172,7 +175,8 @@ RULES: dict[str, Rule] = {
     "budget.exceeded":   _rule("owner",           LIVE),
     "task.completed":    _rule("owner",           "answering"),
     "task.failed":       _rule("owner operator",  LIVE),
-    "task.canceled":     _rule("operator",        LIVE | {"new"}),  # may come first
+    # An agent cancels only a delegated task (its parent ended): see _content.
+    "task.canceled":     _rule("operator agent",  LIVE | {"new"}),  # may come first
     "task.paused":       _rule("operator",        LIVE - {"paused"}),
     "task.resumed":      _rule("operator",        "paused"),
     "task.rejected":     _rule("intake agent",    LIVE | {"new"}),
@@ -185,12 +189,17 @@ RULES: dict[str, Rule] = {
     "tool.flagged":       _rule("owner",          LIVE),
     # Sagas (docs/tools.md): after a failed or canceled task, its owner undoes its effects.
     "compensation.requested": _rule("owner",      "done"),
+    # Delegation (docs/tools.md): the owner's delegate call becomes a child task, and
+    # the owner records the child's end (also after its own end: the cost still counts).
+    "task.delegated":      _rule("owner",         "acting"),
+    "delegation.returned": _rule("owner",         LIVE),
 }
 
 # After the task ended, only late reports of work already under way: they
 # record a side effect or a payment that really happened (the fold ignores them).
 LATE: dict[str, str] = {
     "compensation.requested": "owner",
+    "delegation.returned": "owner",
     "tool.completed": "tool",
     "tool.failed": "tool",
     "llm.responded": "model",
@@ -265,6 +274,23 @@ def _content(event: EventBase, state: TaskState) -> str:
                 return f"no handoff call {event.call_id!r} of agent {event.from_agent!r}"
             if cs.approval not in ("", "approved"):
                 return f"handoff call {event.call_id!r} is {cs.approval}, not approved"
+        case TaskDelegated():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.call.name != DELEGATE_TOOL or cs.requested or cs.outcome:
+                return f"no open delegate call {event.call_id!r}"
+            if cs.approval not in ("", "approved"):
+                return f"delegate call {event.call_id!r} is {cs.approval}, not approved"
+            if event.child_task_id != child_task_id(event.task_id, event.call_id):
+                return f"child task id {event.child_task_id[:80]!r} is not derived from the call"
+            if event.to_agent != cs.call.arguments.get("to"):
+                return f"delegates to {event.to_agent!r}, not the agent the call named"
+        case DelegationReturned():
+            child = next((c for c in state.children if c.task_id == event.child_task_id), None)
+            if child is None or child.call_id != event.call_id or child.status:
+                return f"no running child task {event.child_task_id[:80]!r} of this task"
+        case TaskCanceled() if event.actor.kind == "agent":
+            if state.parent is None:
+                return "an agent may cancel only a delegated task (when its parent ended)"
         case ToolFlagged():
             cs = state.calls.get(event.call_id)
             if cs is None or cs.call.name != event.tool or not cs.outcome:

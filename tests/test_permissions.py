@@ -61,7 +61,7 @@ CONTROL = "control: cancel, pause, resume"
 _ROWS = {
     "pub corral.tasks.<agent>": "listed | — | — | child | all | — | — | all",
     "sub corral.tasks.>": "queue | — | — | — | — | — | — | all",
-    "pub corral.wake.<agent>": "own | listed | listed | child | — | — | all | all",
+    "pub corral.wake.<agent>": "delegation, own | listed | listed | child | — | — | all | all",
     "sub corral.wake.>": "— | — | — | — | — | — | — | all",
     "pub corral.timers.<task>.<agent>": "family, own | — | — | — | — | — | — | all",
     "sub corral.timers.>": "— | — | — | — | — | — | — | all",
@@ -130,6 +130,7 @@ model = "spare-v1"
 
 [agents.loner]                 # no handoffs to or from it: outside the others' task family
 model = "spare"
+delegates = ["support"]        # but it asks support (a child task): tasks and wakes both ways
 """
 
 
@@ -180,7 +181,7 @@ class Relations:
         kind, name = actor.split(".", 1)
         if self.kind == "agent":
             spec = self.fleet.agents[self.name]
-            return ((kind == "agent" and name in spec.handoffs)
+            return ((kind == "agent" and (name in spec.handoffs or name in spec.delegates))
                     or (kind == "tool" and bool(set(served_tools(self.fleet, name))
                                                 & set(spec.tools)))
                     or (kind == "model" and name in self.aliases(self.name)))
@@ -198,6 +199,16 @@ class Relations:
         if actor in self.children:
             return "child"
         return "listed" if self.listed(actor) else "other"
+
+    def wake(self, agent: str) -> str:
+        """own, delegation (it delegates to me or I to it), child, listed or other."""
+        if self.kind == "agent" and f"agent.{agent}" != self.me and (
+                agent in self.fleet.agents[self.name].delegates
+                or self.name in self.fleet.agents[agent].delegates):
+            return "delegation"
+        if self.kind == "agent" and f"agent.{agent}" != self.me:
+            return "other"  # handoff targets are submitted to, not woken
+        return self.actor(f"agent.{agent}")
 
     def timer(self, agent: str) -> str:
         """own, family (the agents a task of mine can reach by handoffs), child or other."""
@@ -257,7 +268,7 @@ def probes(fleet: FleetConfig, identity: str) -> list[Probe]:
     task = "t-sweep"
     for a in agents:
         pub("pub corral.tasks.<agent>", rel.actor(f"agent.{a}"), subjects.task(a))
-        pub("pub corral.wake.<agent>", rel.actor(f"agent.{a}"), subjects.wake(a))
+        pub("pub corral.wake.<agent>", rel.wake(a), subjects.wake(a))
         pub("pub corral.timers.<task>.<agent>", rel.timer(a), subjects.timer(task, a))
     pub("pub corral.tasks.<agent>", "unknown", subjects.task("nobody"))
     pub("pub corral.wake.<agent>", "unknown", subjects.wake("nobody"))
