@@ -10,6 +10,7 @@ entries that break the rules are rejected by every reader.
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import EventLog, LoggedEvent
 from bus.server import EmbeddedServer
+from corral.cli import cmd_trace
 from corral.client import Client
 from corral.fleetrun import running_fleet
 from corral.trace import render_tree
@@ -183,11 +185,16 @@ async def verified(bus: Bus, task_id: str) -> tuple[list[LoggedEvent], list[Reje
             [e for e in entries if isinstance(e, Rejected)])
 
 
-async def test_the_child_answers_its_parent_and_its_cost_rolls_up(bus: Bus) -> None:
+async def test_the_child_answers_its_parent_and_its_cost_rolls_up(
+        bus: Bus, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     async with fleet_in_process(bus, fleet_variant(fleet_text())):
         client = Client(bus)
         parent = await client.submit("manager", "Where is order 1234?")
         state = await client.wait(parent, timeout_s=20)
+        monkeypatch.setenv("NATS_URL", nats_server.url)
+        assert await cmd_trace(argparse.Namespace(task=parent, creds=None)) == 0
+        printed = capsys.readouterr().out
         p_logged, p_rejected = await verified(bus, parent)
         child = child_task_id(parent, "call_1_1")
         c_logged, c_rejected = await verified(bus, child)
@@ -213,9 +220,10 @@ async def test_the_child_answers_its_parent_and_its_cost_rolls_up(bus: Bus) -> N
     assert state.cost_usd == pytest.approx(own_cost(p_events) + own_cost(c_events))
     assert state.usage.total > child_state.usage.total > 0
 
-    tree = render_tree(p_events, children={child: c_events})
-    assert f"task {child}" in tree and "lookup_order(order_id=1234)" in tree
-    assert "delegate(to=researcher" in tree
+    # corral trace reads the child's log too and draws it under the delegate call.
+    assert printed == render_tree(p_events, children={child: c_events}) + "\n"
+    assert f"task {child} — completed" in printed and "lookup_order(order_id=1234)" in printed
+    assert "delegate(to=researcher" in printed and "(child, $" in printed
 
 
 async def test_canceling_the_parent_cancels_the_child(bus: Bus) -> None:
