@@ -13,10 +13,12 @@ delays the task instead of failing it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -30,6 +32,7 @@ from actors.model import call_key
 from actors.taskview import TaskView
 from actors.toolset import AgentTools
 from actors.tracing import TRACEPARENT, parent_context, traceparent, tracer
+from actors.versions import AgentVersions, Variant
 from bus import subjects
 from bus.connection import Bus
 from bus.eventlog import LogHead
@@ -62,6 +65,7 @@ from schemas.events import (
     ToolFailed,
     ToolFlagged,
     ToolRequested,
+    ToolShadowed,
     TurnStarted,
 )
 from schemas.fold import (
@@ -84,6 +88,7 @@ from schemas.messages import (
     ModelRequest,
     ModelResponse,
     ParentLink,
+    ShadowLink,
     TaskSubmit,
     TextPart,
     ToolInvocation,
@@ -92,6 +97,7 @@ from schemas.messages import (
     Wake,
 )
 from schemas.policy import DEFAULT_APPROVAL_WITHIN_S
+from schemas.rollout import ShadowDiff, compare_runs, in_share, recorded_outcome, shadow_task_id
 from schemas.screen import SCREEN_VERSION, screen_result
 from schemas.verify import submitter
 
@@ -105,6 +111,8 @@ _submit_decoder = msgspec.json.Decoder(TaskSubmit)
 _wake_decoder = msgspec.json.Decoder(Wake)
 _model_response_decoder = msgspec.json.Decoder(ModelResponse)
 _encoder = msgspec.json.Encoder()
+# The variant (version) the current task runs with, per actor: set for each step.
+_VARIANT: ContextVar[tuple[int, Variant] | None] = ContextVar("corral_variant", default=None)
 
 
 def agent_version(name: str, fleet: FleetConfig,
@@ -147,23 +155,50 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                          max_deliver=rt.max_deliver, grace_s=rt.grace_s,
                          ack_wait_s=rt.ack_wait_s,
                          dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
-        self.spec: AgentSpec = fleet.agents[name]
         self.fleet = fleet
         self.limits = fleet.limits
-        self.version = agent_version(name, fleet)
         self.view = TaskView(bus, max_bytes=fleet.limits.state_cache_bytes,
                              reader=f"agent.{name}")
         self.clock = clock
         self.ref = ActorRef(kind="agent", name=name, instance=self.instance)
         self.toolset = AgentTools(bus, name, fleet)  # MCP tools: as their servers offer them
-        self.tools: list[ToolSchema] = self.toolset.schemas
-        self.gate = ToolGate(fleet)
+        self.versions = AgentVersions(bus, name, fleet, Variant(
+            version=agent_version(name, fleet), spec=fleet.agents[name],
+            tools=self.toolset.schemas, gate=ToolGate(fleet)), clock=clock)
         self._locks: dict[str, anyio.Lock] = {}
         self.model_calls = 0  # turn calls published by this replica (resends included)
 
     async def setup(self) -> None:
-        """Make sure the shared durable consumer exists."""
+        """Make sure the shared durable consumer exists; register this version."""
         await ensure_agent_consumer(self.bus, self.name, ack_wait_s=self.ack_wait_s)
+        await self.versions.register()
+
+    # The version the current task runs with (docs/rollouts.md): its spec, id, tools, gate.
+    @property
+    def variant(self) -> Variant:
+        """The current task's variant (the stable one outside a task's step)."""
+        current = _VARIANT.get()
+        return current[1] if current and current[0] == id(self) else self.versions.stable
+
+    @property
+    def spec(self) -> AgentSpec:
+        """The current task's agent spec."""
+        return self.variant.spec
+
+    @property
+    def version(self) -> str:
+        """The current task's agent version."""
+        return self.variant.version
+
+    @property
+    def tools(self) -> list[ToolSchema]:
+        """What the current task's model is told about its tools."""
+        return self.variant.tools
+
+    @property
+    def gate(self) -> ToolGate:
+        """The current task's policy gate."""
+        return self.variant.gate
 
     def decode(self, delivery: Delivery) -> TaskSubmit | Wake:
         """Submissions and handoffs on ``corral.tasks.*``, wakes on ``corral.wake.*``.
@@ -201,8 +236,10 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             msg = msgspec.structs.replace(msg, id=f"task-{delivery.stream_seq}")
         task_id = msg.id if isinstance(msg, TaskSubmit) else msg.task_id
         if await self.toolset.refresh():  # an MCP server (re)started with other tools
-            self.tools = self.toolset.schemas
-            self.version = agent_version(self.name, self.fleet, self.toolset.offered)
+            self.versions.stable = dataclasses.replace(
+                self.versions.stable, tools=self.toolset.schemas,
+                version=agent_version(self.name, self.fleet, self.toolset.offered))
+            await self.versions.register()
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:
@@ -221,6 +258,16 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def _step(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery) -> None:
         state, head = await self._load(task_id)
+        variant = await self.versions.assign(
+            task_id, state, msg if isinstance(msg, TaskSubmit) else None)
+        token = _VARIANT.set((id(self), variant))
+        try:
+            await self._traced_step(task_id, msg, delivery, state, head)
+        finally:
+            _VARIANT.reset(token)
+
+    async def _traced_step(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery,
+                           state: TaskState, head: LogHead) -> None:
         # One task, one trace: every step is a child of the task's first span
         # (itself a child of the submitter's, when it sent a traceparent).
         parent = parent_context(state.traceparent or delivery.headers.get(TRACEPARENT, ""))
@@ -244,7 +291,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                         f"{self.limits.submission_bytes} ([limits] submission_bytes)")))
                 await self._announce(task_id)
                 return
-            forged = self._forged_parent(msg, delivery)
+            forged = self._forged_link(msg, delivery)
             if forged:
                 await self._append(task_id, state, head, TaskRejected(
                     **self._envelope(task_id), reason=forged))
@@ -253,7 +300,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             head = await self._append(task_id, state, head, TaskSubmitted(
                 **self._envelope(task_id), agent=self.name, message=msg.message,
                 context_id=msg.context_id or task_id, metadata=msg.metadata,
-                submitted_by=self._submitted_by(delivery), parent=msg.parent))
+                submitted_by=self._submitted_by(delivery), parent=msg.parent, shadow=msg.shadow))
             crash_point("agent.after_submit", self.name)
         elif state.terminal:  # a writer that died between a task's end and its anchor
             await self.view.log.ensure_anchor(task_id)
@@ -317,20 +364,26 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             return ""
         return keys.identity_of(delivery.headers.get(SIGNER_HEADER, "")) or ""
 
-    def _forged_parent(self, msg: TaskSubmit, delivery: Delivery) -> str:
-        """Why a submission's parent link is not to be believed ("" when it is).
+    def _forged_link(self, msg: TaskSubmit, delivery: Delivery) -> str:
+        """Why a submission's parent or shadow link is not to be believed ("" when it is).
 
         Only the parent's agent submits its child (signed, in a fleet with
         keys), and only an agent that lists us as a delegate. Even a believed
-        link only tightens limits (deadline, budget), never loosens them.
+        link only tightens limits (deadline, budget), never loosens them. A
+        shadow run (it reads another task's results) is submitted only by
+        this agent itself.
         """
+        by = self._submitted_by(delivery)
+        if msg.shadow is not None and self.bus.keys is not None and \
+                by != agent_identity(self.name):
+            return (f"a shadow run of agent {self.name} must be submitted by "
+                    f"{agent_identity(self.name)}, not {by or 'an unknown signer'}")
         link = msg.parent
         if link is None:
             return ""
         asker = self.fleet.agents.get(link.agent)
         if asker is None or self.name not in asker.delegates:
             return f"agent {link.agent[:64]!r} does not delegate to {self.name!r}"
-        by = self._submitted_by(delivery)
         if self.bus.keys is not None and by != agent_identity(link.agent):
             return (f"a task delegated by {link.agent} must be submitted by "
                     f"{agent_identity(link.agent)}, not {by or 'an unknown signer'}")
@@ -564,6 +617,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
                     error=f"not run: {what}", error_type="ApprovalDenied"))
                 continue
+            if state.shadow is not None and cs.call.name == PLAN_TOOL:  # no person asked
+                head = await self._shadow_call(task_id, state, head, cs)
+                continue
             if not cs.approval and cs.call.name == PLAN_TOOL:  # one approval for the plan
                 head = await self._request_approval(task_id, state, head, cs, PolicyDecision(
                     effect="approve", policies=["plan"], group=self.spec.approver,
@@ -597,6 +653,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                         **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
                         error=f"not run: denied by policy ({decision.reason})",
                         error_type="PolicyDenied", decision=decision))
+                    continue
+                if state.shadow is not None and self._has_effect(cs):
+                    head = await self._shadow_call(task_id, state, head, cs)
                     continue
                 if decision.effect == "approve":
                     head = await self._request_approval(task_id, state, head, cs, decision,
@@ -814,7 +873,74 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         note = {"task_id": task_id, "status": state.status, "answer": state.answer,
                 "error": state.error}
         await self.bus.publish(subjects.results(task_id), _encoder.encode(note))
+        try:
+            await self._rollout_end(task_id, state)
+        except BusError as exc:  # a rollout's bookkeeping never holds a task's end up
+            log.warning("%s: task %s: rollout bookkeeping failed: %s", self.actor_name,
+                        task_id, exc)
         await self._after_end(task_id, state, head)
+
+    # -- rollouts (docs/rollouts.md) ---------------------------------------------
+
+    async def _rollout_end(self, task_id: str, state: TaskState) -> None:
+        """Count the outcome for the agent's rollout; start or report a shadow run."""
+        if state.agent != self.name:
+            return
+        version = state.versions.get(self.name) or self.version
+        await self.versions.count(state, version)
+        if state.shadow is not None:
+            if state.origin != self.name:  # handed on: the rollout's agent did not end it
+                return
+            primary, _ = await self._load(state.shadow.task_id)
+            await self.versions.store.report(ShadowDiff(
+                agent=state.origin, task_id=state.shadow.task_id, shadow_task_id=task_id,
+                stable=primary.versions.get(state.origin, ""), candidate=version,
+                agree=not compare_runs(primary, state),
+                differences=compare_runs(primary, state), primary_status=primary.status,
+                shadow_status=state.status, primary_cost_usd=primary.cost_usd,
+                shadow_cost_usd=state.cost_usd, time=self.clock()))
+            return
+        rollout = await self.versions.rollout()
+        if (rollout is None or rollout.state != "running" or rollout.mode != "shadow"
+                or version != rollout.stable or state.parent is not None
+                or state.status not in ("completed", "failed")
+                or not in_share(task_id, rollout.id, rollout.share)):
+            return
+        shadow = shadow_task_id(task_id, rollout.id)
+        first = next((m.content for m in state.conversation if m.role == "user"), "")
+        submit = TaskSubmit(
+            id=shadow, context_id=shadow,
+            message=Message(role="user", parts=[TextPart(text=first)]),
+            metadata={"shadow_of": task_id, "rollout": rollout.id},
+            shadow=ShadowLink(task_id=task_id, version=rollout.candidate, rollout=rollout.id))
+        data = _encoder.encode(submit)
+        signer = self.bus.signer
+        await self.bus.js_publish(subjects.task(self.name), data,
+                                  headers=signer.headers(data) if signer else None,
+                                  msg_id=f"shadow:{shadow}")
+
+    def _has_effect(self, cs: CallState) -> bool:
+        """Whether a call changes the world (a shadow run must not make it)."""
+        spec = self.fleet.tools.get(cs.call.name)
+        return cs.call.name == DELEGATE_TOOL or spec is None or spec.side_effect != "none"
+
+    async def _shadow_call(self, task_id: str, state: TaskState, head: LogHead,
+                           cs: CallState) -> LogHead:
+        """Answer a shadow run's side effect from its primary's log instead of making it."""
+        assert state.shadow is not None
+        primary = state.shadow.task_id
+        logged, _ = await self.view.log.read(primary)
+        nth = state.shadowed.get(cs.call.name, 0)
+        found = recorded_outcome([e.event for e in logged], cs.call.name, nth)
+        if found is None:
+            return await self._append(task_id, state, head, ToolShadowed(
+                **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name,
+                error=f"not executed (a shadow run): the primary made no call #{nth + 1} of "
+                      f"{cs.call.name}", source_task_id=primary))
+        source, result, error = found
+        return await self._append(task_id, state, head, ToolShadowed(
+            **self._envelope(task_id), call_id=cs.call.id, tool=cs.call.name, result=result,
+            error=error, source_task_id=primary, source_call_id=source))
 
     async def _after_end(self, task_id: str, state: TaskState, head: LogHead) -> None:
         """What follows a task's end, on every look at it: undo, children, tell the parent."""

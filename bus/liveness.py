@@ -60,8 +60,8 @@ class Liveness:
                                   headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"},
                                   timeout_s=self.timeout_s)
 
-    async def entries(self, bucket: str) -> dict[str, bytes]:
-        """Every live key of ``bucket`` and its value.
+    async def entries(self, bucket: str, keys: str = ">") -> dict[str, bytes]:
+        """Every live key of ``bucket`` (matching the subject pattern ``keys``) and its value.
 
         Lists the bucket's subjects from the stream's own state and reads the
         last message of each (no watcher: nats-py's ``keys()`` can decide "no
@@ -74,7 +74,7 @@ class Liveness:
         stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
         try:
             with nats_errors(f"cannot list KV bucket {bucket}"):
-                info = await self.bus.js.stream_info(stream, subjects_filter=prefix + ">")
+                info = await self.bus.js.stream_info(stream, subjects_filter=prefix + keys)
         except NotFound:
             return {}
         out: dict[str, bytes] = {}

@@ -256,6 +256,12 @@ def _agent(fleet: FleetConfig, tree: SupervisionTree, name: str) -> Permissions:
     pub += [subjects.dlq(me), subjects.dlq("intake.fleet")]
     pub += _read(subjects.EVENTS_STREAM) + _read(subjects.ANCHORS_STREAM)
     pub += _kv_read(subjects.TOOL_SCHEMAS_BUCKET)  # what MCP servers offer (schemas/mcp.py)
+    # Rollouts (docs/rollouts.md): register its versions, count outcomes in its rollout (and
+    # move it as the gates say), report its shadow runs, submit them to itself.
+    pub += _kv_read(subjects.VERSIONS_BUCKET) + _kv_read(subjects.ROLLOUTS_BUCKET)
+    pub += _kv_write(subjects.VERSIONS_BUCKET, f"{name}.*")
+    pub += _kv_write(subjects.ROLLOUTS_BUCKET, name, f"{name}.shadow.*")
+    pub += [subjects.system("rollout"), subjects.task(name)]
     # The intake (actors/intake.py): list CORRAL_TASKS' subjects, claim an unknown one with
     # its own consumer, pull, ack, release. The filter must be within these two families
     # (the server checks the subject's filter against the request's) and a work-queue
@@ -350,6 +356,7 @@ def _role(fleet: FleetConfig, role: str) -> Permissions:
         for stream in (subjects.EVENTS_STREAM, subjects.ANCHORS_STREAM, subjects.SYSTEM_STREAM,
                        subjects.DLQ_STREAM, subjects.APPROVALS_STREAM):
             pub += _follow(stream)
+        pub += _kv_read(subjects.VERSIONS_BUCKET) + _kv_read(subjects.ROLLOUTS_BUCKET)
     elif role == "operator":
         # Control: cancel, pause and resume are appends to a task's log (and its anchor);
         # resume wakes the agent; cancel announces the result.
@@ -362,6 +369,10 @@ def _role(fleet: FleetConfig, role: str) -> Permissions:
             pub += _follow(stream)
         # corral ps (liveness buckets) and corral doctor (server, streams, consumers).
         pub += _kv_read(subjects.HEARTBEATS_BUCKET) + _kv_read(subjects.SUPERVISORS_BUCKET)
+        # Rollouts: register a candidate version; start, promote and abort a rollout.
+        pub += _kv_read(subjects.VERSIONS_BUCKET) + _kv_read(subjects.ROLLOUTS_BUCKET)
+        pub += _kv_write(subjects.VERSIONS_BUCKET, "*.*") + _kv_write(subjects.ROLLOUTS_BUCKET, "*")
+        pub += [subjects.system("rollout")]
         pub += [f"{API}.INFO", f"{API}.STREAM.INFO.*", f"{API}.CONSUMER.INFO.*.*"]
     else:
         raise ConfigError(f"no role {role!r}: the roles are {', '.join(ROLES)}")

@@ -143,6 +143,12 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
         # read by the agents that list its tools.
         KeyValueConfig(bucket=subjects.TOOL_SCHEMAS_BUCKET, history=1, replicas=replicas,
                        description="the tools each MCP server offers"),
+        # Agent versions and rollouts (docs/rollouts.md): the registry keeps every version
+        # seen; a rollout's record is updated by CAS at every task end while it runs.
+        KeyValueConfig(bucket=subjects.VERSIONS_BUCKET, history=1, replicas=replicas,
+                       description="every agent version seen, with its full spec"),
+        KeyValueConfig(bucket=subjects.ROLLOUTS_BUCKET, history=5, replicas=replicas,
+                       description="agents' rollouts and shadow reports"),
         # Tools' shared rate limits (bus/ratelimit.py): read by direct get (the server's
         # time stamps are the limiter's clock); a key idle for a day is forgotten.
         KeyValueConfig(bucket=subjects.RATELIMITS_BUCKET, history=1, replicas=replicas,

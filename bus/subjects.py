@@ -18,12 +18,14 @@ __all__ = [
     "LEDGER_BUCKET",
     "MODELS_STREAM",
     "RATELIMITS_BUCKET",
+    "ROLLOUTS_BUCKET",
     "SUPERVISORS_BUCKET",
     "SYSTEM_ALL",
     "SYSTEM_STREAM",
     "TASKS_STREAM",
     "TOOLS_STREAM",
     "TOOL_SCHEMAS_BUCKET",
+    "VERSIONS_BUCKET",
     "agent_consumer",
     "anchors",
     "approval_timer",
@@ -62,6 +64,8 @@ HEARTBEATS_BUCKET = "CORRAL_HEARTBEATS"  # one live key per actor process (TTL)
 SUPERVISORS_BUCKET = "CORRAL_SUPERVISORS"  # one live key per supervisor: its children (TTL)
 KEYS_BUCKET = "CORRAL_KEYS"  # the fleet's public keys (ADR 0008): written by admin, read by all
 TOOL_SCHEMAS_BUCKET = "CORRAL_TOOL_SCHEMAS"  # what each MCP server offers: key <server>
+VERSIONS_BUCKET = "CORRAL_VERSIONS"  # every agent version seen: key <agent>.<version>
+ROLLOUTS_BUCKET = "CORRAL_ROLLOUTS"  # rollouts: <agent>; shadow reports <agent>.shadow.<task>
 
 TASKS_ALL = f"{PREFIX}.tasks.>"
 WAKE_ALL = f"{PREFIX}.wake.>"

@@ -41,7 +41,7 @@ from bus.auth import write_nats_config
 from bus.connection import Bus
 from bus.eventlog import EventLog, LoggedEvent
 from bus.server import corral_home
-from corral import approvals, audit, decisions, doctor, policy_cli
+from corral import approvals, audit, decisions, doctor, policy_cli, rollouts
 from corral.access import connect_command
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
@@ -495,6 +495,7 @@ Then:
     policy_cli.add_parser(sub)
     approvals.add_parsers(sub)
     decisions.add_parser(sub)
+    rollouts.add_parsers(sub)
     return parser
 
 

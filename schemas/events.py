@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from schemas.messages import Message, ModelResponse, ParentLink, ToolCall, Usage
+from schemas.messages import Message, ModelResponse, ParentLink, ShadowLink, ToolCall, Usage
 
 __all__ = [
     "EVENT_TYPES",
@@ -48,6 +48,7 @@ __all__ = [
     "ToolFailed",
     "ToolFlagged",
     "ToolRequested",
+    "ToolShadowed",
     "TurnStarted",
     "decode_anchor",
     "decode_event",
@@ -96,6 +97,7 @@ class TaskSubmitted(EventBase, frozen=True, kw_only=True, tag="task.submitted"):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     submitted_by: str = ""
     parent: ParentLink | None = None  # a delegated task: who asked, and what it inherits
+    shadow: ShadowLink | None = None  # a shadow run of a live task (docs/rollouts.md)
 
 
 class TurnStarted(EventBase, frozen=True, kw_only=True, tag="turn.started"):
@@ -219,6 +221,21 @@ class DelegationReturned(EventBase, frozen=True, kw_only=True, tag="delegation.r
     error: str = ""
     usage: Usage = msgspec.field(default_factory=Usage)
     cost_usd: float = 0.0
+
+
+class ToolShadowed(EventBase, frozen=True, kw_only=True, tag="tool.shadowed"):
+    """A shadow run's side-effecting call, answered instead of executed.
+
+    Its outcome is the primary's recorded one (``source_call_id`` of the
+    primary task), or an error when the primary made no such call.
+    """
+
+    call_id: str
+    tool: str
+    result: Any = None
+    error: str = ""
+    source_task_id: str = ""
+    source_call_id: str = ""
 
 
 class ToolFlagged(EventBase, frozen=True, kw_only=True, tag="tool.flagged"):
@@ -406,6 +423,7 @@ Event = (
     | CompensationRequested
     | TaskDelegated
     | DelegationReturned
+    | ToolShadowed
 )
 
 EVENT_TYPES: dict[str, type[EventBase]] = {
@@ -415,7 +433,7 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
         ToolFailed, Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
         TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed, ApprovalRequested,
         ApprovalEscalated, ApprovalDecided, ToolFlagged, CompensationRequested, TaskDelegated,
-        DelegationReturned,
+        DelegationReturned, ToolShadowed,
     )
 }
 TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})

@@ -42,9 +42,10 @@ from schemas.events import (
     ToolFailed,
     ToolFlagged,
     ToolRequested,
+    ToolShadowed,
     TurnStarted,
 )
-from schemas.messages import ChatMessage, ModelResponse, ParentLink, ToolCall, Usage
+from schemas.messages import ChatMessage, ModelResponse, ParentLink, ShadowLink, ToolCall, Usage
 
 __all__ = [
     "DELEGATE_TOOL",
@@ -179,6 +180,11 @@ class TaskState(msgspec.Struct, kw_only=True):
     effects: list[Effect] = msgspec.field(default_factory=list)  # compensable, in order
     parent: ParentLink | None = None  # a delegated task's link to the task that asked
     children: list[Child] = msgspec.field(default_factory=list)  # the tasks it delegated to
+    # Rollouts (docs/rollouts.md): the version each agent runs this task with (fixed at its
+    # first event), and, for a shadow run, the live task it copies.
+    versions: dict[str, str] = msgspec.field(default_factory=dict)
+    shadow: ShadowLink | None = None
+    shadowed: dict[str, int] = msgspec.field(default_factory=dict)  # tool -> calls answered
     seq: int = 0  # events folded
     last_hash: str = GENESIS_HASH
     paused_phase: Phase = "new"
@@ -251,9 +257,12 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.submitted_at = event.time
             state.traceparent = event.traceparent
             state.parent = event.parent
+            state.shadow = event.shadow
+            state.versions[event.agent] = event.agent_version
             state.phase = "ready"
             state.conversation.append(ChatMessage(role="user", content=event.message.text()))
         case TurnStarted():
+            state.versions.setdefault(event.agent, event.agent_version)
             state.llm_failure = None
             state.turn_holder = event.actor.instance
             state.lease_until = event.lease_until
@@ -331,6 +340,20 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.conversation.append(ChatMessage(
                 role="tool", content=content, tool_call_id=event.call_id, name=DELEGATE_TOOL,
                 is_error=not ok, untrusted=True))  # another agent's words: data, not orders
+            _settle(state)
+        case ToolShadowed():
+            cs = state.calls.get(event.call_id)
+            if cs is None or cs.outcome or state.shadow is None:
+                return state
+            failed = bool(event.error)
+            cs.outcome, cs.outcome_by = ("failed" if failed else "completed"), "agent"
+            state.shadowed[event.tool] = state.shadowed.get(event.tool, 0) + 1
+            state.tool_calls += 1
+            sig = call_signature(cs.call)
+            state.call_counts[sig] = state.call_counts.get(sig, 0) + 1
+            state.conversation.append(ChatMessage(
+                role="tool", content=event.error if failed else _result_text(event.result),
+                tool_call_id=event.call_id, name=event.tool, is_error=failed, untrusted=True))
             _settle(state)
         case ToolCompleted() | ToolFailed():
             cs = state.calls.get(event.call_id)

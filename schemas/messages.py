@@ -24,6 +24,7 @@ __all__ = [
     "ModelResponse",
     "ParentLink",
     "Part",
+    "ShadowLink",
     "TaskSubmit",
     "TextPart",
     "ToolCall",
@@ -106,6 +107,18 @@ class ParentLink(msgspec.Struct, frozen=True, kw_only=True):
     depth: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
+class ShadowLink(msgspec.Struct, frozen=True, kw_only=True):
+    """A shadow run (docs/rollouts.md): a copy of live task ``task_id`` run by ``version``.
+
+    Its side effects are answered from the primary's recorded results, never
+    executed. Only the agent itself submits one.
+    """
+
+    task_id: TaskId
+    version: Annotated[str, msgspec.Meta(max_length=64)]
+    rollout: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
 class TaskSubmit(msgspec.Struct, frozen=True, kw_only=True):
     """Published to ``corral.tasks.<agent>`` to start (or hand over) a task.
 
@@ -120,6 +133,7 @@ class TaskSubmit(msgspec.Struct, frozen=True, kw_only=True):
     context_id: str = ""
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     parent: ParentLink | None = None  # set by an agent that delegates (docs/tools.md)
+    shadow: ShadowLink | None = None  # set by an agent for a shadow run (docs/rollouts.md)
 
 
 class Wake(msgspec.Struct, frozen=True, kw_only=True):

@@ -68,6 +68,7 @@ from schemas.events import (
     ToolFailed,
     ToolFlagged,
     ToolRequested,
+    ToolShadowed,
     TurnStarted,
     decode_event,
     event_hash,
@@ -193,6 +194,8 @@ RULES: dict[str, Rule] = {
     # the owner records the child's end (also after its own end: the cost still counts).
     "task.delegated":      _rule("owner",         "acting"),
     "delegation.returned": _rule("owner",         LIVE),
+    # A shadow run's side effects are answered from the primary's log (docs/rollouts.md).
+    "tool.shadowed":       _rule("owner",         "acting"),
 }
 
 # After the task ended, only late reports of work already under way: they
@@ -288,6 +291,14 @@ def _content(event: EventBase, state: TaskState) -> str:
             child = next((c for c in state.children if c.task_id == event.child_task_id), None)
             if child is None or child.call_id != event.call_id or child.status:
                 return f"no running child task {event.child_task_id[:80]!r} of this task"
+        case ToolShadowed():
+            cs = state.calls.get(event.call_id)
+            if state.shadow is None:
+                return "only a shadow run answers a call from another task's log"
+            if cs is None or cs.call.name != event.tool or cs.outcome or cs.requested:
+                return f"no open call {event.call_id!r} of tool {event.tool!r}"
+            if event.source_task_id not in ("", state.shadow.task_id):
+                return f"answered from task {event.source_task_id[:80]!r}, not the primary"
         case TaskCanceled() if event.actor.kind == "agent":
             if state.parent is None:
                 return "an agent may cancel only a delegated task (when its parent ended)"

@@ -92,13 +92,18 @@ huge = st.builds(lambda c, n: c * n, st.sampled_from(["\x01", "a", "\u00e9", "\x
 def valid_body(kind: str, fleet: FleetConfig) -> st.SearchStrategy[dict[str, Json]]:
     """A payload that fits the type of ``kind`` (semantically bogus: no such task)."""
     agents = [*sorted(fleet.agents), "nobody"]
-    if kind == "task":
+    if kind == "task":  # with, at times, a delegation's parent link or a shadow link
         return st.fixed_dictionaries({
             "id": ids, "message": st.fixed_dictionaries({
                 "role": st.sampled_from(["user", "agent"]),
                 "parts": st.lists(st.fixed_dictionaries({"kind": st.just("text"),
                                                          "text": texts}), min_size=1,
-                                  max_size=2)})})
+                                  max_size=2)})}, optional={
+            "parent": st.fixed_dictionaries({
+                "task_id": ids, "call_id": texts, "agent": st.sampled_from(agents),
+                "deadline": st.floats(-1e12, 1e12), "budget_usd": st.floats(-1e9, 1e9),
+                "depth": st.integers(-2**40, 2**40)}),
+            "shadow": st.fixed_dictionaries({"task_id": ids, "version": texts})})
     if kind == "wake":
         return st.fixed_dictionaries({"task_id": ids, "reason": texts,
                                       "after_seq": st.integers(-5, 2**40)})

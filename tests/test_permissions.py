@@ -59,7 +59,7 @@ CONTROL = "control: cancel, pause, resume"
 # The intended matrix, row by row: one cell per kind, in the order of KINDS, between " | ".
 # docs/security.md prints it (test_the_security_doc_prints_the_matrix_the_sweep_checks).
 _ROWS = {
-    "pub corral.tasks.<agent>": "listed | — | — | child | all | — | — | all",
+    "pub corral.tasks.<agent>": "listed, own | — | — | child | all | — | — | all",
     "sub corral.tasks.>": "queue | — | — | — | — | — | — | all",
     "pub corral.wake.<agent>": "delegation, own | listed | listed | child | — | — | all | all",
     "sub corral.wake.>": "— | — | — | — | — | — | — | all",
@@ -81,8 +81,9 @@ _ROWS = {
     "pub corral.dlq.<actor>": "intake, own | own | own | — | — | — | — | all",
     "sub corral.dlq.>": "— | — | — | — | — | — | — | all",
     "pub corral.system.<event>": (
-        "log.rejected | log.rejected | log.rejected, own breaker | lifecycle, log.rejected"
-        " | log.rejected | log.rejected | log.rejected | all"),
+        "log.rejected, rollout | log.rejected | log.rejected, own breaker"
+        " | lifecycle, log.rejected | log.rejected | log.rejected | log.rejected, rollout"
+        " | all"),
     "sub corral.system.>": "— | — | — | — | — | — | — | all",
     "write KV ledger <tool>.<key>": "— | own | — | — | — | — | — | all",
     "write KV rate limits <tool>.<key>": "— | own | — | — | — | — | — | all",
@@ -92,10 +93,13 @@ _ROWS = {
     "write KV supervisors <node>.<path>": "— | — | — | own | — | — | — | all",
     "write KV keys (the fleet's public keys)": "— | — | — | — | — | — | — | all",
     "write KV tool schemas <server>": "— | own | — | — | — | — | — | all",
+    "write KV versions <agent>.<version>": "own | — | — | — | — | — | all | all",
+    "write KV rollouts <agent>": "own | — | — | — | — | — | all | all",
+    "write KV shadow reports <agent>.shadow.<task>": "own | — | — | — | — | — | — | all",
     "read KV <bucket>": (
-        "keys, schemas | keys, ledger, ratelimits, schemas | budgets, cache, keys | keys | keys"
-        " | keys"
-        " | heartbeats, keys, supervisors | all"),
+        "keys, rollouts, schemas, versions | keys, ledger, ratelimits, schemas"
+        " | budgets, cache, keys | keys | keys | keys, rollouts, versions"
+        " | heartbeats, keys, rollouts, supervisors, versions | all"),
     "sub $KV.<bucket>.>": "— | — | — | — | — | — | — | all",
     "pull a durable consumer": "own | own | own | — | — | — | — | all",
     "ack, nak, term a durable's deliveries": "own | own | own | child | — | — | — | all",
@@ -313,6 +317,7 @@ def probes(fleet: FleetConfig, identity: str) -> list[Probe]:
     for event in ("actor.started", "actor.exited", "supervisor.gave_up"):
         pub("pub corral.system.<event>", "lifecycle", subjects.system(event))
     pub("pub corral.system.<event>", "log.rejected", subjects.system("log.rejected"))
+    pub("pub corral.system.<event>", "rollout", subjects.system("rollout"))
     sub("sub corral.system.>", "all", subjects.SYSTEM_ALL)
 
     # KV buckets.
@@ -330,10 +335,18 @@ def probes(fleet: FleetConfig, identity: str) -> list[Probe]:
         pub("write KV supervisors <node>.<path>", "own" if sup == identity else "other",
             f"$KV.{subjects.SUPERVISORS_BUCKET}.node-1.{path.replace('/', '.')}")
     pub("write KV keys (the fleet's public keys)", "any", f"$KV.{subjects.KEYS_BUCKET}.keyset")
+    for a in agents:
+        pub("write KV versions <agent>.<version>", rel.actor(f"agent.{a}"),
+            f"$KV.{subjects.VERSIONS_BUCKET}.{a}.0123abcd")
+        pub("write KV rollouts <agent>", rel.actor(f"agent.{a}"),
+            f"$KV.{subjects.ROLLOUTS_BUCKET}.{a}")
+        pub("write KV shadow reports <agent>.shadow.<task>", rel.actor(f"agent.{a}"),
+            f"$KV.{subjects.ROLLOUTS_BUCKET}.{a}.shadow.{task}")
     buckets = {"ledger": subjects.LEDGER_BUCKET, "budgets": subjects.BUDGET_BUCKET,
                "cache": subjects.CACHE_BUCKET, "heartbeats": subjects.HEARTBEATS_BUCKET,
                "supervisors": subjects.SUPERVISORS_BUCKET, "keys": subjects.KEYS_BUCKET,
-               "schemas": subjects.TOOL_SCHEMAS_BUCKET, "ratelimits": subjects.RATELIMITS_BUCKET}
+               "schemas": subjects.TOOL_SCHEMAS_BUCKET, "ratelimits": subjects.RATELIMITS_BUCKET,
+               "versions": subjects.VERSIONS_BUCKET, "rollouts": subjects.ROLLOUTS_BUCKET}
     for short, bucket in buckets.items():
         pub("read KV <bucket>", short, f"$JS.API.STREAM.MSG.GET.KV_{bucket}")
         pub("read KV <bucket>", short, f"$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.k")
