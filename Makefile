@@ -36,8 +36,10 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 # The fuzz suite (tests/test_fuzz.py) at soak size; `make test` runs it at 2,000.
+# And the canary routing check at the issue's 1,000 tasks; `make test` runs 300.
 soak: $(STAMP)
 	CORRAL_FUZZ_N=$${CORRAL_FUZZ_N:-100000} $(BIN)/python -m pytest -q -s tests/test_fuzz.py
+	CORRAL_ROLLOUT_N=$${CORRAL_ROLLOUT_N:-1000} $(BIN)/python -m pytest -q -s tests/test_rollouts.py -k canary
 
 clean:
 	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache *.egg-info
