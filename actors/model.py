@@ -38,13 +38,14 @@ from actors.base import Actor
 from actors.deadletter import bounded_dead_letter
 from actors.faults import crash_point
 from actors.metrics import BREAKER_CODES, BREAKER_STATE, MODEL_CALLS, MODEL_COST, MODEL_TOKENS
-from actors.providers import Provider, make_provider, scrub
+from actors.providers import DeltaSink, Provider, make_provider, scrub
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
 from actors.taskview import TaskView
 from actors.tracing import parent_context, traceparent, tracer
 from bus import subjects
 from bus.budget import BudgetCounters, Reservation, day_key
 from bus.connection import Bus, Request, Service
+from bus.deltas import publish_delta
 from bus.eventlog import LogHead
 from bus.mailbox import Delivery
 from bus.provision import ensure_model_consumer
@@ -57,6 +58,7 @@ from schemas.messages import (
     ModelCall,
     ModelRequest,
     ModelResponse,
+    TextDelta,
     Wake,
     is_task_id,
 )
@@ -208,8 +210,12 @@ class ModelGateway(Actor[ModelCall]):
             await anyio.sleep(seconds)
 
     async def _try_entry(self, i: int, entry: RouteEntry, req: ModelRequest,
-                         fallbacks: list[str]) -> tuple[ModelResponse | None, bool]:
-        """One entry with its retries: (the response or None, whether a later try may work)."""
+                         fallbacks: list[str], deltas: Callable[[], DeltaSink] | None = None,
+                         ) -> tuple[ModelResponse | None, bool]:
+        """One entry with its retries: (the response or None, whether a later try may work).
+
+        ``deltas`` makes a fresh sink for each attempt (its pieces count from 0 again).
+        """
         breaker = self.breakers[entry.key]
         for attempt in range(entry.max_retries + 1):
             if not breaker.allow():
@@ -219,7 +225,8 @@ class ModelGateway(Actor[ModelCall]):
                 return None, True
             try:
                 self.calls += 1
-                response = await self.providers[i].complete(req, entry)
+                response = await self.providers[i].complete(
+                    req, entry, on_delta=deltas() if deltas is not None else None)
             except Exception as exc:
                 if not isinstance(exc, ProviderError):  # an adapter bug, a broken SDK
                     text = scrub(f"{entry.key}: {type(exc).__name__}: {exc}")
@@ -241,9 +248,13 @@ class ModelGateway(Actor[ModelCall]):
             return response, False
         return None, True
 
-    async def call(self, req: ModelRequest) -> ModelResponse:
-        """Answer one request under the route's policy (never raises for provider trouble)."""
-        response = await self._call(req)
+    async def call(self, req: ModelRequest, *,
+                   deltas: Callable[[], DeltaSink] | None = None) -> ModelResponse:
+        """Answer one request under the route's policy (never raises for provider trouble).
+
+        ``deltas``: stream the answer's text through the sinks it makes (one per attempt).
+        """
+        response = await self._call(req, deltas)
         MODEL_CALLS.labels(self.name, response.error_type or
                            ("cached" if response.cached else "ok")).inc()
         if not response.error:
@@ -262,7 +273,8 @@ class ModelGateway(Actor[ModelCall]):
                               agent.team if agent else "").inc(response.cost_usd)
         return response
 
-    async def _call(self, req: ModelRequest) -> ModelResponse:
+    async def _call(self, req: ModelRequest,
+                    deltas: Callable[[], DeltaSink] | None = None) -> ModelResponse:
         limits = self._limits(req)
         reservation: Reservation | None = None
         if limits:
@@ -279,7 +291,7 @@ class ModelGateway(Actor[ModelCall]):
             response: ModelResponse | None = None
             retryable = False
             for i, entry in enumerate(self.entries):
-                response, again = await self._try_entry(i, entry, req, fallbacks)
+                response, again = await self._try_entry(i, entry, req, fallbacks, deltas)
                 retryable = retryable or again
                 if response is not None:
                     break
@@ -379,7 +391,7 @@ class ModelGateway(Actor[ModelCall]):
                       head: LogHead) -> None:
         """Make the call and record its outcome (the turn was open when it was read)."""
         req = msg.request
-        response = await self.traced_call(req)
+        response = await self.traced_call(req, deltas=lambda: self._delta_sink(msg))
         crash_point("model.after_call", self.name)
         size = len(_encoder.encode(response))
         if size > self.fleet.limits.model_response_bytes:
@@ -402,6 +414,18 @@ class ModelGateway(Actor[ModelCall]):
         if await self._record(msg, event, (state, head)):
             crash_point("model.after_llm", self.name)
             await self._wake(req.agent, req.task_id, msg.key)
+
+    def _delta_sink(self, msg: ModelCall) -> DeltaSink:
+        """Publishes each piece of one attempt's text on the task's delta subject."""
+        req, index = msg.request, 0
+
+        async def sink(text: str) -> None:
+            nonlocal index
+            await publish_delta(self.bus, TextDelta(
+                task_id=req.task_id, turn=req.turn, attempt=msg.attempt, index=index,
+                text=text, agent=req.agent))
+            index += 1
+        return sink
 
     async def _wake(self, agent: str, task_id: str, key: str) -> None:
         wake = Wake(task_id=task_id, reason=f"model {self.name} answered")
@@ -453,7 +477,8 @@ class ModelGateway(Actor[ModelCall]):
 
     # -- core requests (summaries, replay, probes) ---------------------------
 
-    async def traced_call(self, req: ModelRequest) -> ModelResponse:
+    async def traced_call(self, req: ModelRequest, *,
+                          deltas: Callable[[], DeltaSink] | None = None) -> ModelResponse:
         """``call`` inside a GenAI ``chat`` span, a child of the asking turn's."""
         with tracer.start_as_current_span(
                 f"chat {self.entries[0].model or self.name}", kind=SpanKind.CLIENT,
@@ -462,7 +487,7 @@ class ModelGateway(Actor[ModelCall]):
                     "gen_ai.request.model": self.entries[0].model,
                     "gen_ai.request.max_tokens": req.max_tokens,
                     "gen_ai.agent.name": req.agent, "corral.task.id": req.task_id}) as span:
-            response = await self.call(req)
+            response = await self.call(req, deltas=deltas)
             self._annotate(span, response)
         return response
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import anyio
 import msgspec
@@ -13,7 +14,7 @@ from bus.connection import Bus
 from bus.errors import nats_errors
 from schemas.errors import BusError, BusTimeout
 
-__all__ = ["StreamMessage", "consumer_waiting", "read_stream", "stream_subjects"]
+__all__ = ["StreamMessage", "consumer_waiting", "read_stream", "stream_subjects", "unsubscribe"]
 
 
 class StreamMessage(msgspec.Struct, frozen=True):
@@ -78,9 +79,14 @@ async def read_stream(bus: Bus, stream: str, subject: str, *, follow: bool = Fal
             if not follow and meta.num_pending == 0:
                 return
     finally:
-        with anyio.CancelScope(shield=True):
-            try:
-                with nats_errors(f"unsubscribe {subject}", subject=subject):
-                    await sub.unsubscribe()
-            except BusError:
-                pass  # the connection is gone: so is the consumer
+        await unsubscribe(sub, subject)
+
+
+async def unsubscribe(sub: Any, subject: str) -> None:
+    """End a subscription, shielded; a connection already gone took it along."""
+    with anyio.CancelScope(shield=True):
+        try:
+            with nats_errors(f"unsubscribe {subject}", subject=subject):
+                await sub.unsubscribe()
+        except BusError:
+            pass  # the connection is gone: so is the subscription

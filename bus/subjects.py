@@ -31,6 +31,7 @@ __all__ = [
     "approval_timer",
     "approvals",
     "breaker",
+    "deltas",
     "dlq",
     "events",
     "llm",
@@ -77,6 +78,7 @@ DLQ_ALL = f"{PREFIX}.dlq.>"
 SYSTEM_ALL = f"{PREFIX}.system.>"
 ANCHORS_ALL = f"{PREFIX}.anchors.>"
 APPROVALS_ALL = f"{PREFIX}.approvals.>"
+DELTAS_ALL = f"{PREFIX}.deltas.>"
 
 # Header carrying an event's type, so a reader can filter without decoding.
 EVENT_TYPE_HEADER = "Corral-Event-Type"
@@ -120,6 +122,11 @@ def events(task_id: str) -> str:
 def task_id_of(events_subject: str) -> str:
     """The task id in an events subject."""
     return events_subject.rsplit(".", 1)[-1]
+
+
+def deltas(task_id: str) -> str:
+    """Core subject where a task's model answers are streamed as written (not stored)."""
+    return f"{PREFIX}.deltas.{task_id}"
 
 
 def anchors(task_id: str) -> str:

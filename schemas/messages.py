@@ -26,6 +26,7 @@ __all__ = [
     "Part",
     "ShadowLink",
     "TaskSubmit",
+    "TextDelta",
     "TextPart",
     "ToolCall",
     "ToolInvocation",
@@ -291,3 +292,19 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     payload_bytes: int = 0
     payload_sha256: str = ""
     truncated: bool = False
+
+
+class TextDelta(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of a turn's answer as the model writes it (``corral.deltas.<task_id>``).
+
+    Published on a core subject by the gateway, never stored: the finished
+    text is in ``llm.responded``. ``index`` counts the pieces of one provider
+    call; 0 starts the text over (a retry, or the next entry of the route).
+    """
+
+    task_id: str
+    turn: int
+    index: int
+    text: str
+    attempt: int = 0
+    agent: str = ""

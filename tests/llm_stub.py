@@ -113,6 +113,56 @@ def error(status: int, message: str = "stub error", **headers: str) -> Reply:
                  {k.replace("_", "-"): v for k, v in headers.items()})
 
 
+def _pieces(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)] if text else []
+
+
+def openai_chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chat completion as the chunks of its stream (text word by word, usage last)."""
+    base = {"id": body.get("id", "chatcmpl-test"), "object": "chat.completion.chunk",
+            "created": 1, "model": body.get("model", "")}
+    choice = body["choices"][0]
+    msg = choice["message"]
+    out = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                 "finish_reason": None}]}]
+    out += [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
+            for p in _pieces(msg.get("content") or "")]
+    for i, call in enumerate(msg.get("tool_calls") or []):
+        out.append({**base, "choices": [{"index": 0, "finish_reason": None, "delta": {
+            "tool_calls": [{"index": i, "id": call["id"], "type": "function", "function": {
+                "name": call["function"]["name"], "arguments": call["function"]["arguments"]}}]}}]})
+    out.append({**base, "choices": [{"index": 0, "delta": {},
+                                     "finish_reason": choice["finish_reason"]}]})
+    out.append({**base, "choices": [], "usage": body.get("usage")})
+    return out
+
+
+def anthropic_events(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A Messages API answer as the events of its stream (text word by word)."""
+    usage = dict(body.get("usage") or {})
+    start = {**body, "content": [], "stop_reason": None,
+             "usage": {**usage, "output_tokens": 1}}
+    out: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
+    for i, block in enumerate(body["content"]):
+        if block["type"] == "text":
+            out.append({"type": "content_block_start", "index": i,
+                        "content_block": {"type": "text", "text": ""}})
+            out += [{"type": "content_block_delta", "index": i,
+                     "delta": {"type": "text_delta", "text": p}} for p in _pieces(block["text"])]
+        else:
+            out.append({"type": "content_block_start", "index": i,
+                        "content_block": {**block, "input": {}}})
+            out.append({"type": "content_block_delta", "index": i, "delta": {
+                "type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
+        out.append({"type": "content_block_stop", "index": i})
+    out.append({"type": "message_delta", "delta": {"stop_reason": body["stop_reason"],
+                                                    "stop_sequence": None},
+                "usage": {"output_tokens": usage.get("output_tokens", 0)}})
+    out.append({"type": "message_stop"})
+    return out
+
+
 @contextmanager
 def serve_stub(port: int = 0) -> Iterator[Stub]:
     stub = Stub()
@@ -124,6 +174,9 @@ def serve_stub(port: int = 0) -> Iterator[Stub]:
             stub.seen.append(Seen(self.path, {k.lower(): v for k, v in self.headers.items()},
                                   body))
             reply = stub.next_reply(self.path, body)
+            if body.get("stream") and reply.status == 200:
+                self._stream(reply)
+                return
             data = json.dumps(reply.body).encode()
             self.send_response(reply.status)
             self.send_header("content-type", "application/json")
@@ -133,6 +186,22 @@ def serve_stub(port: int = 0) -> Iterator[Stub]:
                 self.send_header(k, v)
             self.end_headers()
             self.wfile.write(data)
+
+        def _stream(self, reply: Reply) -> None:
+            """The reply as server-sent events, the way the provider streams it."""
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("request-id", "req_stub")
+            self.end_headers()
+            anthropic = reply.body.get("type") == "message"
+            for event in (anthropic_events(reply.body) if anthropic
+                          else openai_chunks(reply.body)):
+                name = f"event: {event['type']}\n" if anthropic else ""
+                self.wfile.write(f"{name}data: {json.dumps(event)}\n\n".encode())
+                self.wfile.flush()
+            if not anthropic:
+                self.wfile.write(b"data: [DONE]\n\n")
+            self.close_connection = True
 
         def log_message(self, format: str, *args: Any) -> None:
             pass

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Protocol
 
 from schemas.errors import ConfigError
 from schemas.messages import ModelRequest, ModelResponse
 from schemas.routing import RouteEntry, RouteSpec
 
-__all__ = ["REDACTED", "Provider", "api_key", "key_env", "make_provider", "safe_cause", "scrub"]
+__all__ = ["REDACTED", "DeltaSink", "Provider", "api_key", "key_env", "make_provider",
+           "safe_cause", "scrub"]
+
+
+DeltaSink = Callable[[str], Awaitable[None]]  # takes each piece of text as it is written
 
 
 class Provider(Protocol):
@@ -29,12 +33,16 @@ class Provider(Protocol):
 
     ``complete`` answers one normalized request with usage filled in (cost is
     the gateway's job). Failures raise ``ProviderError`` with the status,
-    whether a retry may help, and any ``retry-after`` the server sent.
+    whether a retry may help, and any ``retry-after`` the server sent. With
+    ``on_delta``, a provider that can stream hands it each piece of the
+    answer's text as it arrives (the response still holds the whole text);
+    one that cannot ignores it.
     """
 
     name: str
 
-    async def complete(self, req: ModelRequest, entry: RouteEntry) -> ModelResponse:
+    async def complete(self, req: ModelRequest, entry: RouteEntry, *,
+                       on_delta: DeltaSink | None = None) -> ModelResponse:
         """Answer one request with the model of ``entry``."""
         ...
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import anthropic
 
-from actors.providers import safe_cause, scrub
+from actors.providers import DeltaSink, safe_cause, scrub
 from actors.providers._http import is_retryable, retry_after_s
 from actors.providers._marking import marked, system_prompt
 from schemas.errors import ProviderError
@@ -62,8 +62,9 @@ class AnthropicProvider:
             timeout=entry.timeout_s, open_telemetry=False,
         )
 
-    async def complete(self, req: ModelRequest, entry: RouteEntry) -> ModelResponse:
-        """One Messages API call."""
+    async def complete(self, req: ModelRequest, entry: RouteEntry, *,
+                       on_delta: DeltaSink | None = None) -> ModelResponse:
+        """One Messages API call (streamed when ``on_delta`` takes the pieces)."""
         kwargs: dict[str, Any] = {
             "model": entry.model, "max_tokens": req.max_tokens,
             "messages": to_anthropic_messages(req.messages),
@@ -78,7 +79,13 @@ class AnthropicProvider:
         # Error text may echo the key (a 401's "Incorrect API key provided: sk-…"): every
         # message is scrubbed, and a cause that holds key material is not kept.
         try:
-            msg = await self.client.messages.create(**kwargs)
+            if on_delta is None:
+                msg = await self.client.messages.create(**kwargs)
+            else:
+                async with self.client.messages.stream(**kwargs) as stream:
+                    async for piece in stream.text_stream:
+                        await on_delta(piece)
+                    msg = await stream.get_final_message()
         except anthropic.APIStatusError as exc:
             status = exc.status_code
             raise ProviderError(

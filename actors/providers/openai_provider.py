@@ -11,7 +11,7 @@ from typing import Any
 
 import openai
 
-from actors.providers import safe_cause, scrub
+from actors.providers import DeltaSink, safe_cause, scrub
 from actors.providers._http import is_retryable, retry_after_s
 from actors.providers._marking import marked, system_prompt
 from schemas.errors import ProviderError
@@ -54,6 +54,24 @@ def _arguments(raw: str | None) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"_unparsed_arguments": raw}
 
 
+def _usage(u: Any) -> Usage:
+    """The SDK's usage object → ours (cached prompt tokens apart)."""
+    if u is None:
+        return Usage()
+    cached = (u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0
+    reasoning = ((u.completion_tokens_details.reasoning_tokens or 0)
+                 if u.completion_tokens_details else 0)
+    return Usage(input_tokens=(u.prompt_tokens or 0) - cached,
+                 output_tokens=u.completion_tokens or 0, cache_read_tokens=cached,
+                 reasoning_tokens=reasoning)
+
+
+def _stop(finish_reason: str | None) -> str:
+    reason = finish_reason or ""
+    return {"tool_calls": "tool_use", "stop": "end_turn", "length": "max_tokens"}.get(
+        reason, reason)
+
+
 class OpenAIProvider:
     """Calls ``chat.completions.create`` on OpenAI or a compatible server."""
 
@@ -67,8 +85,9 @@ class OpenAIProvider:
             base_url=entry.base_url or None, max_retries=0, timeout=entry.timeout_s,
         )
 
-    async def complete(self, req: ModelRequest, entry: RouteEntry) -> ModelResponse:
-        """One Chat Completions call."""
+    async def complete(self, req: ModelRequest, entry: RouteEntry, *,
+                       on_delta: DeltaSink | None = None) -> ModelResponse:
+        """One Chat Completions call (streamed when ``on_delta`` takes the pieces)."""
         # OpenAI's own API wants max_completion_tokens (its reasoning models refuse
         # max_tokens); compatible servers (vLLM, Ollama, llama.cpp) know max_tokens.
         limit = "max_tokens" if entry.base_url else "max_completion_tokens"
@@ -83,6 +102,8 @@ class OpenAIProvider:
         # Error text may echo the key (a 401's "Incorrect API key provided: sk-…"): every
         # message is scrubbed, and a cause that holds key material is not kept.
         try:
+            if on_delta is not None:
+                return await self._streamed(kwargs, entry, on_delta)
             completion = await self.client.chat.completions.create(**kwargs)
         except openai.APIStatusError as exc:
             status = exc.status_code
@@ -102,20 +123,43 @@ class OpenAIProvider:
         msg = choice.message
         calls = [ToolCall(id=c.id, name=c.function.name, arguments=_arguments(c.function.arguments))
                  for c in (msg.tool_calls or []) if getattr(c, "function", None) is not None]
-        usage = Usage()
-        if completion.usage is not None:
-            u = completion.usage
-            cached = (u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0
-            reasoning = ((u.completion_tokens_details.reasoning_tokens or 0)
-                         if u.completion_tokens_details else 0)
-            usage = Usage(input_tokens=(u.prompt_tokens or 0) - cached,
-                          output_tokens=u.completion_tokens or 0, cache_read_tokens=cached,
-                          reasoning_tokens=reasoning)
-        stop = {"tool_calls": "tool_use", "stop": "end_turn", "length": "max_tokens"}.get(
-            choice.finish_reason or "", choice.finish_reason or "")
-        return ModelResponse(text=msg.content or "", tool_calls=calls, stop_reason=stop,
-                             usage=usage, model=completion.model or entry.model,
+        return ModelResponse(text=msg.content or "", tool_calls=calls,
+                             stop_reason=_stop(choice.finish_reason),
+                             usage=_usage(completion.usage), model=completion.model or entry.model,
                              provider=self.name)
+
+    async def _streamed(self, kwargs: dict[str, Any], entry: RouteEntry,
+                        on_delta: DeltaSink) -> ModelResponse:
+        """The call with ``stream=True``: text pieces go to ``on_delta`` as they come."""
+        stream = await self.client.chat.completions.create(
+            **kwargs, stream=True, stream_options={"include_usage": True})
+        text: list[str] = []
+        calls: dict[int, dict[str, str]] = {}  # index -> id, name, arguments (in pieces)
+        finish, model, usage = "", "", Usage()
+        async with stream:
+            async for chunk in stream:
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = _usage(chunk.usage)
+                for choice in chunk.choices[:1]:
+                    delta = choice.delta
+                    if delta.content:
+                        text.append(delta.content)
+                        await on_delta(delta.content)
+                    for c in delta.tool_calls or []:
+                        acc = calls.setdefault(c.index, {"id": "", "name": "", "arguments": ""})
+                        acc["id"] = c.id or acc["id"]
+                        if c.function is not None:
+                            acc["name"] += c.function.name or ""
+                            acc["arguments"] += c.function.arguments or ""
+                    finish = choice.finish_reason or finish
+        if not finish:
+            raise ProviderError(f"openai {entry.model}: the stream ended without a finish "
+                                f"reason", provider=self.name, retryable=True)
+        tool_calls = [ToolCall(id=c["id"], name=c["name"], arguments=_arguments(c["arguments"]))
+                      for _, c in sorted(calls.items()) if c["name"]]
+        return ModelResponse(text="".join(text), tool_calls=tool_calls, stop_reason=_stop(finish),
+                             usage=usage, model=model or entry.model, provider=self.name)
 
     async def aclose(self) -> None:
         """Close the HTTP client."""

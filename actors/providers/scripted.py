@@ -13,11 +13,12 @@ from typing import Any
 
 import anyio
 
+from actors.providers import DeltaSink
 from schemas.fold import HANDOFF_TOOL
 from schemas.messages import ChatMessage, ModelRequest, ModelResponse, ToolCall, Usage
 from schemas.routing import RouteEntry, RouteSpec, ScriptRule
 
-__all__ = ["ScriptedProvider"]
+__all__ = ["STREAM_PIECES", "ScriptedProvider", "split_pieces"]
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w.]*)\}")
 
@@ -83,6 +84,23 @@ def _render(template: Any, variables: dict[str, Any]) -> Any:
     return _PLACEHOLDER.sub(lambda m: str(_lookup(m.group(1), variables)), template)
 
 
+STREAM_PIECES = 4  # a scripted answer is streamed in (at most) this many pieces
+
+
+def split_pieces(text: str, pieces: int = STREAM_PIECES) -> list[str]:
+    """``text`` cut at word boundaries into at most ``pieces`` parts that join back to it.
+
+    Example:
+        >>> split_pieces("one two three four five", 2)
+        ['one two three ', 'four five']
+    """
+    words = re.findall(r"\S+\s*|\s+", text)
+    if not words:
+        return []
+    size = -(-len(words) // min(pieces, len(words)))  # ceil
+    return ["".join(words[i:i + size]) for i in range(0, len(words), size)]
+
+
 def _tokens(text: str) -> int:
     return max(1, len(text) // 4)
 
@@ -134,11 +152,24 @@ class ScriptedProvider:
                 f"after {after!r})")
         return ModelResponse(text=text, model=self.model, provider=self.name, usage=usage)
 
-    async def complete(self, req: ModelRequest, entry: RouteEntry) -> ModelResponse:
-        """Answer ``req`` (after the configured pretend latency)."""
-        if self.latency_s:
-            await anyio.sleep(self.latency_s)
-        return self.answer(req)
+    async def complete(self, req: ModelRequest, entry: RouteEntry, *,
+                       on_delta: DeltaSink | None = None) -> ModelResponse:
+        """Answer ``req`` (after the configured pretend latency).
+
+        With ``on_delta``, the text comes in a few pieces (``STREAM_PIECES``),
+        the latency spread before them, as a streaming model writes it.
+        """
+        response = self.answer(req)
+        pieces = split_pieces(response.text) if on_delta is not None else []
+        if not pieces:
+            if self.latency_s:
+                await anyio.sleep(self.latency_s)
+            return response
+        assert on_delta is not None
+        for piece in pieces:
+            await anyio.sleep(self.latency_s / len(pieces))
+            await on_delta(piece)
+        return response
 
     async def aclose(self) -> None:
         """Nothing to release."""
