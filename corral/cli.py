@@ -41,12 +41,13 @@ from bus.auth import write_nats_config
 from bus.connection import Bus
 from bus.eventlog import EventLog, LoggedEvent
 from bus.server import corral_home
-from corral import approvals, audit, decisions, doctor, policy_cli, rollouts
+from corral import a2a_cli, approvals, audit, decisions, doctor, policy_cli, rollouts
 from corral.access import connect_command
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
 from corral.fleetrun import FleetHandle, running_fleet
+from corral.live import submit_streaming
 from corral.ps import live_trees, print_ps, print_system_events
 from corral.render import event_line, json_line
 from corral.trace import child_ids, render_tree
@@ -153,6 +154,10 @@ async def cmd_submit(args: argparse.Namespace) -> int:
     bus = await connect_command("client", "corral-submit", creds_file=args.creds)
     try:
         client = Client(bus)
+        if args.stream:
+            state = await submit_streaming(client, args.agent, args.text, task_id=args.id,
+                                           timeout_s=args.timeout)
+            return 0 if state.status == "completed" else 4 if not state.terminal else 1
         task_id = await client.submit(args.agent, args.text, task_id=args.id)
         if not args.wait:
             print(task_id)
@@ -393,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("text", metavar="TEXT", help="what to ask")
     submit.add_argument("--id", help="task id (default: a new UUID); reuse it to resubmit safely")
     submit.add_argument("--wait", action="store_true", help="follow the task and print the answer")
+    submit.add_argument("--stream", action="store_true",
+                        help="print the answer as the model writes it (implies --wait)")
     submit.add_argument("--timeout", type=float, default=120.0,
                         help="seconds to wait with --wait (default: %(default)s)")
     submit.set_defaults(func=cmd_submit)
@@ -493,6 +500,7 @@ Then:
     doctor.add_parser(sub)
     audit.add_parser(sub)
     policy_cli.add_parser(sub)
+    a2a_cli.add_parser(sub, str(REPO_CONFIG / "demo.toml"))
     approvals.add_parsers(sub)
     decisions.add_parser(sub)
     rollouts.add_parsers(sub)

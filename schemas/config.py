@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar
 import jsonschema
 import msgspec
 
+from schemas.a2a import A2ASpec
 from schemas.errors import ConfigError
 from schemas.mcp import SEP, mcp_server_of, mcp_tool_name
 from schemas.openapi import (
@@ -289,6 +290,7 @@ class FleetConfig(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     supervisors: dict[str, RawSupervisor] = msgspec.field(default_factory=dict)
     policy: PolicySpec | None = None  # None: no [policy] table, the gate allows the tool list
     approvals: dict[str, ApprovalSpec] = msgspec.field(default_factory=dict)
+    a2a: A2ASpec | None = None  # None: no [a2a] table, the fleet is not served over A2A
     name: str = "fleet"
     source: str = ""
 
@@ -876,7 +878,7 @@ def parse_fleet(text: str, source: str = "<string>", *,
                           table="fleet", key=key)
     name = fleet_table.get("name", "fleet")
     known = {"fleet", "runtime", "limits", "agents", "tools", "models", "prices", "teams",
-             "supervision", "supervisors", "policy", "approvals", "mcp", "openapi"}
+             "supervision", "supervisors", "policy", "approvals", "mcp", "openapi", "a2a"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"unknown table; expected one of {', '.join(sorted(known))}"
@@ -907,13 +909,14 @@ def parse_fleet(text: str, source: str = "<string>", *,
     supervisors = {n: _convert(v, RawSupervisor, source, f"supervisors.{n}")
                    for n, v in sups.items()}
     policy = _convert(raw["policy"], PolicySpec, source, "policy") if "policy" in raw else None
+    a2a = _convert(raw["a2a"], A2ASpec, source, "a2a") if "a2a" in raw else None
     http = _openapi_tools(sections["agents"], sections["tools"], sections["mcp"],
                           sections["openapi"], source, read)
     sections["tools"].update(_mcp_tools(sections["agents"], sections["tools"], sections["mcp"],
                                         source, http))
     sections["tools"].update(http)
     fleet = FleetConfig(name=str(name), source=source, runtime=runtime, limits=limits,
-                        supervision=supervision, policy=policy,
+                        supervision=supervision, policy=policy, a2a=a2a,
                         supervisors=supervisors, **sections)
     _check_refs(fleet, source)
     _check_autonomy(fleet, source)

@@ -1,0 +1,234 @@
+"""The fleet over A2A: the official ``a2a-sdk`` client against the demo fleet.
+
+A real nats-server, the demo fleet's actors in this process, ``corral``'s
+A2A server on a free port, and the SDK's JSON-RPC client speaking to it
+over HTTP: cards, send (blocking and not), stream with partial text, get,
+list, cancel, resubscribe after a dropped stream, bad tokens and garbage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from a2a.client import A2ACardResolver, Client, ClientConfig, ClientFactory
+from a2a.client.errors import A2AClientError
+from a2a.types.a2a_pb2 import (
+    CancelTaskRequest,
+    GetTaskRequest,
+    ListTasksRequest,
+    Message,
+    Part,
+    Role,
+    SendMessageConfiguration,
+    SendMessageRequest,
+    StreamResponse,
+    SubscribeToTaskRequest,
+    TaskState,
+)
+from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
+from a2a.utils.errors import A2AError
+
+from actors.a2a import FleetHandler, build_app, serve
+from bus.connection import Bus
+from corral.client import Client as CorralClient
+from schemas.a2a import A2ASpec, parse_tokens, token_hash
+from schemas.config import FleetConfig
+from tests.conftest import demo_fleet, fleet_in_process, outbox, task_events, types
+
+TOKEN, OTHER = "tok-acme-" + "x" * 20, "tok-zeta-" + "y" * 20
+TOKENS = (f'[tokens.acme]\nsha256 = "{token_hash(TOKEN)}"\n'
+          f'[tokens.zeta]\nsha256 = "{token_hash(OTHER)}"\n')
+REFUND = "Please refund order 1234"
+
+
+@contextlib.asynccontextmanager
+async def a2a_fleet(bus: Bus, fleet: FleetConfig, **spec: Any) -> AsyncIterator[str]:
+    """The fleet running, and its A2A server on a free port: yields the base URL."""
+    a2a = A2ASpec(**{"max_body_bytes": 64 * 1024, **spec})
+    client = CorralClient(bus, reader="a2a")
+    handler = FleetHandler(a2a, {"client": client}, operator=client)
+    sock = socket.create_server(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    app = build_app(fleet, a2a, handler, parse_tokens(TOKENS, "tokens.toml"), base)
+    async with fleet_in_process(bus, fleet), anyio.create_task_group() as tg:
+        await tg.start(functools.partial(serve, app, sock, signals=False))
+        try:
+            yield base
+        finally:
+            tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def a2a_client(base: str, agent: str, *, token: str = TOKEN,
+                     streaming: bool = True) -> AsyncIterator[Client]:
+    """The SDK's client for one agent, its card discovered at the well-known path."""
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}",
+                                          VERSION_HEADER: PROTOCOL_VERSION_CURRENT},
+                                 timeout=30) as http:
+        card = await A2ACardResolver(http, f"{base}/agents/{agent}").get_agent_card()
+        client = ClientFactory(ClientConfig(httpx_client=http, streaming=streaming)).create(card)
+        try:
+            yield client
+        finally:
+            await client.close()
+
+
+def ask(text: str, *, context_id: str = "", immediately: bool = False) -> SendMessageRequest:
+    msg = Message(message_id=uuid.uuid4().hex, role=Role.ROLE_USER, parts=[Part(text=text)],
+                  context_id=context_id)
+    return SendMessageRequest(message=msg, configuration=SendMessageConfiguration(
+        return_immediately=immediately))
+
+
+async def collect(stream: AsyncIterator[StreamResponse]) -> list[StreamResponse]:
+    return [event async for event in stream]
+
+
+async def test_each_agent_has_its_card_and_the_index_lists_them(bus: Bus) -> None:
+    fleet = demo_fleet()
+    async with a2a_fleet(bus, fleet) as base, httpx.AsyncClient() as http:
+        index = (await http.get(f"{base}/agents")).json()
+        assert set(index["agents"]) == set(fleet.agents)
+        card = await A2ACardResolver(http, f"{base}/agents/billing").get_agent_card()
+        assert card.name == "billing"
+        assert card.description == fleet.agents["billing"].description
+        assert card.capabilities.streaming and not card.capabilities.push_notifications
+        skills = {s.id for s in card.skills}
+        assert {"billing", "tool:lookup_order", "tool:issue_refund", "tool:send_email"} <= skills
+        assert card.security_schemes["bearer"].http_auth_security_scheme.scheme == "Bearer"
+        assert card.supported_interfaces[0].url == f"{base}/agents/billing/"
+        triage = await A2ACardResolver(http, f"{base}/agents/triage").get_agent_card()
+        assert {"handoff:billing", "handoff:support"} <= {s.id for s in triage.skills}
+        missing = await http.get(f"{base}/agents/nobody/.well-known/agent-card.json")
+        assert missing.status_code == 404 and "triage" in missing.json()["message"]
+
+
+async def test_a_refund_is_sent_answered_got_and_listed(bus: Bus, home: Any) -> None:
+    fleet = demo_fleet()
+    async with a2a_fleet(bus, fleet) as base, \
+            a2a_client(base, "triage", streaming=False) as client:
+        [reply] = await collect(client.send_message(ask(REFUND, context_id="ctx-7")))
+        task = reply.task
+        assert task.status.state == TaskState.TASK_STATE_COMPLETED
+        assert task.context_id == "ctx-7"
+        answer = task.artifacts[0].parts[0].text
+        assert "Refunded $" in answer and "1234" in answer
+        assert task.status.message.parts[0].text == answer
+        # The A2A task id is the corral task id: the log under it is the refund's.
+        events = await task_events(bus, task.id)
+        assert "handoff" in types(events) and types(events)[-1] == "task.completed"
+        assert [e["tool"] for e in outbox(home)] == ["issue_refund", "send_email"]
+
+        got = await client.get_task(GetTaskRequest(id=task.id))
+        assert got.id == task.id and got.status.state == TaskState.TASK_STATE_COMPLETED
+        assert got.history[0].role == Role.ROLE_USER and got.history[0].parts[0].text == REFUND
+        assert got.history[-1].role == Role.ROLE_AGENT and got.history[-1].parts[0].text == answer
+        short = await client.get_task(GetTaskRequest(id=task.id, history_length=1))
+        assert [m.parts[0].text for m in short.history] == [answer]
+
+        listed = await client.list_tasks(ListTasksRequest())
+        assert [t.id for t in listed.tasks] == [task.id]
+        assert not (await client.list_tasks(ListTasksRequest(context_id="other"))).tasks
+        # Another principal sees none of it.
+        async with a2a_client(base, "triage", token=OTHER, streaming=False) as other:
+            assert not (await other.list_tasks(ListTasksRequest())).tasks
+            with pytest.raises((A2AClientError, A2AError), match="no task"):
+                await other.get_task(GetTaskRequest(id=task.id))
+
+
+async def test_the_same_refund_streams_its_answer_as_it_is_written(bus: Bus) -> None:
+    async with a2a_fleet(bus, demo_fleet(latency_ms=40)) as base, \
+            a2a_client(base, "triage") as client:
+        events = await collect(client.send_message(ask(REFUND)))
+    kinds = [e.WhichOneof("payload") for e in events]
+    assert kinds[0] == "task"
+    assert events[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+    pieces = [e.artifact_update for e in events if e.HasField("artifact_update")]
+    partial = [p for p in pieces if not p.last_chunk]
+    assert any(p.append for p in partial), "the answer came in more than one piece"
+    # Put together the way a client does, the last turn's pieces are the final answer.
+    text = ""
+    for p in partial:
+        text = (text if p.append else "") + p.artifact.parts[0].text
+    final = pieces[-1]
+    assert final.last_chunk and final.artifact.parts[0].text == text
+    assert text.startswith("Refunded $")
+    states = [e.status_update.status.state for e in events if e.HasField("status_update")]
+    assert TaskState.TASK_STATE_WORKING in states
+
+
+async def test_resubscribe_after_the_client_drops_and_cancel(bus: Bus) -> None:
+    async with a2a_fleet(bus, demo_fleet(latency_ms=250)) as base, \
+            a2a_client(base, "triage") as client:
+        stream = client.send_message(ask(REFUND))
+        first = await anext(stream)
+        task_id = first.task.id
+        await stream.aclose()  # the client drops mid-task
+        again = await collect(client.subscribe(SubscribeToTaskRequest(id=task_id)))
+        assert again[0].task.id == task_id
+        assert not TaskState.Name(again[0].task.status.state).endswith("COMPLETED")
+        assert again[-1].status_update.status.state == TaskState.TASK_STATE_COMPLETED
+        assert again[-2].artifact_update.artifact.parts[0].text.startswith("Refunded $")
+        with pytest.raises((A2AClientError, A2AError), match="completed"):  # nothing more to follow
+            await collect(client.subscribe(SubscribeToTaskRequest(id=task_id)))
+
+    async with a2a_fleet(bus, demo_fleet(latency_ms=250)) as base, \
+            a2a_client(base, "triage", streaming=False) as client:
+        [queued] = await collect(client.send_message(ask(REFUND, immediately=True)))
+        assert queued.task.status.state in (TaskState.TASK_STATE_SUBMITTED,
+                                            TaskState.TASK_STATE_WORKING)
+        canceled = await client.cancel_task(CancelTaskRequest(id=queued.task.id))
+        assert canceled.status.state == TaskState.TASK_STATE_CANCELED
+        assert "a2a:acme" in [getattr(e, "by", "") for e in await task_events(bus, canceled.id)]
+        with pytest.raises((A2AClientError, A2AError), match="already canceled"):
+            await client.cancel_task(CancelTaskRequest(id=queued.task.id))
+
+
+async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: Bus) -> None:
+    async with a2a_fleet(bus, demo_fleet()) as base, httpx.AsyncClient() as http:
+        url = f"{base}/agents/triage/"
+        rpc = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "nope"}}
+        hdr = {VERSION_HEADER: PROTOCOL_VERSION_CURRENT}
+        for auth, why in ((None, "no bearer token"), ("Bearer wrong", "unknown"),
+                          ("Basic abc", "must be `Bearer")):
+            headers = {**hdr, **({"Authorization": auth} if auth else {})}
+            r = await http.post(url, json=rpc, headers=headers)
+            assert r.status_code == 401 and why in r.json()["message"]
+            assert r.headers["www-authenticate"].startswith("Bearer")
+        ok = {**hdr, "Authorization": f"Bearer {TOKEN}"}
+
+        async def error_of(body: bytes, where: str = url) -> tuple[int, dict[str, Any]]:
+            r = await http.post(where, content=body, headers={**ok, "content-type":
+                                                              "application/json"})
+            return r.status_code, r.json()
+
+        assert (await error_of(b"{not json"))[1]["error"]["code"] == -32700
+        assert (await error_of(b'{"jsonrpc": "2.0", "id": 2, "method": "Nope"}')
+                )[1]["error"]["code"] == -32601
+        assert (await error_of(b'[1, 2]'))[1]["error"]["code"] == -32600
+        assert (await error_of(b'{"jsonrpc": "2.0", "id": 3, "method": "SendMessage", '
+                               b'"params": {"message": 5}}'))[1]["error"]["code"] == -32602
+        status, body = await error_of(b"x" * (65 * 1024))
+        assert status == 413 and "max_body_bytes" in body["error"]["message"]
+        status, body = await error_of(b"{}", f"{base}/agents/nobody/")
+        assert status == 404 and "triage" in body["error"]["message"]
+        for bad_id in ("nope", "a.b", ">", "x" * 300):
+            rpc["params"] = {"id": bad_id}
+            r = await http.post(url, json=rpc, headers=ok)
+            assert r.json()["error"]["code"] == -32001, bad_id  # task not found
+        files = {"jsonrpc": "2.0", "id": 4, "method": "SendMessage", "params": {"message": {
+            "messageId": "m1", "role": "ROLE_USER", "parts": [{"url": "file:///etc/passwd"}]}}}
+        r = await http.post(url, json=files, headers=ok)
+        assert r.json()["error"]["code"] == -32005  # content type not supported
+        assert (await http.get(f"{base}/healthz")).json()["ok"]
+        async with a2a_client(base, "support", streaming=False) as client:
+            [reply] = await collect(client.send_message(ask("Where is order 1234?")))
+            assert reply.task.status.state == TaskState.TASK_STATE_COMPLETED
