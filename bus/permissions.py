@@ -306,6 +306,7 @@ def _model(fleet: FleetConfig, tree: SupervisionTree, alias: str) -> Permissions
     teams = sorted({fleet.agents[a].team for a in users if fleet.agents[a].team})
     pub += _consume(subjects.MODELS_STREAM, subjects.model_consumer(alias))
     pub += [subjects.events("*"), subjects.dlq(me), subjects.breaker(alias)]
+    pub += [subjects.deltas("*")]  # a turn's answer as it is written (core, not stored)
     pub += [subjects.wake(a) for a in users]
     pub += _read(subjects.EVENTS_STREAM)
     pub += _kv_read(subjects.BUDGET_BUCKET)
@@ -351,7 +352,7 @@ def _role(fleet: FleetConfig, role: str) -> Permissions:
         # (task.rejected, "did you mean"), not by a silent refusal; it holds nothing more.
         pub += [subjects.task("*")]
         pub += _follow(subjects.EVENTS_STREAM)
-        sub += [subjects.results("*")]
+        sub += [subjects.results("*"), subjects.deltas("*")]  # submit --stream, the A2A edge
     elif role == "auditor":
         for stream in (subjects.EVENTS_STREAM, subjects.ANCHORS_STREAM, subjects.SYSTEM_STREAM,
                        subjects.DLQ_STREAM, subjects.APPROVALS_STREAM):

@@ -5,7 +5,7 @@
 
 The server is stateless (every answer is read from NATS), so run as many as
 you like behind a load balancer. ``corral up`` runs one as its own failure
-domain when the fleet has an ``[a2a]`` table (``run_a2a_domain``).
+domain when the fleet has an ``[a2a]`` table (``corral.a2a_domain``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -36,11 +35,10 @@ from schemas.config import FleetConfig
 from schemas.errors import ConfigError
 
 __all__ = ["TOKENS_ENV", "a2a_spec", "add_parser", "connect_clients", "load_tokens",
-           "run_a2a_domain", "tokens_path"]
+           "tokens_path"]
 
 log = logging.getLogger("corral.a2a")
 TOKENS_ENV = "CORRAL_A2A_TOKENS"  # a tokens file, instead of the [a2a] table's
-RESTART_MAX_S = 30.0
 
 
 def a2a_spec(fleet: FleetConfig, args: argparse.Namespace | None = None) -> A2ASpec:
@@ -162,46 +160,6 @@ async def cmd_a2a(args: argparse.Namespace) -> int:
               f"({len(fleet.agents)} agents, {len(tokens.by_hash)} tokens)", flush=True)
         await serve(app, sock)
     return 0
-
-
-async def run_a2a_domain(config: Path, env: dict[str, str], log_dir: Path,
-                         stop: anyio.Event) -> None:
-    """``corral a2a`` as ``corral up``'s own failure domain: a process, restarted when it dies.
-
-    Its crashes never touch the other domains; restarts back off up to
-    ``RESTART_MAX_S``. It is stopped (SIGTERM, then SIGKILL) when ``stop`` is set.
-    """
-    delay = 0.5
-    await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
-    while not stop.is_set():
-        with (log_dir / "a2a.log").open("ab") as out:
-            proc = await anyio.open_process(
-                [sys.executable, "-m", "corral", "a2a", "--config", str(config)],
-                env={**os.environ, **env}, stdout=out, stderr=out)
-        code = await _run_until(proc, stop)
-        if stop.is_set():
-            return
-        log.warning("a2a domain: corral a2a exited with %s; restarting in %.1fs", code, delay)
-        with anyio.move_on_after(delay):
-            await stop.wait()
-        delay = min(RESTART_MAX_S, delay * 2)
-
-
-async def _run_until(proc: anyio.abc.Process, stop: anyio.Event) -> int | None:
-    """Wait for ``proc`` to exit; when ``stop`` is set first, SIGTERM it (SIGKILL after 10 s)."""
-    async with proc, anyio.create_task_group() as tg:
-        async def halt() -> None:
-            await stop.wait()
-            proc.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(10):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-
-        tg.start_soon(halt)
-        code = await proc.wait()
-        tg.cancel_scope.cancel()
-    return code
 
 
 def add_parser(sub: argparse._SubParsersAction[Any], default_config: str

@@ -38,6 +38,7 @@ from bus.provision import (
     reclaim_orphaned,
 )
 from bus.server import EmbeddedServer, corral_home
+from corral.a2a_domain import run_a2a_domain
 from schemas.config import FleetConfig, served_tools, supervision_tree, tool_actors
 from schemas.errors import BusError, ConfigError, SupervisorError
 from schemas.identity import KeySet, supervisor_identity
@@ -329,11 +330,20 @@ async def _running(config: Path, fleet: FleetConfig, tree: SupervisionTree,
                                   bus=root_bus, log_dir=home / "logs",
                                   env={"NATS_URL": url, "CORRAL_HOME": str(home)},
                                   secrets=actor_secrets(fleet), creds_dir=auth.creds_dir)
+                edge_stop = anyio.Event()
                 async with anyio.create_task_group() as tg:
                     await tg.start(root.run)
+                    if fleet.a2a is not None and fleet.a2a.enabled and spec is tree.root:
+                        # The A2A server: its own failure domain, a process of its own.
+                        creds = {"CORRAL_CREDS": "", "CORRAL_CREDS_DIR": str(auth.creds_dir)
+                                 } if auth.creds_dir else {"CORRAL_CREDS": ""}
+                        tg.start_soon(run_a2a_domain, absolute,
+                                      {"NATS_URL": url, "CORRAL_HOME": str(home), **creds},
+                                      home / "logs", edge_stop)
                     try:
                         yield FleetHandle(bus, root, url, server, home, node, auth.creds_dir)
                     finally:
+                        edge_stop.set()
                         root.stop()
                         tg.start_soon(_hurry_on_signal, root)
                 if root.failure is not None:

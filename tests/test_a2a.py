@@ -232,3 +232,25 @@ async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: B
         async with a2a_client(base, "support", streaming=False) as client:
             [reply] = await collect(client.send_message(ask("Where is order 1234?")))
             assert reply.task.status.state == TaskState.TASK_STATE_COMPLETED
+
+
+def test_the_a2a_table_and_the_tokens_file_say_what_is_wrong_and_where() -> None:
+    from schemas.config import parse_fleet
+    from schemas.errors import ConfigError
+    from tests.conftest import DEMO_TEXT
+
+    for table, key in (("[a2a]\nprot = 1\n", "prot"), ("[a2a]\nport = 0\n", "port"),
+                       ("[a2a]\nmax_body_bytes = 1\n", "max_body_bytes")):
+        with pytest.raises(ConfigError) as info:
+            parse_fleet(DEMO_TEXT + "\n" + table, "fleet.toml")
+        assert (info.value.file, info.value.table, info.value.key) == ("fleet.toml", "a2a", key)
+    assert parse_fleet(DEMO_TEXT + "\n[a2a]\nport = 9000\n", "f").a2a.port == 9000  # type: ignore[union-attr]
+    for text, key in (('[tokens.a]\nsha256 = "abc"\n', "sha256"),
+                      (f'[tokens.a]\nsha256 = "{token_hash("t")}"\nidentity = "admin"\n',
+                       "identity")):
+        with pytest.raises(ConfigError) as info:
+            parse_tokens(text, "tokens.toml")
+        assert (info.value.table, info.value.key) == ("tokens.a", key)
+    tokens = parse_tokens(TOKENS, "tokens.toml")
+    assert tokens.lookup(TOKEN).name == "acme" and tokens.lookup("nope") is None  # type: ignore[union-attr]
+    assert TOKEN not in TOKENS  # only hashes at rest

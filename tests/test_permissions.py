@@ -77,6 +77,8 @@ _ROWS = {
     "sub corral.anchors.>": "— | — | — | — | — | — | — | all",
     "pub corral.results.<task>": "all | — | — | — | — | — | all | all",
     "sub corral.results.<task>": "— | — | — | — | all | — | — | all",
+    "pub corral.deltas.<task>": "— | — | all | — | — | — | — | all",
+    "sub corral.deltas.<task>": "— | — | — | — | all | — | — | all",
     "control: cancel, pause, resume": "— | — | — | — | — | — | all | all",
     "pub corral.dlq.<actor>": "intake, own | own | own | — | — | — | — | all",
     "sub corral.dlq.>": "— | — | — | — | — | — | — | all",
@@ -306,6 +308,8 @@ def probes(fleet: FleetConfig, identity: str) -> list[Probe]:
         sub(f"sub {row}.>", "all", everything)
     pub("pub corral.results.<task>", "any", subjects.results(task))
     sub("sub corral.results.<task>", "any", subjects.results(task))
+    pub("pub corral.deltas.<task>", "any", subjects.deltas(task))
+    sub("sub corral.deltas.<task>", "any", subjects.deltas(task))
     # What `corral cancel/pause/resume` publishes: an append, its anchor, a wake, a notice.
     for subject in (subjects.events(task), subjects.anchors(task), subjects.results(task),
                     *[subjects.wake(a) for a in agents]):
