@@ -48,6 +48,9 @@ def a2a_spec(fleet: FleetConfig, args: argparse.Namespace | None = None) -> A2AS
         changes = {k: v for k, v in (("port", args.port), ("host", args.host)) if v is not None}
         if changes:
             spec = msgspec.structs.replace(spec, **changes)
+    if spec.default_agent and spec.default_agent not in fleet.agents:
+        raise ConfigError(f"no agent {spec.default_agent!r} in the fleet", file=fleet.source,
+                          table="a2a", key="default_agent")
     if not 1 <= spec.port <= 65535:
         raise ConfigError(f"port {spec.port} is not 1..65535", file=fleet.source, table="a2a",
                           key="port")

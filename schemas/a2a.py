@@ -59,6 +59,7 @@ class A2ASpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     max_body_bytes: Annotated[int, msgspec.Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     blocking_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 60.0
     list_max_tasks: Annotated[int, msgspec.Meta(ge=1)] = 10_000  # tasks scanned per list
+    default_agent: str = ""  # whose card is at /.well-known/agent-card.json ("": the first)
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,6 +4,8 @@ Routes (``<base>`` is the server's public URL):
 
 - ``GET <base>/agents``: the fleet's agents and their card URLs (public);
 - ``GET <base>/agents/<agent>/.well-known/agent-card.json``: an agent's card (public);
+- ``GET <base>/.well-known/agent-card.json``: the card of ``[a2a] default_agent`` (the
+  first agent when unset), for clients that look for one card per host;
 - ``POST <base>/agents/<agent>/``: A2A JSON-RPC for that agent (bearer token);
 - ``GET <base>/healthz``: 200 while the server runs.
 
@@ -29,6 +31,7 @@ from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes.common import DefaultServerCallContextBuilder
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
+from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -114,6 +117,11 @@ class _Guard:
             if not message.get("more_body", False):
                 break
         scope[PRINCIPAL_KEY] = principal
+        if VERSION_HEADER.lower() not in headers:
+            # The spec reads a missing version as 0.3, which this server does not speak:
+            # take the request as the current version rather than refuse every call.
+            version = (VERSION_HEADER.lower().encode(), PROTOCOL_VERSION_CURRENT.encode())
+            scope["headers"] = [*scope.get("headers", []), version]
         sent = False
 
         async def replay() -> Message:
@@ -147,6 +155,7 @@ def build_app(fleet: FleetConfig, spec: A2ASpec, handler: FleetHandler, tokens: 
               base_url: str) -> ASGIApp:
     """The ASGI app serving every agent of ``fleet`` at ``base_url``."""
     cards = {a: agent_card_to_dict(agent_card(fleet, a, base_url)) for a in fleet.agents}
+    front = spec.default_agent or next(iter(fleet.agents))  # the host's own card
     dispatcher = JsonRpcDispatcher(request_handler=handler, context_builder=_Context())
 
     def unknown(agent: str) -> str:
@@ -158,7 +167,7 @@ def build_app(fleet: FleetConfig, spec: A2ASpec, handler: FleetHandler, tokens: 
             a: f"{base_url}{agent_path(a)}.well-known/agent-card.json" for a in cards}})
 
     async def card(request: Request) -> Response:
-        agent = request.path_params["agent"]
+        agent = request.path_params.get("agent", front)
         if agent not in cards:
             return JSONResponse({"error": "not_found", "message": unknown(agent)}, 404)
         return JSONResponse(cards[agent])
@@ -175,7 +184,10 @@ def build_app(fleet: FleetConfig, spec: A2ASpec, handler: FleetHandler, tokens: 
     app = Starlette(routes=[
         Route("/healthz", health, methods=["GET"]),
         Route("/agents", index, methods=["GET"]),
+        Route("/.well-known/agent-card.json", card, methods=["GET"]),
         Route("/agents/{agent}/.well-known/agent-card.json", card, methods=["GET"]),
+        # A client that joins the endpoint URL (trailing slash) and the well-known path.
+        Route("/agents/{agent}//.well-known/agent-card.json", card, methods=["GET"]),
         Route("/agents/{agent}/", rpc, methods=["POST"]),
         Route("/agents/{agent}", rpc, methods=["POST"]),
     ])

@@ -65,7 +65,6 @@ def agent_card(fleet: FleetConfig, agent: str, base_url: str) -> AgentCard:
         capabilities=AgentCapabilities(streaming=True, push_notifications=False,
                                        extended_agent_card=False),
         security_schemes={BEARER: SecurityScheme(http_auth_security_scheme=HTTPAuthSecurityScheme(
-            scheme="Bearer", description="a token issued by the fleet's operator "
-                                         "(`corral a2a --new-token NAME`)"))},
+            scheme="Bearer", description="issued by the fleet's operator"))},
         security_requirements=[SecurityRequirement(schemes={BEARER: StringList()})],
         default_input_modes=_TEXT, default_output_modes=_TEXT, skills=skills)

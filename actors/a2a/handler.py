@@ -331,7 +331,7 @@ class FleetHandler(RequestHandler):
                             ) -> ListTasksResponse:
         """This principal's tasks on this agent, newest first, a page at a time."""
         agent, principal, tasks = self._who(context)
-        size = params.page_size or DEFAULT_LIST_TASKS_PAGE_SIZE
+        size = params.page_size if params.HasField("page_size") else DEFAULT_LIST_TASKS_PAGE_SIZE
         if not 1 <= size <= MAX_LIST_TASKS_PAGE_SIZE:
             raise InvalidParamsError(
                 message=f"page_size must be 1..{MAX_LIST_TASKS_PAGE_SIZE}")
@@ -365,7 +365,7 @@ class FleetHandler(RequestHandler):
         more = offset + size < total
         return ListTasksResponse(
             tasks=[to_task(v, history_length=history) for v in page],
-            next_page_token=str(offset + size) if more else "", page_size=size,
+            next_page_token=str(offset + size) if more else "", page_size=len(page),
             total_size=total)
 
     async def _submitted(self, tasks: Tasks, agent: str, principal: Principal,
