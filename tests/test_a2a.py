@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -39,8 +40,10 @@ from a2a.utils.errors import A2AError
 from actors.a2a import FleetHandler, build_app, serve
 from bus.connection import Bus
 from corral.client import Client as CorralClient
+from corral.live import submit_streaming
 from schemas.a2a import A2ASpec, parse_tokens, token_hash
 from schemas.config import FleetConfig
+from schemas.events import TaskSubmitted
 from tests.conftest import demo_fleet, fleet_in_process, outbox, task_events, types
 
 TOKEN, OTHER = "tok-acme-" + "x" * 20, "tok-zeta-" + "y" * 20
@@ -50,20 +53,27 @@ REFUND = "Please refund order 1234"
 
 
 @contextlib.asynccontextmanager
-async def a2a_fleet(bus: Bus, fleet: FleetConfig, **spec: Any) -> AsyncIterator[str]:
-    """The fleet running, and its A2A server on a free port: yields the base URL."""
+async def a2a_server(bus: Bus, fleet: FleetConfig, **spec: Any) -> AsyncIterator[str]:
+    """The fleet's A2A server on a free port, on ``bus``'s identity: yields the base URL."""
     a2a = A2ASpec(**{"max_body_bytes": 64 * 1024, **spec})
     client = CorralClient(bus, reader="a2a")
     handler = FleetHandler(a2a, {"client": client}, operator=client)
     sock = socket.create_server(("127.0.0.1", 0))
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     app = build_app(fleet, a2a, handler, parse_tokens(TOKENS, "tokens.toml"), base)
-    async with fleet_in_process(bus, fleet), anyio.create_task_group() as tg:
+    async with anyio.create_task_group() as tg:
         await tg.start(functools.partial(serve, app, sock, signals=False))
         try:
             yield base
         finally:
             tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def a2a_fleet(bus: Bus, fleet: FleetConfig, **spec: Any) -> AsyncIterator[str]:
+    """The fleet running in this process, and its A2A server: yields the base URL."""
+    async with fleet_in_process(bus, fleet), a2a_server(bus, fleet, **spec) as base:
+        yield base
 
 
 @contextlib.asynccontextmanager
@@ -254,3 +264,37 @@ def test_the_a2a_table_and_the_tokens_file_say_what_is_wrong_and_where() -> None
     tokens = parse_tokens(TOKENS, "tokens.toml")
     assert tokens.lookup(TOKEN).name == "acme" and tokens.lookup("nope") is None  # type: ignore[union-attr]
     assert TOKEN not in TOKENS  # only hashes at rest
+
+
+async def test_a_token_acts_as_its_corral_identity(nats_server: Any, home: Any) -> None:
+    """Signed fleet: the A2A server submits as ``client``, so ``submitted_by`` says so."""
+    from tests.test_signed_events import connected, signed_demo, signed_fleet
+
+    fleet, signers, keys = signed_demo()
+    async with signed_fleet(nats_server.url, fleet, signers, keys), \
+            connected(nats_server.url, signers["client"], keys) as as_client, \
+            a2a_server(as_client, fleet) as base, \
+            a2a_client(base, "triage", streaming=False) as client:
+        [reply] = await collect(client.send_message(ask("Where is order 1234?")))
+        assert reply.task.status.state == TaskState.TASK_STATE_COMPLETED
+        assert reply.task.metadata["corral"]["submitted_by"] == "client"
+        [submitted] = [e for e in await task_events(as_client, reply.task.id)
+                       if isinstance(e, TaskSubmitted)]
+        assert submitted.submitted_by == "client"
+        assert submitted.metadata["a2a"]["principal"] == "acme"
+
+
+async def test_submit_stream_prints_the_answer_as_it_is_written(bus: Bus) -> None:
+    writes: list[str] = []
+
+    class Terminal(io.StringIO):
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return super().write(text)
+
+    out = Terminal()
+    async with fleet_in_process(bus, demo_fleet(latency_ms=40)):
+        state = await submit_streaming(CorralClient(bus), "triage", REFUND, out=out)
+    assert state.status == "completed"
+    assert out.getvalue().splitlines() == [state.answer]  # pieces that add up: not repeated
+    assert len([w for w in writes if w.strip()]) > 1  # written in pieces, as they came
