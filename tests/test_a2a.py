@@ -18,6 +18,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from a2a.client import A2ACardResolver, Client, ClientConfig, ClientFactory
 from a2a.client.errors import A2AClientError
@@ -203,7 +204,10 @@ async def test_resubscribe_after_the_client_drops_and_cancel(bus: Bus) -> None:
 
 
 async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: Bus) -> None:
-    async with a2a_fleet(bus, demo_fleet()) as base, httpx.AsyncClient() as http:
+    fleet = demo_fleet()
+    fleet = msgspec.structs.replace(fleet, limits=msgspec.structs.replace(
+        fleet.limits, submission_bytes=4096))
+    async with a2a_fleet(bus, fleet) as base, httpx.AsyncClient() as http:
         url = f"{base}/agents/triage/"
         rpc = {"jsonrpc": "2.0", "id": 1, "method": "GetTask", "params": {"id": "nope"}}
         hdr = {VERSION_HEADER: PROTOCOL_VERSION_CURRENT}
@@ -242,6 +246,10 @@ async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: B
         async with a2a_client(base, "support", streaming=False) as client:
             [reply] = await collect(client.send_message(ask("Where is order 1234?")))
             assert reply.task.status.state == TaskState.TASK_STATE_COMPLETED
+            # Within the HTTP limit, over the fleet's: the agent rejects it, visibly.
+            [big] = await collect(client.send_message(ask("x" * 8000)))
+            assert big.task.status.state == TaskState.TASK_STATE_REJECTED
+            assert "submission_bytes" in big.task.status.message.parts[0].text
 
 
 def test_the_a2a_table_and_the_tokens_file_say_what_is_wrong_and_where() -> None:

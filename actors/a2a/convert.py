@@ -137,6 +137,7 @@ class TaskView:
         """Fold one accepted event."""
         before = len(self.state.conversation)
         apply(self.state, event)
+        self.state.task_id = self.state.task_id or event.task_id  # rejected before submitted
         self.last_time = event.time
         if isinstance(event, TaskSubmitted) and self.submitted is None:
             self.submitted = event

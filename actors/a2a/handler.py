@@ -209,7 +209,7 @@ class FleetHandler(RequestHandler):
             (lambda v: v.state.terminal or v.state.status == "input-required"))
         view = await self._until(tasks, task_id, stop,
                                  SUBMIT_SEEN_S if immediately else self.spec.blocking_timeout_s)
-        if view.submitted is None:  # no agent took it yet: it waits in the agent's queue
+        if view.submitted is None and not view.state.terminal:  # still in the agent's queue
             return Task(id=task_id, context_id=params.message.context_id,
                         status=TaskStatus(state=A2AState.TASK_STATE_SUBMITTED, timestamp=_now()),
                         history=[params.message])
