@@ -109,6 +109,7 @@ async def test_tool_use_round_trip_through_the_fleet(bus: Bus, stub: Stub, alias
     assert state.status == "completed" and state.answer == "Order 5678 is in transit."
     assert len(stub.seen) == 2
     first, second = stub.seen
+    assert first.body["stream"] is True  # a turn's call streams (its pieces go out as deltas)
     if alias == "claude":
         assert first.path == "/v1/messages"
         assert KEY in (first.headers.get("x-api-key", "") + first.headers.get("authorization", ""))
