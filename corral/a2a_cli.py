@@ -153,7 +153,11 @@ async def cmd_a2a(args: argparse.Namespace) -> int:
         print(token)
         return 0
     tokens = load_tokens(path, fleet)
-    sock = socket.create_server((spec.host, spec.port), reuse_port=False)
+    try:
+        sock = socket.create_server((spec.host, spec.port))
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {spec.host}:{spec.port}: {exc.strerror}",
+                          file=fleet.source, table="a2a", key="port") from exc
     host, port = sock.getsockname()[:2]
     base_url = (spec.public_url or f"http://{host}:{port}").rstrip("/")
     async with connect_clients(tokens, creds_file=args.creds) as (clients, operator):
