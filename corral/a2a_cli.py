@@ -26,6 +26,7 @@ import anyio.abc
 import msgspec
 
 from actors.a2a import FleetHandler, Tasks, build_app, serve
+from actors.link import die_with_parent
 from actors.runtime import load_fleet
 from bus.connection import Bus
 from corral.access import command_creds, connect_command
@@ -143,6 +144,7 @@ async def connect_clients(tokens: TokenTable, *, creds_file: str | None = None
 
 async def cmd_a2a(args: argparse.Namespace) -> int:
     """Serve the fleet over A2A until SIGINT/SIGTERM (or add a token)."""
+    die_with_parent()  # started by `corral up`: never outlive it
     fleet = load_fleet(args.config)
     spec = a2a_spec(fleet, args)
     path = tokens_path(fleet, spec, args.tokens)

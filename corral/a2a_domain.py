@@ -11,6 +11,8 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from actors.link import PARENT_PID_ENV
+
 __all__ = ["RESTART_MAX_S", "run_a2a_domain"]
 
 log = logging.getLogger("corral.a2a")
@@ -22,7 +24,8 @@ async def run_a2a_domain(config: Path, env: dict[str, str], log_dir: Path,
     """``corral a2a`` as ``corral up``'s own failure domain: a process, restarted when it dies.
 
     Its crashes never touch the other domains; restarts back off up to
-    ``RESTART_MAX_S``. It is stopped (SIGTERM, then SIGKILL) when ``stop`` is set.
+    ``RESTART_MAX_S``. It is stopped (SIGTERM, then SIGKILL) when ``stop`` is set, and
+    dies with this process even when this one is killed (``actors.link.die_with_parent``).
     """
     delay = 0.5
     await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -30,7 +33,8 @@ async def run_a2a_domain(config: Path, env: dict[str, str], log_dir: Path,
         with (log_dir / "a2a.log").open("ab") as out:
             proc = await anyio.open_process(
                 [sys.executable, "-m", "corral", "a2a", "--config", str(config)],
-                env={**os.environ, **env}, stdout=out, stderr=out)
+                env={**os.environ, **env, PARENT_PID_ENV: str(os.getpid())},
+                stdout=out, stderr=out)
         code = await _run_until(proc, stop)
         if stop.is_set():
             return

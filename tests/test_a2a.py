@@ -11,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import os
+import signal
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -306,3 +310,79 @@ async def test_submit_stream_prints_the_answer_as_it_is_written(bus: Bus) -> Non
     assert state.status == "completed"
     assert out.getvalue().splitlines() == [state.answer]  # pieces that add up: not repeated
     assert len([w for w in writes if w.strip()]) > 1  # written in pieces, as they came
+
+
+EDGE_FLEET = """
+[fleet]
+name = "edge"
+
+[agents.echo]
+model = "m"
+description = "Says hello."
+
+[models.m]
+provider = "scripted"
+
+[[models.m.rules]]
+reply = "Hello from the edge of the fleet."
+
+[a2a]
+port = {port}
+tokens = "tokens.toml"
+"""
+
+
+def _edge_pids(config: Path) -> list[int]:
+    """The `corral a2a` processes serving ``config`` (a path only this test uses)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"a2a" in cmd and str(config).encode() in cmd:
+            out.append(int(proc.name))
+    return out
+
+
+def test_corral_up_runs_the_a2a_server_as_its_own_failure_domain(home: Path,
+                                                                  tmp_path: Path) -> None:
+    from tests.supervision_helpers import env_without_nats, finish, start_up, stop
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    config = tmp_path / "fleet.toml"
+    config.write_text(EDGE_FLEET.format(port=port))
+    (tmp_path / "tokens.toml").write_text(TOKENS)
+    base = f"http://127.0.0.1:{port}"
+    rpc = {"jsonrpc": "2.0", "id": 1, "method": "SendMessage", "params": {"message": {
+        "messageId": "m-1", "role": "ROLE_USER", "parts": [{"text": "hi"}]}}}
+
+    def up_again(seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise AssertionError(f"no A2A server at {base}")
+
+    up, _ = start_up(env_without_nats(home), "--config", str(config))
+    try:
+        up_again()
+        task = httpx.post(f"{base}/agents/echo/", json=rpc, timeout=30,
+                          headers={"Authorization": f"Bearer {TOKEN}"}).json()["result"]["task"]
+        assert task["status"]["state"] == "TASK_STATE_COMPLETED"
+        assert task["metadata"]["corral"]["submitted_by"] == "client"  # signed as its identity
+        [first] = _edge_pids(config)
+        os.kill(first, signal.SIGKILL)  # the edge crashes; the fleet does not notice
+        up_again()
+        [second] = _edge_pids(config)
+        assert second != first and up.poll() is None
+        again = httpx.post(f"{base}/agents/echo/", timeout=30, json={**rpc, "id": 2},
+                           headers={"Authorization": f"Bearer {TOKEN}"}).json()["result"]
+        assert again["task"]["id"] == task["id"]  # the same message: the same task
+        stop(up)
+        assert not _edge_pids(config)  # stopped with the fleet
+    finally:
+        finish(up)
