@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from a2a.client import A2ACardResolver, ClientConfig, ClientFactory
 from a2a.types.a2a_pb2 import Message, Part, Role, SendMessageRequest
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 
-from actors.a2a import FleetHandler, build_app, serve
+from actors.a2a import FleetHandler, build_app, listen, serve
 from actors.runtime import build_actor, fleet_actors, run_actors
 from bench.common import BENCH_DIR_PARENT, bench_server, median, percentile
 from bus.connection import Bus, connect
@@ -89,7 +88,7 @@ async def run_a2a(url: str, n: int = 60) -> dict[str, float]:
         buses.append(client_bus)
         corral = Client(client_bus, reader="a2a")
         spec = A2ASpec()
-        sock = socket.create_server(("127.0.0.1", 0))
+        sock = listen("127.0.0.1", 0)
         base = f"http://127.0.0.1:{sock.getsockname()[1]}"
         tokens = parse_tokens(f'[tokens.bench]\nsha256 = "{token_hash(TOKEN)}"\n', "bench")
         app = build_app(fleet, spec, FleetHandler(spec, {"client": corral}, operator=corral),

@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import secrets
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from actors.a2a import FleetHandler, Tasks, build_app, serve
+from actors.a2a import FleetHandler, Tasks, build_app, listen, serve
 from actors.link import die_with_parent
 from actors.runtime import load_fleet
 from bus.connection import Bus
@@ -156,7 +155,7 @@ async def cmd_a2a(args: argparse.Namespace) -> int:
         return 0
     tokens = load_tokens(path, fleet)
     try:
-        sock = socket.create_server((spec.host, spec.port))
+        sock = listen(spec.host, spec.port)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {spec.host}:{spec.port}: {exc.strerror}",
                           file=fleet.source, table="a2a", key="port") from exc

@@ -42,7 +42,7 @@ from a2a.types.a2a_pb2 import (
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 from a2a.utils.errors import A2AError
 
-from actors.a2a import FleetHandler, build_app, serve
+from actors.a2a import FleetHandler, build_app, listen, serve
 from bus.connection import Bus
 from corral.client import Client as CorralClient
 from corral.live import submit_streaming
@@ -63,7 +63,7 @@ async def a2a_server(bus: Bus, fleet: FleetConfig, **spec: Any) -> AsyncIterator
     a2a = A2ASpec(**{"max_body_bytes": 64 * 1024, **spec})
     client = CorralClient(bus, reader="a2a")
     handler = FleetHandler(a2a, {"client": client}, operator=client)
-    sock = socket.create_server(("127.0.0.1", 0))
+    sock = listen("127.0.0.1", 0)
     base = f"http://127.0.0.1:{sock.getsockname()[1]}"
     app = build_app(fleet, a2a, handler, parse_tokens(TOKENS, "tokens.toml"), base)
     async with anyio.create_task_group() as tg:

@@ -258,15 +258,19 @@ class FleetHandler(RequestHandler):
                 message=f"task {params.id} is {view.state.status}: nothing more will "
                         f"happen to it (GetTask returns it)")
         async with task_feed(tasks.bus, params.id) as feed:
-            async with contextlib.aclosing(self._updates(tasks, params.id, feed)) as updates:
+            async with contextlib.aclosing(
+                    self._updates(tasks, params.id, feed, catch_up=True)) as updates:
                 async for update in updates:
                     yield update
 
     async def _updates(self, tasks: Tasks, task_id: str,
-                       feed: MemoryObjectReceiveStream[StreamMessage | TextDelta]
-                       ) -> AsyncGenerator[A2AEvent]:
-        """The task once caught up with its log, then each change, until it ends.
+                       feed: MemoryObjectReceiveStream[StreamMessage | TextDelta], *,
+                       catch_up: bool = False) -> AsyncGenerator[A2AEvent]:
+        """The task, then each change and each piece of its answer, until it ends.
 
+        ``catch_up`` (a task already running): the first update is the task as
+        the whole log so far has it, and the pieces heard meanwhile follow it;
+        otherwise (a task just sent) it is the task at its first event, at once.
         No task of its own (the SDK reads the first update in the request's task
         and the rest in the response's): the feed is filled by callbacks.
         """
@@ -274,17 +278,24 @@ class FleetHandler(RequestHandler):
         verifier = LogVerifier(task_id, TaskState(), keys=tasks.bus.keys)
         shown: A2AState | None = None  # the state last sent (None: no snapshot yet)
         piece_of: tuple[int, int] | None = None  # (turn, attempt) of the text being streamed
+        early: list[TextDelta] = []  # pieces heard before the snapshot
+
+        def piece(delta: TextDelta) -> TaskArtifactUpdateEvent:
+            nonlocal piece_of
+            key = (delta.turn, delta.attempt)
+            append = key == piece_of and delta.index > 0
+            piece_of = key
+            return TaskArtifactUpdateEvent(
+                task_id=view.state.task_id, context_id=view.state.context_id, append=append,
+                last_chunk=False, artifact=answer_artifact(delta.text))
+
         async for item in feed:
             st = view.state
             if isinstance(item, TextDelta):
                 if shown is None:
-                    continue
-                key = (item.turn, item.attempt)
-                append = key == piece_of and item.index > 0
-                piece_of = key
-                yield TaskArtifactUpdateEvent(
-                    task_id=st.task_id, context_id=st.context_id, append=append,
-                    last_chunk=False, artifact=answer_artifact(item.text))
+                    early.append(item)
+                else:
+                    yield piece(item)
                 continue
             verdict = verifier.feed(item.data, item.headers)
             verifier.state.conversation.clear()  # its checks do not need it; the view folds
@@ -294,12 +305,15 @@ class FleetHandler(RequestHandler):
                 continue
             view.feed(verdict)
             if shown is None:
-                if item.pending > 0:
+                if catch_up and item.pending > 0:
                     continue  # catching up with what happened before we came
                 shown = a2a_state(st.status)
                 yield to_task(view)
                 if is_terminal(shown):
                     return
+                for delta in early:
+                    yield piece(delta)
+                early.clear()
                 continue
             state = a2a_state(st.status)
             if view.completed is not None:
