@@ -35,8 +35,10 @@ from typing import NoReturn
 import anyio
 import msgspec
 
+from actors.metrics import serve_fleet_metrics
 from actors.replay import replay_task
 from actors.runtime import load_fleet
+from actors.tracing import setup_tracing
 from bus.auth import write_nats_config
 from bus.connection import Bus
 from bus.eventlog import EventLog, LoggedEvent
@@ -70,6 +72,11 @@ async def cmd_up(args: argparse.Namespace) -> int:
     home = corral_home()
     only = f", domain {args.domain} only" if args.domain else ""
     print(f"corral up: fleet {fleet.name!r} from {config}{only}")
+    # Every process of this run writes its samples where this one serves them, summed.
+    metrics_port = serve_fleet_metrics(home / "metrics" / f"up-{os.getpid()}")
+    if metrics_port is not None:
+        print(f"  metrics   http://{os.environ.get('CORRAL_METRICS_ADDR', '127.0.0.1')}:"
+              f"{metrics_port}/metrics (every process of this run)")
     stop = anyio.Event()
     failure: CorralError | None = None
     async with anyio.create_task_group() as outer:
@@ -506,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], Awaitable[int]] = args.func
     try:
+        setup_tracing("corral-cli")  # OTEL_* set: a cancel's task span is exported too
         return anyio.run(func, args)
     except ConfigError as exc:
         print(f"corral: config error: {exc}", file=sys.stderr)
