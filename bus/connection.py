@@ -344,8 +344,9 @@ async def connect(url: str | None = None, *, name: str = "corral",
     bus = Bus(nc, url, timeout_s)
     try:
         with nats_errors(f"cannot connect to NATS at {url}"):
-            await nc.connect(
-                url, name=name, connect_timeout=int(max(1, timeout_s)),
+            await nc.connect(  # "nats://a:4222,nats://b:4222": a cluster's seed servers
+                [u.strip() for u in url.split(",") if u.strip()],
+                name=name, connect_timeout=int(max(1, timeout_s)),
                 max_reconnect_attempts=first_attempts, reconnect_time_wait=1,
                 error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                 **options,

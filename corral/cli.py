@@ -48,6 +48,7 @@ from corral.access import connect_command
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
+from corral.fleetgauges import watch_fleet
 from corral.fleetrun import FleetHandle, running_fleet
 from corral.ps import live_trees, print_ps, print_system_events
 from corral.render import event_line, json_line
@@ -105,6 +106,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
                     tg.start_soon(on_stop)
                     tg.start_soon(on_give_up)
+                    if metrics_port is not None:
+                        tg.start_soon(watch_fleet, handle.bus, fleet)
         except CorralError as exc:  # raised outside the task group: main() reports it
             failure = exc
         finally:

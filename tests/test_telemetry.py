@@ -1,43 +1,35 @@
-"""Telemetry in the ecosystem's formats: one task is one trace, and the histograms move.
+"""Telemetry in the ecosystem's formats: one task is one trace; OTEL_* configure export.
 
-In process (an in-memory exporter) and across real processes (`corral up`
-exporting over OTLP/HTTP to a receiver in the test, its metrics scraped in
-the Prometheus text format).
+In process here, with an in-memory exporter. Across real processes (the
+compose services run as processes, exporting over OTLP/HTTP to a receiver in
+the test, their metrics scraped in the Prometheus text format):
+tests/test_compose.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client import REGISTRY
 
 from actors.tracing import exporters_from_env, task_span_id, tracer, tracer_provider
 from bus.connection import Bus
 from corral.client import Client
+from corral.fleetgauges import sample
 from schemas.errors import ConfigError
-from schemas.events import TurnStarted
+from schemas.events import ApprovalRequested, TurnStarted
 from tests.conftest import demo_fleet, fleet_in_process, task_events
-from tests.otlp_receiver import Span, otlp_receiver
-from tests.supervision_helpers import (
-    DEFAULT_TREE,
-    corral,
-    env_without_nats,
-    finish,
-    start_up,
-    stop,
-    tree_config,
-)
-from tests.test_mcp import free_port
+from tests.otlp_receiver import Span
+from tests.test_approvals import first, gated
 
 _exporter = InMemorySpanExporter()
 _provider = tracer_provider("corral-test")
@@ -185,68 +177,31 @@ def test_grpc_without_its_package_names_the_package(otel_env: pytest.MonkeyPatch
         exporters_from_env()
 
 
-# -- across processes: OTLP out, Prometheus scraped ---------------------------------------
+async def test_an_approval_is_counted_sampled_while_it_waits_and_a_cancel_ends_the_trace(
+        bus: Bus, home: Path, spans: InMemorySpanExporter) -> None:
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample `corral up` serves: (name, labels) -> value."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    types = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
-    assert len(types) == len(set(types)), "a metric family is served twice"
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
-          **labels: str) -> float:
-    """The sum of ``name``'s samples whose labels include ``labels``."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-def test_one_task_over_otlp_is_one_trace_and_the_histograms_move(tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    home.mkdir()
-    config = tree_config(home, DEFAULT_TREE)
-    port = free_port()
-    with otlp_receiver() as rx:
-        env = {**env_without_nats(home), "OTEL_EXPORTER_OTLP_ENDPOINT": rx.url,
-               "OTEL_BSP_SCHEDULE_DELAY": "100", "CORRAL_METRICS_PORT": str(port)}
-        up, lines = start_up(env, "--config", str(config))
-        try:
-            assert any(f":{port}/metrics" in line for line in lines), lines
-            before = scrape(port)
-            done = corral(env, "submit", "triage", "Where is order 5678?", "--id", "otlp-1",
-                          "--wait")
-            assert done.returncode == 0, done.stdout + done.stderr
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:  # each process exports in its own batches
-                got = rx.of_task("otlp-1")
-                turns = [s for s in got if s.name.startswith("turn ")]
-                if (any(s.name.startswith("invoke_agent") for s in got) and turns and
-                        sum(s.name.startswith("chat ") for s in got) >= len(turns)
-                        and any(s.name.startswith("execute_tool ") for s in got)):
-                    break
-                time.sleep(0.1)
-            after = scrape(port)
-        finally:
-            stop(up)
-            finish(up)
-    task, turns = check_tree(rx.of_task("otlp-1"), "otlp-1", "triage")
-    services = {s.service for s in rx.of_task("otlp-1")}
-    assert {"corral-agent-triage", "corral-model-support-model",
-            "corral-tool-lookup_order"} <= services  # one trace across processes
-    assert task.attributes["corral.task.outcome"] == "completed"
-
-    def moved(name: str, **labels: str) -> float:
-        return total(after, name, **labels) - total(before, name, **labels)
-
-    assert moved("corral_tasks_total", agent="triage", outcome="completed") == 1
-    assert moved("corral_task_duration_seconds_count", agent="triage", outcome="completed") == 1
-    assert moved("corral_task_duration_seconds_sum", agent="triage") > 0
-    assert moved("corral_task_cost_usd_count", agent="triage", outcome="completed") == 1
-    assert moved("corral_turn_duration_seconds_count") == len(turns)
-    assert moved("corral_model_call_duration_seconds_count", alias="support-model") == len(turns)
-    assert moved("corral_tool_call_duration_seconds_count", tool="lookup_order",
-                 outcome="completed") == 1
-    # The histograms' buckets are cumulative and end in +Inf = count.
-    assert moved("corral_turn_duration_seconds_bucket", le="+Inf") == len(turns)
+    fleet = gated(home)
+    asked = value("corral_approvals_requested_total", agent="billing", group="billing-lead")
+    canceled = value("corral_tasks_total", agent="triage", outcome="canceled")
+    async with fleet_in_process(bus, fleet):
+        client = Client(bus)
+        task_id = await client.submit("triage", "Please refund order 1234")
+        await first(bus, task_id, ApprovalRequested)
+        with anyio.fail_after(10):  # the notice follows the event
+            while value("corral_approvals_waiting", group="billing-lead") != 1:
+                await sample(bus, fleet)
+        assert value("corral_approvals_requested_total", agent="billing",
+                     group="billing-lead") == asked + 1
+        await client.control(task_id, "cancel", by="ada", reason="not today")
+        await sample(bus, fleet)
+        assert value("corral_approvals_waiting", group="billing-lead") == 0
+    # The operator's cancel ended the task: it counted it and emitted its span.
+    assert value("corral_tasks_total", agent="triage", outcome="canceled") == canceled + 1
+    _provider.force_flush()
+    finished = [_from_sdk(s) for s in spans.get_finished_spans()
+                if s.attributes and s.attributes.get("corral.task.id") == task_id]
+    task = next(s for s in finished if s.name == "invoke_agent triage")
+    assert task.attributes["corral.task.outcome"] == "canceled"
+    assert all(t.parent_id == task.span_id for t in finished if t.name.startswith("turn "))
