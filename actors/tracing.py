@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import logging
@@ -118,6 +119,7 @@ def turn_span_id(task_id: str, turn: int) -> int:
     return _id64("turn", task_id, turn)
 
 
+@functools.lru_cache(maxsize=4096)  # a task's steps parse the same recorded value again
 def _recorded(value: str) -> SpanContext | None:
     """The span context a recorded ``traceparent`` names, if it is valid."""
     span_ctx = trace.get_current_span(parent_context(value)).get_span_context()
