@@ -970,8 +970,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         child = child_task_id(task_id, cs.call.id)
         with tracer.start_as_current_span(
                 f"delegate {self.name} -> {cs.call.arguments['to']}",
-                attributes={"corral.task.id": task_id, "corral.delegate.child": child,
-                            "corral.delegate.to": str(cs.call.arguments["to"])}):
+                attributes={sc.Corral.TASK_ID: task_id, sc.Corral.DELEGATE_CHILD: child,
+                            sc.Corral.DELEGATE_TO: str(cs.call.arguments["to"])}):
             head = await self._append(task_id, state, head, TaskDelegated(
                 **self._envelope(task_id), call_id=cs.call.id,
                 to_agent=str(cs.call.arguments["to"]), child_task_id=child,
@@ -997,9 +997,10 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             parent=self._link(task_id, state, cs))
         data = _encoder.encode(submit)
         signer = self.bus.signer
+        # The child's trace continues the parent's: its task span is a child of this turn.
+        headers = {TRACEPARENT: traceparent(), **(signer.headers(data) if signer else {})}
         await self.bus.js_publish(subjects.task(str(cs.call.arguments["to"])), data,
-                                  headers=signer.headers(data) if signer else None,
-                                  msg_id=f"delegate:{child}")
+                                  headers=headers, msg_id=f"delegate:{child}")
 
     async def _check_child(self, task_id: str, state: TaskState, head: LogHead,
                            cs: CallState) -> LogHead:

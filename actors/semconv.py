@@ -74,6 +74,8 @@ class Corral:
     HANDOFF_FROM = "corral.handoff.from"
     HANDOFF_TO = "corral.handoff.to"
     HANDOFF_REASON = "corral.handoff.reason"
+    DELEGATE_CHILD = "corral.delegate.child"
+    DELEGATE_TO = "corral.delegate.to"
     TOOL_CALLS = "corral.tool_calls"
 
 

@@ -27,9 +27,11 @@ from corral.client import Client
 from corral.fleetgauges import sample
 from schemas.errors import ConfigError
 from schemas.events import ApprovalRequested, TurnStarted
-from tests.conftest import demo_fleet, fleet_in_process, task_events
+from schemas.fold import child_task_id
+from tests.conftest import demo_fleet, fleet_in_process, fleet_variant, task_events
 from tests.otlp_receiver import Span
 from tests.test_approvals import first, gated
+from tests.test_delegation import fleet_text
 
 _exporter = InMemorySpanExporter()
 _provider = tracer_provider("corral-test")
@@ -205,3 +207,23 @@ async def test_an_approval_is_counted_sampled_while_it_waits_and_a_cancel_ends_t
     task = next(s for s in finished if s.name == "invoke_agent triage")
     assert task.attributes["corral.task.outcome"] == "canceled"
     assert all(t.parent_id == task.span_id for t in finished if t.name.startswith("turn "))
+
+
+async def test_a_delegated_child_task_continues_its_parents_trace(
+        bus: Bus, spans: InMemorySpanExporter) -> None:
+    async with fleet_in_process(bus, fleet_variant(fleet_text())):
+        client = Client(bus)
+        parent = await client.submit("manager", "Where is order 1234?")
+        assert (await client.wait(parent, timeout_s=20)).status == "completed"
+    _provider.force_flush()
+    child = child_task_id(parent, "call_1_1")
+    done = [_from_sdk(s) for s in spans.get_finished_spans()]
+    p_task, p_turns = check_tree([s for s in done if s.attributes.get("corral.task.id") == parent],
+                                 parent, "manager")
+    c_task, _ = check_tree([s for s in done if s.attributes.get("corral.task.id") == child],
+                           child, "researcher")
+    # One trace: the child's task hangs under the parent's delegate call, in its first turn.
+    assert c_task.trace_id == p_task.trace_id
+    (delegate,) = [s for s in done if s.span_id == c_task.parent_id]
+    assert delegate.name == "delegate manager -> researcher"
+    assert delegate.parent_id == p_turns[0].span_id
