@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import REGISTRY, Collector
 
+from bus.server import pid_alive
 from schemas.config import FleetConfig
 from schemas.verify import Rejected
 
@@ -188,7 +189,8 @@ class _Fleet(Collector):
 def serve_fleet_metrics(run_dir: Path) -> int | None:
     """``corral up``: serve every process's samples, summed, on ``$CORRAL_METRICS_PORT``.
 
-    Makes ``run_dir`` the (empty) multiprocess directory and sets
+    Makes ``run_dir`` (``.../up-<pid>``) the empty multiprocess directory,
+    removes those of runs whose ``corral up`` is gone, and sets
     ``PROMETHEUS_MULTIPROC_DIR`` so the processes started from now on write
     there; returns the port, or None without ``CORRAL_METRICS_PORT``.
     Process-level series (``process_*``, ``python_*``) are this process's only.
@@ -196,7 +198,10 @@ def serve_fleet_metrics(run_dir: Path) -> int | None:
     base = os.environ.get("CORRAL_METRICS_PORT")
     if not base:
         return None
-    shutil.rmtree(run_dir, ignore_errors=True)  # a previous run's samples are not ours
+    for old in run_dir.parent.glob("up-*"):  # runs that ended: their samples are not ours
+        pid = old.name.removeprefix("up-")
+        if old == run_dir or not pid.isdigit() or not pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     run_dir.mkdir(parents=True)
     os.environ[MULTIPROC_ENV] = str(run_dir)
     registry = CollectorRegistry()
