@@ -28,10 +28,12 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors import metrics
-from actors.runtime import load_fleet
+from actors.runtime import REPLICAS_ENV, load_fleet
+from bus.connection import nats_servers
 from bus.server import find_nats_server, free_port
 from corral import fleetgauges
 from schemas.config import supervision_tree
+from schemas.errors import ConfigError
 from tests.conftest import DEMO_CONFIG, REPO
 from tests.otlp_receiver import Receiver, Span, otlp_receiver
 from tests.supervision_helpers import CORRAL, corral, env_without_nats, finish, stop
@@ -118,6 +120,18 @@ def test_one_scalable_service_per_failure_domain_with_r3_and_credentials() -> No
         assert not any(":" + env["CORRAL_HOME"] in v for v in svc.get("volumes", []))
         assert all(svc["depends_on"][n]["condition"] == "service_healthy" for n in NATS_NODES)
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
+
+
+def test_the_environment_sets_r3_and_a_clusters_seed_servers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(REPLICAS_ENV, "3")
+    assert load_fleet(DEMO_CONFIG).runtime.stream_replicas == 3
+    monkeypatch.setenv(REPLICAS_ENV, "2")
+    with pytest.raises(ConfigError, match="1, 3 or 5") as err:
+        load_fleet(DEMO_CONFIG)
+    assert err.value.key == REPLICAS_ENV
+    url = SERVICES["agents"]["environment"]["NATS_URL"]
+    assert nats_servers(url) == [f"nats://{n}:4222" for n in NATS_NODES]
 
 
 def test_every_mounted_file_exists() -> None:
