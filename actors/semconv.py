@@ -77,6 +77,7 @@ class Corral:
     DELEGATE_CHILD = "corral.delegate.child"
     DELEGATE_TO = "corral.delegate.to"
     TOOL_CALLS = "corral.tool_calls"
+    SHADOW_OF = "corral.shadow_of"  # a rollout's shadow run: the live task it copies
 
 
 def span_name(operation: str, target: str) -> str:

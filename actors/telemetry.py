@@ -72,6 +72,8 @@ def appended(task_id: str, before: Mark, state: TaskState, event: EventBase) -> 
         _end_turn(task_id, state, before, event.time)
         error = getattr(event, "error_type", "")
         tracing.emit_task_span(task_id, state, event.time, error)
+        if state.shadow is not None:
+            return  # a rollout's shadow run (docs/rollouts.md): not a task anyone asked for
         agent = state.origin or "unknown"
         metrics.TASKS.labels(agent, state.status).inc()
         if state.submitted_at:

@@ -245,7 +245,9 @@ def emit_task_span(task_id: str, state: TaskState, end_s: float, error_type: str
               sc.Corral.TASK_OUTCOME: state.status, sc.Corral.TURN: state.turn,
               sc.Corral.TOOL_CALLS: state.tool_calls, sc.Corral.COST_USD: state.cost_usd,
               sc.USAGE_INPUT_TOKENS: state.usage.input_tokens,
-              sc.USAGE_OUTPUT_TOKENS: state.usage.output_tokens}, error)
+              sc.USAGE_OUTPUT_TOKENS: state.usage.output_tokens,
+              sc.AGENT_ID: state.versions.get(state.origin, ""),
+              sc.Corral.SHADOW_OF: state.shadow.task_id if state.shadow else ""}, error)
 
 
 # -- export ---------------------------------------------------------------------------
