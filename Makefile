@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed-stamp
 help:
 	@echo "make run    run the demo fleet (no API key needed)"
 	@echo "make test   lint + the whole test suite"
-	@echo "make lint   ruff + mypy --strict + compose.yaml schema check"
+	@echo "make lint   ruff + mypy --strict + compose.yaml schema check + deploy/ checks"
 	@echo "make bench  benchmarks (prints a table, writes bench/results.json)"
 	@echo "make soak   the fuzz suite at 100,000 messages (prints the figures)"
 
@@ -28,6 +28,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_compose.py -k "not as_processes"  # deploy/: rules, dashboards
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

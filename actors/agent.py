@@ -24,6 +24,8 @@ from typing import Any
 import anyio
 import msgspec
 
+from actors import semconv as sc
+from actors import telemetry
 from actors.base import Actor
 from actors.deadletter import bounded_dead_letter
 from actors.faults import crash_point
@@ -31,7 +33,7 @@ from actors.gate import ToolGate
 from actors.model import call_key
 from actors.taskview import TaskView
 from actors.toolset import AgentTools
-from actors.tracing import TRACEPARENT, parent_context, traceparent, tracer
+from actors.tracing import TRACEPARENT, step_context, traceparent, tracer
 from actors.versions import AgentVersions, Variant
 from bus import subjects
 from bus.connection import Bus
@@ -220,8 +222,11 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def _append(self, task_id: str, state: TaskState, head: LogHead,
                       event: EventBase) -> LogHead:
-        """Fenced append; on success the cached state moves with it."""
-        return await self.view.append(task_id, state, head, event)
+        """Fenced append; on success the cached state moves with it (and telemetry)."""
+        before = telemetry.mark(state)
+        head = await self.view.append(task_id, state, head, event)
+        telemetry.appended(task_id, before, state, event)
+        return head
 
     def _envelope(self, task_id: str, causation_id: str = "") -> dict[str, Any]:
         return {"task_id": task_id, "seq": 0, "time": self.clock(), "actor": self.ref,
@@ -268,15 +273,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def _traced_step(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery,
                            state: TaskState, head: LogHead) -> None:
-        # One task, one trace: every step is a child of the task's first span
-        # (itself a child of the submitter's, when it sent a traceparent).
-        parent = parent_context(state.traceparent or delivery.headers.get(TRACEPARENT, ""))
-        with tracer.start_as_current_span(
-                f"invoke_agent {self.name}", context=parent,
-                attributes={"gen_ai.operation.name": "invoke_agent",
-                            "gen_ai.agent.name": self.name, "gen_ai.agent.id": self.version,
-                            "gen_ai.conversation.id": state.context_id or task_id,
-                            "corral.task.id": task_id, "corral.phase": state.phase}):
+        # One task, one trace: what the step writes and sends belongs to the task's
+        # open turn (actors/tracing.py), whichever replica it runs in.
+        with step_context(task_id, state, delivery.headers.get(TRACEPARENT, "")):
             await self._advance(task_id, msg, delivery, state, head)
 
     async def _advance(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery,
@@ -828,8 +827,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         reason = str(cs.call.arguments.get("reason", ""))
         with tracer.start_as_current_span(
                 f"handoff {self.name} -> {target}",
-                attributes={"corral.handoff.from": self.name, "corral.handoff.to": target,
-                            "corral.handoff.reason": reason, "corral.task.id": task_id}):
+                attributes={sc.Corral.HANDOFF_FROM: self.name, sc.Corral.HANDOFF_TO: target,
+                            sc.Corral.HANDOFF_REASON: reason, sc.Corral.TASK_ID: task_id}):
             head = await self._append(task_id, state, head, Handoff(
                 **self._envelope(task_id), call_id=cs.call.id, from_agent=self.name,
                 to_agent=target, reason=reason, decision=decision))
@@ -971,8 +970,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         child = child_task_id(task_id, cs.call.id)
         with tracer.start_as_current_span(
                 f"delegate {self.name} -> {cs.call.arguments['to']}",
-                attributes={"corral.task.id": task_id, "corral.delegate.child": child,
-                            "corral.delegate.to": str(cs.call.arguments["to"])}):
+                attributes={sc.Corral.TASK_ID: task_id, sc.Corral.DELEGATE_CHILD: child,
+                            sc.Corral.DELEGATE_TO: str(cs.call.arguments["to"])}):
             head = await self._append(task_id, state, head, TaskDelegated(
                 **self._envelope(task_id), call_id=cs.call.id,
                 to_agent=str(cs.call.arguments["to"]), child_task_id=child,
@@ -998,9 +997,10 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             parent=self._link(task_id, state, cs))
         data = _encoder.encode(submit)
         signer = self.bus.signer
+        # The child's trace continues the parent's: its task span is a child of this turn.
+        headers = {TRACEPARENT: traceparent(), **(signer.headers(data) if signer else {})}
         await self.bus.js_publish(subjects.task(str(cs.call.arguments["to"])), data,
-                                  headers=signer.headers(data) if signer else None,
-                                  msg_id=f"delegate:{child}")
+                                  headers=headers, msg_id=f"delegate:{child}")
 
     async def _check_child(self, task_id: str, state: TaskState, head: LogHead,
                            cs: CallState) -> LogHead:

@@ -34,10 +34,19 @@ import anyio.abc
 import msgspec
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from actors import semconv as sc
 from actors.base import Actor
 from actors.deadletter import bounded_dead_letter
 from actors.faults import crash_point
-from actors.metrics import BREAKER_CODES, BREAKER_STATE, MODEL_CALLS, MODEL_COST, MODEL_TOKENS
+from actors.metrics import (
+    BREAKER_CODES,
+    BREAKER_STATE,
+    MODEL_CALL_SECONDS,
+    MODEL_CALLS,
+    MODEL_COST,
+    MODEL_TOKENS,
+    export_budgets,
+)
 from actors.providers import DeltaSink, Provider, make_provider, scrub
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
 from actors.taskview import TaskView
@@ -116,6 +125,7 @@ class ModelGateway(Actor[ModelCall]):
                          ack_wait_s=max(rt.ack_wait_s, 30.0),
                          dlq_payload_bytes=fleet.limits.dead_letter_payload_bytes)
         self.fleet = fleet
+        export_budgets(fleet)
         self.route: RouteSpec = route
         self.entries = self.route.entries()
         table = f"models.{alias}"
@@ -254,9 +264,11 @@ class ModelGateway(Actor[ModelCall]):
 
         ``deltas``: stream the answer's text through the sinks it makes (one per attempt).
         """
+        started = time.monotonic()
         response = await self._call(req, deltas)
-        MODEL_CALLS.labels(self.name, response.error_type or
-                           ("cached" if response.cached else "ok")).inc()
+        outcome = response.error_type or ("cached" if response.cached else "ok")
+        MODEL_CALLS.labels(self.name, outcome).inc()
+        MODEL_CALL_SECONDS.labels(self.name, outcome).observe(time.monotonic() - started)
         if not response.error:
             u = response.usage
             agent = self.fleet.agents.get(req.agent)
@@ -481,12 +493,12 @@ class ModelGateway(Actor[ModelCall]):
                           deltas: Callable[[], DeltaSink] | None = None) -> ModelResponse:
         """``call`` inside a GenAI ``chat`` span, a child of the asking turn's."""
         with tracer.start_as_current_span(
-                f"chat {self.entries[0].model or self.name}", kind=SpanKind.CLIENT,
-                context=parent_context(req.traceparent), attributes={
-                    "gen_ai.operation.name": "chat", "corral.model.alias": self.name,
-                    "gen_ai.request.model": self.entries[0].model,
-                    "gen_ai.request.max_tokens": req.max_tokens,
-                    "gen_ai.agent.name": req.agent, "corral.task.id": req.task_id}) as span:
+                sc.span_name(sc.OP_CHAT, self.entries[0].model or self.name),
+                kind=SpanKind.CLIENT, context=parent_context(req.traceparent), attributes={
+                    sc.OPERATION: sc.OP_CHAT, sc.Corral.MODEL_ALIAS: self.name,
+                    sc.REQUEST_MODEL: self.entries[0].model,
+                    sc.REQUEST_MAX_TOKENS: req.max_tokens,
+                    sc.AGENT_NAME: req.agent, sc.Corral.TASK_ID: req.task_id}) as span:
             response = await self.call(req, deltas=deltas)
             self._annotate(span, response)
         return response
@@ -494,16 +506,16 @@ class ModelGateway(Actor[ModelCall]):
     @staticmethod
     def _annotate(span: Any, response: ModelResponse) -> None:
         span.set_attributes({
-            "gen_ai.provider.name": response.provider,
-            "gen_ai.response.model": response.model,
-            "gen_ai.response.finish_reasons": [response.stop_reason],
-            "gen_ai.usage.input_tokens": response.usage.input_tokens,
-            "gen_ai.usage.output_tokens": response.usage.output_tokens,
-            "corral.cost_usd": response.cost_usd, "corral.cached": response.cached,
-            "corral.fallbacks": len(response.fallbacks),
+            sc.PROVIDER: response.provider,
+            sc.RESPONSE_MODEL: response.model,
+            sc.RESPONSE_FINISH_REASONS: [response.stop_reason],
+            sc.USAGE_INPUT_TOKENS: response.usage.input_tokens,
+            sc.USAGE_OUTPUT_TOKENS: response.usage.output_tokens,
+            sc.Corral.COST_USD: response.cost_usd, sc.Corral.CACHED: response.cached,
+            sc.Corral.FALLBACKS: len(response.fallbacks),
         })
         if response.error:
-            span.set_attribute("error.type", response.error_type)
+            span.set_attribute(sc.ERROR_TYPE, response.error_type)
             span.set_status(Status(StatusCode.ERROR, response.error[:200]))
 
     async def _serve(self, req_msg: Request) -> None:

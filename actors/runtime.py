@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Literal
 
 import anyio
 import anyio.abc
+import msgspec
 
 from actors.agent import AgentActor
 from actors.http_tool import HttpToolActor
@@ -55,7 +57,28 @@ def load_fleet(path: str | Path) -> FleetConfig:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read fleet file: {exc.strerror}", file=str(p)) from exc
-    return parse_fleet(text, str(p), read=read_file)
+    return with_replicas(parse_fleet(text, str(p), read=read_file))
+
+
+REPLICAS_ENV = "CORRAL_STREAM_REPLICAS"
+
+
+def with_replicas(fleet: FleetConfig) -> FleetConfig:
+    """``$CORRAL_STREAM_REPLICAS`` (1, 3 or 5), if set, overrides ``[runtime] stream_replicas``.
+
+    The same fleet file then runs on one server and on a cluster (compose.yaml).
+
+    Raises:
+        ConfigError: the variable is not 1, 3 or 5.
+    """
+    value = os.environ.get(REPLICAS_ENV, "").strip()
+    if not value:
+        return fleet
+    if value not in ("1", "3", "5"):
+        raise ConfigError(f"must be 1, 3 or 5 (an odd number of replicas), not {value!r}",
+                          file="environment", key=REPLICAS_ENV)
+    runtime = msgspec.structs.replace(fleet.runtime, stream_replicas=int(value))
+    return msgspec.structs.replace(fleet, runtime=runtime)
 
 
 def read_file(path: str) -> bytes:

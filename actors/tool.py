@@ -52,8 +52,10 @@ import jsonschema
 import msgspec
 from opentelemetry.trace import Status, StatusCode
 
+from actors import semconv as sc
 from actors.base import Actor, process_alive
 from actors.faults import crash_point
+from actors.metrics import TOOL_CALL_SECONDS, TOOL_ERRORS
 from actors.tooling import ThreadRunner, ToolContext, load_callable, tool_parameters
 from actors.tracing import parent_context, traceparent, tracer
 from actors.workers import WorkerPool, not_json, result_too_large
@@ -498,19 +500,26 @@ class ToolActor(Actor[ToolInvocation]):
                 f"arguments: the key is being reused, so it is not run", genuine=True))
             return
         with tracer.start_as_current_span(
-                f"execute_tool {self.name}", context=parent_context(msg.traceparent),
-                attributes={"gen_ai.operation.name": "execute_tool",
-                            "gen_ai.tool.name": self.name, "gen_ai.tool.call.id": msg.call_id,
-                            "corral.task.id": msg.task_id, "corral.delivery": delivery.deliveries,
-                            "corral.idempotency_key": msg.idempotency_key}) as span:
+                sc.span_name(sc.OP_EXECUTE_TOOL, self.name),
+                context=parent_context(msg.traceparent),
+                attributes={sc.OPERATION: sc.OP_EXECUTE_TOOL,
+                            sc.TOOL_NAME: self.name, sc.TOOL_CALL_ID: msg.call_id,
+                            sc.Corral.TASK_ID: msg.task_id,
+                            sc.Corral.DELIVERY: delivery.deliveries,
+                            sc.Corral.IDEMPOTENCY_KEY: msg.idempotency_key}) as span:
             outcome = await self._outcome(msg, delivery, entry, args_hash)
             if outcome is None:
-                span.set_attribute("corral.duplicate", True)
+                span.set_attribute(sc.Corral.DUPLICATE, True)
                 return
             done, replayed = outcome
-            span.set_attribute("corral.replayed", replayed)
+            span.set_attribute(sc.Corral.REPLAYED, replayed)
+            if not replayed:  # a ledger replay ran nothing: no latency, no new error
+                TOOL_CALL_SECONDS.labels(self.name, "completed" if done.ok else "failed"
+                                         ).observe(done.duration_ms / 1000)
+                if not done.ok:
+                    TOOL_ERRORS.labels(self.name, done.error_type or "unknown").inc()
             if not done.ok:
-                span.set_attribute("error.type", done.error_type)
+                span.set_attribute(sc.ERROR_TYPE, done.error_type)
                 span.set_status(Status(StatusCode.ERROR, done.error[:200]))
             await self._finish(msg, done, replayed)
 

@@ -28,7 +28,7 @@ from bus.errors import nats_errors
 from schemas.errors import BusError, BusTimeout, FencedWrite
 from schemas.identity import Creds, KeySet, Signer, inbox_prefix
 
-__all__ = ["Bus", "PubResult", "Request", "Service", "connect"]
+__all__ = ["Bus", "PubResult", "Request", "Service", "connect", "nats_servers"]
 
 log = logging.getLogger("corral.bus")
 
@@ -280,6 +280,16 @@ _AUTH_VIOLATION = "Authorization Violation"
 _DENIED_PUBLISH = re.compile(r'(?i)permissions violation for publish to "([^"]+)"')
 
 
+def nats_servers(url: str) -> list[str]:
+    """The servers a ``$NATS_URL`` names: one, or a cluster's seeds separated by commas.
+
+    Example:
+        >>> nats_servers("nats://nats-1:4222,nats://nats-2:4222")
+        ['nats://nats-1:4222', 'nats://nats-2:4222']
+    """
+    return [u.strip() for u in url.split(",") if u.strip()]
+
+
 async def connect(url: str | None = None, *, name: str = "corral",
                   timeout_s: float = DEFAULT_TIMEOUT_S, first_attempts: int = -1,
                   creds: Creds | None = None, **options: Any) -> Bus:
@@ -345,7 +355,7 @@ async def connect(url: str | None = None, *, name: str = "corral",
     try:
         with nats_errors(f"cannot connect to NATS at {url}"):
             await nc.connect(
-                url, name=name, connect_timeout=int(max(1, timeout_s)),
+                nats_servers(url), name=name, connect_timeout=int(max(1, timeout_s)),
                 max_reconnect_attempts=first_attempts, reconnect_time_wait=1,
                 error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
                 **options,

@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.js.api import StreamConfig
 
 from bus import subjects
-from bus.connection import Bus
+from bus.connection import Bus, nats_servers
 from bus.errors import NotFound, nats_errors
 from bus.provision import stream_configs
 from schemas.errors import BusError
@@ -120,7 +120,7 @@ async def connect_once(url: str, *, name: str = "corral-doctor",
     with nats_errors(f"cannot connect to NATS at {url}"):
         # One server, tried twice (max_reconnect_attempts counts the retries), then
         # NoServersError instead of nats-py's endless initial-connect loop.
-        await nc.connect(url, name=name, connect_timeout=max(1, int(timeout_s)),
+        await nc.connect(nats_servers(url), name=name, connect_timeout=max(1, int(timeout_s)),
                          allow_reconnect=False, max_reconnect_attempts=1,
                          reconnect_time_wait=0, error_cb=quiet, **options)
     bus = Bus(nc, url, timeout_s)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from schemas.errors import BusError
 
-__all__ = ["EmbeddedServer", "corral_home", "find_nats_server", "free_port"]
+__all__ = ["EmbeddedServer", "corral_home", "find_nats_server", "free_port", "pid_alive"]
 
 
 # Runs in the child between fork and exec of nats-server (no preexec_fn: it is not
@@ -81,7 +81,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (on this host)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -135,7 +136,7 @@ class EmbeddedServer:
             pid, port = int(state.get("pid", 0)), int(state.get("port", 0))
         except (OSError, ValueError, TypeError, AttributeError):
             return None
-        if pid and _alive(pid) and _listening(port):
+        if pid and pid_alive(pid) and _listening(port):
             return dict(state)
         return None
 

@@ -35,8 +35,10 @@ from typing import NoReturn
 import anyio
 import msgspec
 
+from actors.metrics import serve_fleet_metrics
 from actors.replay import replay_task
 from actors.runtime import load_fleet
+from actors.tracing import setup_tracing
 from bus.auth import write_nats_config
 from bus.connection import Bus
 from bus.eventlog import EventLog, LoggedEvent
@@ -46,6 +48,7 @@ from corral.access import connect_command
 from corral.client import Client
 from corral.cost import collect_costs, format_table, parse_duration
 from corral.demo_run import run_demo
+from corral.fleetgauges import watch_fleet
 from corral.fleetrun import FleetHandle, running_fleet
 from corral.live import submit_streaming
 from corral.ps import live_trees, print_ps, print_system_events
@@ -71,6 +74,11 @@ async def cmd_up(args: argparse.Namespace) -> int:
     home = corral_home()
     only = f", domain {args.domain} only" if args.domain else ""
     print(f"corral up: fleet {fleet.name!r} from {config}{only}")
+    # Every process of this run writes its samples where this one serves them, summed.
+    metrics_port = serve_fleet_metrics(home / "metrics" / f"up-{os.getpid()}")
+    if metrics_port is not None:
+        print(f"  metrics   http://{os.environ.get('CORRAL_METRICS_ADDR', '127.0.0.1')}:"
+              f"{metrics_port}/metrics (every process of this run)")
     stop = anyio.Event()
     failure: CorralError | None = None
     async with anyio.create_task_group() as outer:
@@ -99,6 +107,8 @@ async def cmd_up(args: argparse.Namespace) -> int:
 
                     tg.start_soon(on_stop)
                     tg.start_soon(on_give_up)
+                    if metrics_port is not None:
+                        tg.start_soon(watch_fleet, handle.bus, fleet)
         except CorralError as exc:  # raised outside the task group: main() reports it
             failure = exc
         finally:
@@ -514,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     func: Callable[[argparse.Namespace], Awaitable[int]] = args.func
     try:
+        setup_tracing("corral-cli")  # OTEL_* set: a cancel's task span is exported too
         return anyio.run(func, args)
     except ConfigError as exc:
         print(f"corral: config error: {exc}", file=sys.stderr)

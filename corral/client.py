@@ -12,6 +12,7 @@ from typing import Literal
 import anyio
 import msgspec
 
+from actors import telemetry
 from actors.tracing import TRACEPARENT, traceparent
 from bus import subjects
 from bus.connection import Bus
@@ -194,7 +195,9 @@ class Client:
                 _, written = await self.log.append(head, event)
             except FencedWrite:
                 continue  # the task moved on while we decided: look again
+            before = telemetry.mark(state)
             apply(state, written)
+            telemetry.appended(task_id, before, state, written)  # a cancel ends the task
             if command == "resume" and state.agent:
                 wake = Wake(task_id=task_id, reason=f"resumed by {by}")
                 await self.bus.js_publish(subjects.wake(state.agent), _encoder.encode(wake))

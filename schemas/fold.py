@@ -159,6 +159,8 @@ class TaskState(msgspec.Struct, kw_only=True):
     turn: int = 0  # the latest turn claimed (across agents)
     turn_attempt: int = 0
     turn_holder: str = ""  # the instance that claimed the open turn
+    turn_agent: str = ""  # the agent that claimed the open turn
+    turn_started_at: float = 0.0  # when the open turn was first claimed (its turn.started)
     lease_until: float = 0.0
     agent_turns: int = 0  # turns taken by the current owner
     conversation: list[ChatMessage] = msgspec.field(default_factory=list)
@@ -272,6 +274,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 state.turn = event.turn
                 state.turn_attempt = event.attempt
                 state.agent_turns += 1
+                state.turn_agent, state.turn_started_at = event.agent, event.time
             state.status = "working"
             state.phase = "thinking"
         case LlmResponded():

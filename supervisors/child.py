@@ -62,6 +62,7 @@ def child_argv(config: Path, spec: ChildSpec, node: str) -> list[str]:
 SAFE_ENV = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "SHELL", "PWD", "TERM", "NO_COLOR", "LANG", "LANGUAGE",
     "TZ", "TMPDIR", "TEMP", "TMP", "VIRTUAL_ENV", "LD_LIBRARY_PATH", "NATS_URL",
+    "PROMETHEUS_MULTIPROC_DIR",  # corral up serves every process's metrics (actors.metrics)
 })
 SAFE_ENV_PREFIXES = ("LC_", "PYTHON", "CORRAL_", "OTEL_", "SSL_CERT_")
 # A model gateway calls providers over HTTP: it also gets the proxy settings

@@ -46,6 +46,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from actors.link import SupervisorLink
+from actors.metrics import RESTARTS, forget_process
 from bus import subjects
 from bus.connection import Bus
 from bus.liveness import Liveness, wait_disconnected
@@ -264,6 +265,7 @@ class Supervisor:
                 log.warning("%s: hand-back of %d messages failed: %s", child.id, len(replies),
                             exc)
         status = await proc.wait()
+        forget_process(proc.pid)  # its live gauges go; its counters stay summed
         child.last_exit = status
         child.reason = child.exit_reason()
         child.exited.set()
@@ -349,6 +351,7 @@ class Supervisor:
             members = list(group)
             for child in members:
                 child.restarts += 1
+                RESTARTS.labels(self.spec.path, child.spec.id).inc()
             await self._start(members, reason=reason, delay_s=decision.delay_s)
             for child in members:
                 if child.ready.is_set() and not child.exited.is_set():
