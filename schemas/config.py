@@ -521,6 +521,11 @@ def _check_refs(fleet: FleetConfig, source: str) -> None:
             if entry.provider != "scripted" and not entry.model:
                 raise ConfigError("name the provider's model", file=source, table=table,
                                   key="model")
+            if entry.provider == "a2a" and not entry.base_url.startswith(("http://",
+                                                                          "https://")):
+                raise ConfigError("a remote A2A agent needs base_url: its card's base URL "
+                                  "(http:// or https://)", file=source, table=table,
+                                  key="base_url")
             if entry.timeout_s <= 0:
                 raise ConfigError("must be positive", file=source, table=table, key="timeout_s")
             if entry.max_retries < 0:

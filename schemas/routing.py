@@ -23,7 +23,7 @@ __all__ = [
     "call_cost_usd",
 ]
 
-Provider = Literal["scripted", "anthropic", "openai"]
+Provider = Literal["scripted", "anthropic", "openai", "a2a"]
 
 
 class ScriptRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -149,6 +149,10 @@ def make_provider(entry: RouteEntry, route: RouteSpec, *, source: str = "",
         from actors.providers.scripted import ScriptedProvider
 
         return ScriptedProvider(route)
+    if entry.provider == "a2a":  # a remote A2A agent (its card's base URL)
+        from actors.providers.a2a_provider import A2AProvider
+
+        return A2AProvider(entry, api_key(entry, source=source, table=table))
     if entry.provider == "anthropic":
         from actors.providers.anthropic_provider import AnthropicProvider
 
