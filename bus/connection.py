@@ -14,9 +14,9 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from nats.aio.client import Client
@@ -25,10 +25,13 @@ from nats.aio.subscription import Subscription
 from nats.js.client import JetStreamContext
 
 from bus.errors import nats_errors
-from schemas.errors import BusError, BusTimeout, FencedWrite
+from schemas.errors import BusError, BusTimeout, FencedWrite, NoResponders
 from schemas.identity import Creds, KeySet, Signer, inbox_prefix
 
-__all__ = ["Bus", "PubResult", "Request", "Service", "connect", "nats_servers"]
+__all__ = ["Bus", "PubResult", "Request", "Service", "connect", "nats_servers",
+           "while_leaderless"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("corral.bus")
 
@@ -133,9 +136,7 @@ class Bus:
         if expected_last_subject_seq is not None:
             hdrs["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
         try:
-            with nats_errors(f"JetStream publish to {subject}", subject=subject):
-                ack = await self.js.publish(subject, data, headers=hdrs or None,
-                                            timeout=timeout_s or self.timeout_s)
+            ack = await self._js_publish(subject, data, hdrs or None, timeout_s or self.timeout_s)
         except FencedWrite as exc:  # say which sequence the writer expected
             raise FencedWrite(
                 f"append to {subject} lost the race (expected last sequence "
@@ -145,6 +146,17 @@ class Bus:
         except BusTimeout as exc:
             raise self._refusal(subject) or exc from exc
         return PubResult(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def _js_publish(self, subject: str, data: bytes, headers: dict[str, str] | None,
+                          timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+
+        async def publish() -> Any:
+            with nats_errors(f"JetStream publish to {subject}", subject=subject):
+                return await self.js.publish(subject, data, headers=headers, timeout=max(
+                    0.05, deadline - time.monotonic()))
+
+        return await while_leaderless(publish, timeout_s)
 
     def denied(self, subject: str) -> None:
         """The server refused a publish to ``subject`` (a permissions violation, reported late).
@@ -274,6 +286,29 @@ class Bus:
                 await self.nc.close()
         except BusError as exc:
             log.debug("%s", exc)
+
+
+async def while_leaderless(write: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+    """Run ``write`` (a JetStream write); while no stream answers it (a 503), again, until timeout.
+
+    In a cluster a stream's replicas take seconds to elect a new leader after
+    its node died or was cut off; a write meanwhile waits for it, like an ack
+    that is late, instead of failing at once (and burning a delivery of the
+    message that caused it). Asking again is safe: nothing stored the write.
+
+    Raises:
+        NoResponders: still no stream answered after ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.05
+    while True:
+        try:
+            return await write()
+        except NoResponders:
+            if time.monotonic() + pause >= deadline:
+                raise
+            await anyio.sleep(pause)
+            pause = min(0.5, pause * 2)
 
 
 _AUTH_VIOLATION = "Authorization Violation"

@@ -4,7 +4,8 @@ Like httpx's ``map_exceptions``, every call into nats-py in ``bus/`` runs
 inside ``with nats_errors(...)``; nothing else in ``bus/`` catches a
 ``nats.*`` exception, and nothing foreign leaves ``bus/``:
 
-    nats.errors.NoRespondersError           → NoResponders
+    nats.errors.NoRespondersError,
+      NoStreamResponseError (a 503)         → NoResponders
     nats.js.errors.APIError 10071,
       KeyWrongLastSequenceError             → FencedWrite
     NotFoundError (404), KeyNotFoundError,
@@ -61,6 +62,9 @@ def nats_errors(what: str, *, subject: str = "") -> Iterator[None]:
     except nats.errors.NoRespondersError as exc:
         raise NoResponders(f"{what}: nobody serves {subject or 'that subject'}",
                            subject=subject) from exc
+    except nats.js.errors.NoStreamResponseError as exc:  # no stream, or it has no leader now
+        raise NoResponders(f"{what}: no stream answered (none stores {subject or 'it'}, or "
+                           "its replicas are electing a leader)", subject=subject) from exc
     except nats.js.errors.KeyWrongLastSequenceError as exc:
         raise FencedWrite(f"{what}: lost the race (wrong last sequence)",
                           subject=subject) from exc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from nats.js.kv import KeyValue
 
-from bus.connection import Bus
+from bus.connection import Bus, while_leaderless
 from bus.errors import NotFound, nats_errors
 from schemas.errors import BusError, FencedWrite
 
@@ -46,15 +46,22 @@ class Bucket:
     async def put(self, key: str, value: bytes) -> None:
         """Write ``value`` whatever was there."""
         kv = await self._open()
-        with nats_errors(f"KV put {self.name}/{key}"):
-            await kv.put(key, value)
+
+        async def put() -> None:
+            with nats_errors(f"KV put {self.name}/{key}"):
+                await kv.put(key, value)
+
+        await while_leaderless(put, self.bus.timeout_s)
 
     async def create(self, key: str, value: bytes) -> bool:
         """Write ``value`` only if ``key`` has none; False if it had one."""
         kv = await self._open()
         try:
-            with nats_errors(f"KV create {self.name}/{key}"):
-                await kv.create(key, value)
+            async def create() -> None:
+                with nats_errors(f"KV create {self.name}/{key}"):
+                    await kv.create(key, value)
+
+            await while_leaderless(create, self.bus.timeout_s)
         except FencedWrite:
             return False
         return True
@@ -63,8 +70,11 @@ class Bucket:
         """Write ``value`` only if ``key`` is still at ``revision``; False if it moved."""
         kv = await self._open()
         try:
-            with nats_errors(f"KV update {self.name}/{key}"):
-                await kv.update(key, value, last=revision)
+            async def update() -> None:
+                with nats_errors(f"KV update {self.name}/{key}"):
+                    await kv.update(key, value, last=revision)
+
+            await while_leaderless(update, self.bus.timeout_s)
         except (FencedWrite, NotFound):
             return False
         return True

@@ -114,13 +114,16 @@ class EmbeddedServer:
 
     def __init__(self, home: Path, *, port: int | None = None,
                  sync_always: bool = True, die_with_owner: bool = True,
-                 auth: Path | None = None) -> None:
+                 auth: Path | None = None, name: str | None = None,
+                 extra_config: str = "") -> None:
         self.home = home
         self.die_with_owner = die_with_owner and sys.platform == "linux"
         self.dir = home / "nats"
         self.port = port
         self.auth = auth  # an auth.conf to include (bus.auth): then nobody connects without a key
         self.sync_always = sync_always
+        self.name = name  # server_name (default corral_<port>); a cluster node's must be stable
+        self.extra_config = extra_config  # appended as is: a cluster node's block (bus.cluster)
         self.proc: subprocess.Popen[bytes] | None = None
         self.reused = False
         self.url = ""
@@ -165,13 +168,13 @@ class EmbeddedServer:
                 if self.auth is not None else "")
         return (
             f'listen: "127.0.0.1:{port}"\n'
-            f'server_name: "corral_{port}"\n'
+            f'server_name: "{self.name or f"corral_{port}"}"\n'
             f'pid_file: "{self.dir / "nats.pid"}"\n'
             "max_payload: 8MB\n"
             "jetstream {\n"
             f'    store_dir: "{store}"{sync}\n'
             "}\n"
-            f"{auth}"
+            f"{auth}{self.extra_config}"
         )
 
     def start(self, timeout_s: float = 10.0) -> str:

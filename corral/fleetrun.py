@@ -70,16 +70,18 @@ def nats_url(home: Path | None = None) -> str:
                    f"(its embedded server lives in {home})")
 
 
-async def provision_fleet(bus: Bus, fleet: FleetConfig, *, fresh_server: bool = False) -> int:
+async def provision_fleet(bus: Bus, fleet: FleetConfig, *, fresh_server: bool = False,
+                          replicas: int | None = None) -> int:
     """Streams, KV and every actor's durable consumer, before any process starts.
 
     ``fresh_server``: this process just started the (embedded) server, so no
     actor is connected and every unacked delivery is an orphan of the last
     run: make it redeliverable at once (``reclaim_orphaned``). Returns how
-    many were.
+    many were. ``replicas``: instead of ``[runtime] stream_replicas`` (an
+    embedded cluster's size).
     """
     ack_wait = fleet.runtime.ack_wait_s
-    await ensure_streams(bus, fleet.runtime.stream_replicas)
+    await ensure_streams(bus, replicas or fleet.runtime.stream_replicas)
     kinds: dict[str, Callable[[float], Awaitable[str]]] = {}
     consumers: list[tuple[str, str]] = []
     for name in fleet.agents:

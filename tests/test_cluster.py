@@ -1,0 +1,357 @@
+"""A 3-node NATS cluster under load and faults: nothing acknowledged is lost, nothing runs twice.
+
+Each test starts a 3-node ``LocalCluster`` (nkey auth, ``sync_interval:
+always``, every stream and bucket R3), runs the demo fleet against it with
+one authenticated connection per actor replica (spread over the nodes),
+submits refunds and order look-ups, and breaks the cluster mid-load:
+
+- kill -9 the leader of the mailbox stream ``CORRAL_TASKS``, restart it later;
+- kill -9 the JetStream meta leader, restart it later;
+- stop one node cleanly (the leader of ``CORRAL_EVENTS``) and bring it back;
+- cut one node off with the test's TCP proxies (``tests.cluster_net``), heal it.
+
+Invariants after each, counted and printed: every event a writer got an
+ack for is in the log with the same bytes (each actor's connection is
+watched), no task ran twice (one ``task.submitted`` per task, each turn
+answered once), no side effect twice (the demo tools' outbox: one entry
+per idempotency key, one refund per refund task), every task finished.
+
+``CORRAL_CLUSTER_N`` is the number of tasks per test (``make test``: 8;
+``make soak``: 60).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import pytest
+
+from actors.runtime import AnyActor, build_actor, fleet_actors
+from bus import subjects
+from bus.auth import creds_path, load_creds, publish_keyset, write_nats_config
+from bus.cluster import LocalCluster, stream_leader
+from bus.connection import Bus, PubResult, connect
+from bus.errors import nats_errors
+from bus.eventlog import EventLog
+from corral.client import Client
+from corral.fleetrun import provision_fleet
+from schemas.config import FleetConfig
+from schemas.errors import BusError
+from schemas.events import LlmResponded, TaskSubmitted, TurnStarted, verify_chain
+from schemas.fold import TaskState
+from schemas.identity import agent_identity, model_identity, tool_identity
+from tests.cluster_net import Net, proxied_net
+from tests.conftest import demo_fleet, outbox
+
+pytestmark = pytest.mark.crash
+
+N = int(os.environ.get("CORRAL_CLUSTER_N", "8"))
+FINISH_S = 120.0
+REFUND, LOOKUP = "Please refund order 1234", "Where is order 5678?"
+
+
+class AckWitness:
+    """Every JetStream ack a watched connection received, by stream: what must survive."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, bytes] = {}  # CORRAL_EVENTS sequence -> the bytes acked there
+        self.submitted: set[str] = set()  # task ids whose submission was acked
+
+    def watch(self, bus: Bus) -> None:
+        """Record the acks of ``bus.js_publish`` (it still talks to the real server)."""
+        publish = bus.js_publish
+
+        async def js_publish(subject: str, data: bytes, **kw: object) -> PubResult:
+            ack = await publish(subject, data, **kw)  # type: ignore[arg-type]
+            if ack.stream == subjects.EVENTS_STREAM and not ack.duplicate:
+                self.events[ack.seq] = data
+            return ack
+
+        bus.js_publish = js_publish  # type: ignore[method-assign]
+
+
+@dataclass
+class ClusterFleet:
+    """The cluster, the fleet's connections and what the test observed."""
+
+    cluster: LocalCluster
+    admin: Bus
+    client: Client
+    witness: AckWitness
+    home: Path
+    net: Net | None = None
+    tasks: dict[str, str] = field(default_factory=dict)  # task id -> what it asked
+
+    async def submit(self, text: str) -> str:
+        """Submit until acked: a retry keeps the id, so a resubmission is a no-op."""
+        task_id = f"t{len(self.tasks):04d}-{os.urandom(3).hex()}"
+        self.tasks[task_id] = text
+        with anyio.fail_after(60):
+            while True:
+                try:
+                    await self.client.submit("triage", text, task_id=task_id)
+                    self.witness.submitted.add(task_id)
+                    return task_id
+                except BusError:
+                    await anyio.sleep(0.2)
+
+    async def states(self) -> dict[str, TaskState]:
+        """Each task's folded state now (a read that fails counts as not finished)."""
+        out: dict[str, TaskState] = {}
+        for task_id in self.tasks:
+            try:
+                out[task_id] = await self.client.state(task_id)
+            except BusError:
+                out[task_id] = TaskState()
+        return out
+
+
+async def _connect(url: str, creds_dir: Path, identity: str, name: str) -> Bus:
+    return await connect(url, name=name, creds=load_creds(creds_path(creds_dir, identity)))
+
+
+def _identity(kind: str, name: str) -> str:
+    return {"agent": agent_identity, "tool": tool_identity, "model": model_identity}[kind](name)
+
+
+@contextlib.asynccontextmanager
+async def cluster_fleet(home: Path, *, net: Net | None = None,
+                        fleet: FleetConfig | None = None) -> AsyncIterator[ClusterFleet]:
+    """A 3-node cluster with the fleet's auth, provisioned R3, every actor running here."""
+    fleet = fleet or demo_fleet(latency_ms=50, ack_wait_s=3.0)
+    files = write_nats_config(fleet, home / "auth")
+    cluster = (net.cluster(home, auth=files.auth_conf) if net is not None
+               else LocalCluster(home, auth=files.auth_conf))
+    url = cluster.start()
+    witness = AckWitness()
+    buses: list[Bus] = []
+    try:
+        admin = await _connect(url, files.creds_dir, "admin", "admin")
+        buses.append(admin)
+        await provision_fleet(admin, fleet, replicas=cluster.replicas)
+        await publish_keyset(admin, files.keyset)
+        admin.keys = files.keyset
+        actors: list[AnyActor] = []
+        for kind, name, replicas in fleet_actors(fleet):
+            for r in range(replicas):
+                bus = await _connect(url, files.creds_dir, _identity(kind, name),
+                                     f"{kind}.{name}.{r}")
+                buses.append(bus)
+                witness.watch(bus)
+                actors.append(build_actor(bus, fleet, kind, name))
+        client_bus = await _connect(url, files.creds_dir, "client", "test-client")
+        buses.append(client_bus)
+        witness.watch(client_bus)
+        async with anyio.create_task_group() as tg:
+            for actor in actors:
+                await tg.start(actor.run)
+            try:
+                yield ClusterFleet(cluster, admin, Client(client_bus), witness, home, net)
+            finally:
+                for actor in actors:
+                    actor.stop()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for bus in reversed(buses):
+                with contextlib.suppress(BusError):
+                    await bus.close()
+        cluster.stop()
+
+
+async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
+    """Poll ``check`` until it holds; fail naming ``what``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if await check():
+                return
+        except BusError:
+            pass  # the cluster is still electing: ask again
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s:g}s: {what}")
+        await anyio.sleep(0.1)
+
+
+@dataclass
+class Counts:
+    """The invariants of one run, counted."""
+
+    tasks: int
+    acked_events: int
+    acked_lost: int
+    ran_twice: int
+    side_effects_twice: int
+    unfinished: int
+
+    def line(self, scenario: str) -> str:
+        return (f"[cluster: {scenario}] tasks {self.tasks}, acknowledged events "
+                f"{self.acked_events}: acknowledged lost {self.acked_lost}, duplicates "
+                f"{self.ran_twice + self.side_effects_twice} (tasks run twice "
+                f"{self.ran_twice}, side effects twice {self.side_effects_twice}), "
+                f"unfinished {self.unfinished}")
+
+
+async def finish_and_count(cf: ClusterFleet) -> Counts:
+    """Wait for every task to end, then count what the invariants forbid."""
+    deadline = time.monotonic() + FINISH_S
+    states = await cf.states()
+    while not all(s.terminal for s in states.values()) and time.monotonic() < deadline:
+        await anyio.sleep(0.25)
+        states = await cf.states()
+    unfinished = sum(1 for s in states.values() if s.status != "completed")
+    # Acknowledged means stored: read each acked sequence from the stream's leader.
+    lost = 0
+    for seq, data in sorted(cf.witness.events.items()):
+        try:
+            with nats_errors(f"get {subjects.EVENTS_STREAM} #{seq}"):
+                msg = await cf.admin.js.get_msg(subjects.EVENTS_STREAM, seq)
+            lost += msg.data != data
+        except BusError:
+            lost += 1
+    ran_twice = 0
+    log = EventLog(cf.admin)
+    for task_id in cf.tasks:
+        logged, _ = await log.read(task_id)
+        assert verify_chain([e.raw for e in logged]) == (True, 0, ""), task_id
+        events = [e.event for e in logged]
+        answers = Counter(e.turn for e in events if isinstance(e, LlmResponded))
+        turns = Counter(e.turn for e in events if isinstance(e, TurnStarted))
+        submitted = sum(isinstance(e, TaskSubmitted) for e in events)
+        ran_twice += (submitted > 1) + sum(n - 1 for n in answers.values()) + sum(
+            n - 1 for n in turns.values())
+    effects = outbox(cf.home)
+    keys = Counter(e["idempotency_key"] for e in effects)
+    refunds = Counter(e["task_id"] for e in effects if e["tool"] == "issue_refund")
+    refund_tasks = [t for t, text in cf.tasks.items() if text == REFUND]
+    twice = sum(n - 1 for n in keys.values()) + sum(
+        abs(refunds.get(t, 0) - 1) for t in refund_tasks
+        if states[t].status == "completed")
+    return Counts(len(cf.tasks), len(cf.witness.events), lost, ran_twice, twice, unfinished)
+
+
+async def run_under_fault(home: Path, scenario: str,
+                          fault: Callable[[ClusterFleet], Awaitable[str]],
+                          *, net: Net | None = None) -> Counts:
+    """Half the tasks, the fault once some are done, the other half meanwhile; count."""
+    async with cluster_fleet(home, net=net) as cf:
+        texts = [REFUND, LOOKUP] * (N // 2)
+        for text in texts[: N // 2]:
+            await cf.submit(text)
+
+        async def one_done() -> bool:
+            return any(s.terminal for s in (await cf.states()).values())
+
+        await wait_until(one_done, 60, "a first task finished")
+        in_flight = sum(not s.terminal for s in (await cf.states()).values())
+        async with anyio.create_task_group() as tg:
+            async def second_wave() -> None:
+                for text in texts[N // 2:]:
+                    await cf.submit(text)
+                    await anyio.sleep(0.05)
+
+            tg.start_soon(second_wave)
+            what = await fault(cf)
+        counts = await finish_and_count(cf)
+    print(f"[cluster: {scenario}] {what}; {in_flight} tasks in flight when it hit")
+    print(counts.line(scenario))
+    assert in_flight > 0, "the fault hit no work in flight"
+    return counts
+
+
+def assert_invariants(counts: Counts) -> None:
+    assert counts.acked_events > counts.tasks  # the witness saw the fleet's appends
+    assert counts.acked_lost == 0
+    assert counts.ran_twice == 0
+    assert counts.side_effects_twice == 0
+    assert counts.unfinished == 0
+
+
+async def _new_stream_leader(cf: ClusterFleet, stream: str, old: str) -> str:
+    found = ""
+
+    async def moved() -> bool:
+        nonlocal found
+        found = await stream_leader(cf.admin, stream)
+        return found not in ("", old)
+
+    await wait_until(moved, 60, f"{stream} elected a leader other than {old}")
+    return found
+
+
+async def _down_and_back(cf: ClusterFleet, stream: str, *, kill: bool) -> str:
+    """Take the node leading ``stream`` down (kill -9, or stop), wait for a new leader, restart."""
+    old = await stream_leader(cf.admin, stream)
+    node = cf.cluster.node(old)
+    (cf.cluster.kill if kill else cf.cluster.stop_node)(node)
+    new = await _new_stream_leader(cf, stream, old)
+    await anyio.sleep(1.0)
+    cf.cluster.start_node(node)
+    how = "killed -9" if kill else "stopped"
+    return f"{how} {old} leading {stream}; {new} took over; {old} started again"
+
+
+async def kill_stream_leader(cf: ClusterFleet) -> str:
+    return await _down_and_back(cf, subjects.TASKS_STREAM, kill=True)
+
+
+async def stop_one_node(cf: ClusterFleet) -> str:
+    return await _down_and_back(cf, subjects.EVENTS_STREAM, kill=False)
+
+
+async def kill_meta_leader(cf: ClusterFleet) -> str:
+    old = await anyio.to_thread.run_sync(cf.cluster.meta_leader)
+    assert old, "no meta leader to kill"
+    node = cf.cluster.node(old)
+    cf.cluster.kill(node)
+    new = ""
+
+    async def elected() -> bool:
+        nonlocal new
+        new = await anyio.to_thread.run_sync(cf.cluster.meta_leader)
+        return new not in ("", old)
+
+    await wait_until(elected, 60, f"a meta leader other than {old}")
+    await anyio.sleep(1.0)
+    cf.cluster.start_node(node)
+    return f"killed -9 meta leader {old}; {new} elected; {old} restarted"
+
+
+async def partition_one_node(cf: ClusterFleet) -> str:
+    assert cf.net is not None
+    name = await stream_leader(cf.admin, subjects.EVENTS_STREAM)
+    node = cf.cluster.node(name)
+    cf.net.cut(node.index)
+    events = await _new_stream_leader(cf, subjects.EVENTS_STREAM, name)
+    tasks = await _new_stream_leader(cf, subjects.TASKS_STREAM, name)
+    await anyio.sleep(1.0)
+    resets = cf.net.resets(node.index)
+    cf.net.heal(node.index)
+    assert resets > 0, "the cut reset no connection of the node"
+    return (f"cut {name} (leading {subjects.EVENTS_STREAM}) off, {resets} connections "
+            f"reset; the majority elected {events} for it and {tasks} for "
+            f"{subjects.TASKS_STREAM}; healed")
+
+
+async def test_kill_9_the_tasks_stream_leader_mid_load(home: Path) -> None:
+    assert_invariants(await run_under_fault(home, "kill -9 stream leader", kill_stream_leader))
+
+
+async def test_kill_9_the_meta_leader_mid_load(home: Path) -> None:
+    assert_invariants(await run_under_fault(home, "kill -9 meta leader", kill_meta_leader))
+
+
+async def test_stop_one_node_and_bring_it_back_mid_load(home: Path) -> None:
+    assert_invariants(await run_under_fault(home, "stop one node", stop_one_node))
+
+
+async def test_cut_one_node_off_and_heal_it_mid_load(home: Path) -> None:
+    with proxied_net(3) as net:
+        assert_invariants(await run_under_fault(home, "partition", partition_one_node,
+                                                net=net))
