@@ -13,7 +13,7 @@ help:
 	@echo "make test   lint + the whole test suite"
 	@echo "make lint   ruff + mypy --strict + compose.yaml schema check + deploy/ checks"
 	@echo "make bench  benchmarks (prints a table, writes bench/results.json)"
-	@echo "make soak   the fuzz suite at 100,000 messages (prints the figures)"
+	@echo "make soak   the fuzz suite at 100,000 messages, the cluster faults at 60 tasks each"
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "corral needs Python >= 3.11"'
@@ -38,9 +38,12 @@ bench: $(STAMP)
 
 # The fuzz suite (tests/test_fuzz.py) at soak size; `make test` runs it at 2,000.
 # And the canary routing check at the issue's 1,000 tasks; `make test` runs 300.
+# The cluster faults (tests/test_cluster.py) each on a cluster of its own, CORRAL_CLUSTER_N
+# tasks per fault (default 60; `make test` runs them in turn on one cluster, 6 each).
 soak: $(STAMP)
 	CORRAL_FUZZ_N=$${CORRAL_FUZZ_N:-100000} $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 	CORRAL_ROLLOUT_N=$${CORRAL_ROLLOUT_N:-1000} $(BIN)/python -m pytest -q -s tests/test_rollouts.py -k canary
+	CORRAL_CLUSTER_SOAK=1 $(BIN)/python -m pytest -q -s -o timeout=900 tests/test_cluster.py
 
 clean:
 	rm -rf $(VENV) .corral .mypy_cache .ruff_cache .pytest_cache *.egg-info

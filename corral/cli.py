@@ -40,6 +40,7 @@ from actors.replay import replay_task
 from actors.runtime import load_fleet
 from actors.tracing import setup_tracing
 from bus.auth import write_nats_config
+from bus.cluster import CLUSTER_SIZES, LocalCluster, cluster_dir
 from bus.connection import Bus
 from bus.eventlog import EventLog, LoggedEvent
 from bus.server import corral_home
@@ -79,6 +80,10 @@ async def cmd_up(args: argparse.Namespace) -> int:
     if metrics_port is not None:
         print(f"  metrics   http://{os.environ.get('CORRAL_METRICS_ADDR', '127.0.0.1')}:"
               f"{metrics_port}/metrics (every process of this run)")
+    if args.cluster:
+        print(f"  starting a {args.cluster}-node NATS cluster in {cluster_dir(home)} (each node "
+              f"syncs every write; streams and buckets R{args.cluster}), waiting for its meta "
+              "leader…", flush=True)
     stop = anyio.Event()
     failure: CorralError | None = None
     async with anyio.create_task_group() as outer:
@@ -94,7 +99,7 @@ async def cmd_up(args: argparse.Namespace) -> int:
         outer.start_soon(on_signal)
         try:
             async with running_fleet(config, fleet, home=home, domain=args.domain,
-                                     node=args.node) as handle:
+                                     node=args.node, cluster=args.cluster) as handle:
                 _print_ready(handle, home)
                 async with anyio.create_task_group() as tg:
                     async def on_stop() -> None:
@@ -119,12 +124,17 @@ async def cmd_up(args: argparse.Namespace) -> int:
         return 3
     if failure is not None:
         raise failure
-    print("stopped")
+    print("stopped" + (f" (and the {args.cluster} NATS nodes it started, last)"
+                       if args.cluster else ""))
     return 0
 
 
 def _print_ready(handle: FleetHandle, home: Path) -> None:
     where = "embedded, " + str(home / "nats") if handle.server else "from NATS_URL"
+    if isinstance(handle.server, LocalCluster):
+        where = (f"embedded {handle.server.size}-node cluster, meta leader "
+                 f"{handle.server.meta_leader() or '?'}, streams R{handle.server.replicas}, "
+                 f"{handle.server.dir}")
     print(f"  NATS      {handle.url} ({where})")
     if handle.creds_dir is not None:
         print(f"  auth      one nkey identity per process, credentials in {handle.creds_dir}")
@@ -368,6 +378,12 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _cluster_size(text: str) -> int:
+    if text not in {str(n) for n in CLUSTER_SIZES}:
+        raise argparse.ArgumentTypeError(f"a local NATS cluster has 3 or 5 nodes, not {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (its help is the CLI's manual)."""
     parser = _Parser(
@@ -390,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fleet TOML file (default: %(default)s)")
     up.add_argument("--domain", metavar="NAME",
                     help="run this failure domain only (one container per domain)")
+    up.add_argument("--cluster", metavar="N", type=_cluster_size,
+                    help="run the embedded NATS as a local cluster of N nodes (3 or 5), every "
+                    "stream and bucket with N replicas: to try a cluster on one machine "
+                    "(docs/operating-at-scale.md)")
     up.add_argument("--node", metavar="NAME",
                     help="this `corral up`'s name in `corral ps` (default: <host>-<pid>)")
     up.set_defaults(func=cmd_up)

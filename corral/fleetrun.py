@@ -27,6 +27,7 @@ from bus.auth import (
     publish_keyset,
     write_nats_config,
 )
+from bus.cluster import LocalCluster
 from bus.connection import Bus, connect
 from bus.permissions import fleet_identities
 from bus.provision import (
@@ -63,7 +64,7 @@ def nats_url(home: Path | None = None) -> str:
     if url:
         return url
     home = home or corral_home()
-    running = EmbeddedServer(home).running()
+    running = EmbeddedServer(home).running() or LocalCluster(home).running()
     if running:
         return running
     raise BusError(f"no NATS server: set NATS_URL, or start a fleet with `corral up` "
@@ -167,7 +168,7 @@ class FleetHandle:
     bus: Bus
     root: Supervisor
     url: str
-    server: EmbeddedServer | None
+    server: EmbeddedServer | LocalCluster | None
     home: Path
     node: str
     creds_dir: Path | None = None  # each process's credential is here; None: unauthenticated
@@ -189,9 +190,12 @@ class FleetHandle:
 
 @contextlib.asynccontextmanager
 async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
-                        domain: str | None = None, node: str | None = None
-                        ) -> AsyncIterator[FleetHandle]:
+                        domain: str | None = None, node: str | None = None,
+                        cluster: int | None = None) -> AsyncIterator[FleetHandle]:
     """Start NATS (unless ``NATS_URL``), provision, run the supervision tree.
+
+    ``cluster``: the embedded NATS is a local cluster of that many nodes
+    (``bus.cluster``), and every stream and bucket gets as many replicas.
 
     The root supervisor runs in this process; every failure domain is a
     supervisor process with its actors as child processes. The body runs
@@ -211,7 +215,8 @@ async def running_fleet(config: Path, fleet: FleetConfig, *, home: Path,
     tree = supervision_tree(fleet)
     spec = root_spec(tree, domain, fleet.source)
     with domain_locks(home, [c.id for c in spec.children]):
-        async with _running(config, fleet, tree, spec, home=home, node=node) as handle:
+        async with _running(config, fleet, tree, spec, home=home, node=node,
+                            cluster=cluster) as handle:
             yield handle
 
 
@@ -303,15 +308,24 @@ async def _connect_as(url: str, auth: _Auth, identity: str, name: str) -> Bus:
 
 @contextlib.asynccontextmanager
 async def _running(config: Path, fleet: FleetConfig, tree: SupervisionTree,
-                   spec: SupervisorSpec, *, home: Path, node: str | None
-                   ) -> AsyncIterator[FleetHandle]:
-    server: EmbeddedServer | None = None
+                   spec: SupervisorSpec, *, home: Path, node: str | None,
+                   cluster: int | None = None) -> AsyncIterator[FleetHandle]:
+    server: EmbeddedServer | LocalCluster | None = None
     url = os.environ.get("NATS_URL", "")
+    if url and cluster:
+        raise ConfigError(f"--cluster starts an embedded NATS cluster, but NATS_URL={url} is "
+                          "set: unset it, or leave out --cluster")
     if url:
         auth = _given_auth(fleet, url)
     else:
         auth, conf = _own_server_auth(fleet, home)
-        server = EmbeddedServer(home, auth=conf)
+        if cluster:
+            server = LocalCluster(home, size=cluster, auth=conf)
+        elif LocalCluster(home).running():
+            raise BusError(f"a NATS cluster runs for {home} (`corral up --cluster`): add "
+                           "--cluster to share it, or stop it first")
+        else:
+            server = EmbeddedServer(home, auth=conf)
         url = server.start()
         if server.reused:
             server.reload()  # another `corral up` of this home started it: maybe a changed fleet
@@ -320,7 +334,9 @@ async def _running(config: Path, fleet: FleetConfig, tree: SupervisionTree,
         bus = await _connect_as(url, auth, "admin", "corral-up")
         try:
             await provision_fleet(bus, fleet,
-                                  fresh_server=server is not None and not server.reused)
+                                  fresh_server=server is not None and not server.reused,
+                                  replicas=server.replicas if isinstance(server, LocalCluster)
+                                  else None)
             if auth.keyset is not None:
                 await publish_keyset(bus, auth.keyset)
                 bus.keys = auth.keyset

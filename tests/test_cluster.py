@@ -1,9 +1,10 @@
 """A 3-node NATS cluster under load and faults: nothing acknowledged is lost, nothing runs twice.
 
-Each test starts a 3-node ``LocalCluster`` (nkey auth, ``sync_interval:
-always``, every stream and bucket R3), runs the demo fleet against it with
-one authenticated connection per actor replica (spread over the nodes),
-submits refunds and order look-ups, and breaks the cluster mid-load:
+A 3-node ``LocalCluster`` (nkey auth, ``sync_interval: always``, every
+stream and bucket R3, each node reached through the test's TCP proxies)
+runs the demo fleet with one authenticated connection per actor replica
+(spread over the nodes); the test submits refunds and order look-ups and
+breaks the cluster mid-load, once one of them has finished:
 
 - kill -9 the leader of the mailbox stream ``CORRAL_TASKS``, restart it later;
 - kill -9 the JetStream meta leader, restart it later;
@@ -16,14 +17,17 @@ watched), no task ran twice (one ``task.submitted`` per task, each turn
 answered once), no side effect twice (the demo tools' outbox: one entry
 per idempotency key, one refund per refund task), every task finished.
 
-``CORRAL_CLUSTER_N`` is the number of tasks per test (``make test``: 8;
-``make soak``: 60).
+``make test`` runs every fault in turn on one cluster, 6 tasks each;
+``make soak`` (``CORRAL_CLUSTER_SOAK=1``) also runs each on a cluster of its
+own, 60 tasks each (``CORRAL_CLUSTER_N`` sets the number).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,10 +39,10 @@ import pytest
 
 from actors.runtime import AnyActor, build_actor, fleet_actors
 from bus import subjects
-from bus.auth import creds_path, load_creds, publish_keyset, write_nats_config
-from bus.cluster import LocalCluster, stream_leader
+from bus.auth import creds_path, embedded_creds, load_creds, publish_keyset, write_nats_config
+from bus.cluster import ClusterNode, LocalCluster, cluster_dir, stream_leader
 from bus.connection import Bus, PubResult, connect
-from bus.errors import nats_errors
+from bus.errors import NotFound, nats_errors
 from bus.eventlog import EventLog
 from corral.client import Client
 from corral.fleetrun import provision_fleet
@@ -49,10 +53,21 @@ from schemas.fold import TaskState
 from schemas.identity import agent_identity, model_identity, tool_identity
 from tests.cluster_net import Net, proxied_net
 from tests.conftest import demo_fleet, outbox
+from tests.supervision_helpers import (
+    DEFAULT_TREE,
+    alive,
+    corral,
+    env_without_nats,
+    finish,
+    start_up,
+    tree_config,
+)
 
 pytestmark = pytest.mark.crash
 
-N = int(os.environ.get("CORRAL_CLUSTER_N", "8"))
+SOAK = os.environ.get("CORRAL_CLUSTER_SOAK") == "1"
+N = int(os.environ.get("CORRAL_CLUSTER_N", "60" if SOAK else "6"))  # tasks per fault
+soak_only = pytest.mark.skipif(not SOAK, reason="make soak: each fault on a cluster of its own")
 FINISH_S = 120.0
 REFUND, LOOKUP = "Please refund order 1234", "Where is order 5678?"
 
@@ -102,10 +117,10 @@ class ClusterFleet:
                 except BusError:
                     await anyio.sleep(0.2)
 
-    async def states(self) -> dict[str, TaskState]:
+    async def states(self, ids: list[str]) -> dict[str, TaskState]:
         """Each task's folded state now (a read that fails counts as not finished)."""
         out: dict[str, TaskState] = {}
-        for task_id in self.tasks:
+        for task_id in ids:
             try:
                 out[task_id] = await self.client.state(task_id)
             except BusError:
@@ -198,26 +213,30 @@ class Counts:
                 f"unfinished {self.unfinished}")
 
 
-async def finish_and_count(cf: ClusterFleet) -> Counts:
-    """Wait for every task to end, then count what the invariants forbid."""
+async def finish_and_count(cf: ClusterFleet, ids: list[str]) -> Counts:
+    """Wait for tasks ``ids`` to end, then count what the invariants forbid."""
     deadline = time.monotonic() + FINISH_S
-    states = await cf.states()
+    states = await cf.states(ids)
     while not all(s.terminal for s in states.values()) and time.monotonic() < deadline:
         await anyio.sleep(0.25)
-        states = await cf.states()
+        states = await cf.states(ids)
     unfinished = sum(1 for s in states.values() if s.status != "completed")
+    for task_id, state in states.items():
+        if state.status != "completed":
+            logged, _ = await EventLog(cf.admin).read(task_id)
+            print(f"[cluster] unfinished {task_id} ({cf.tasks[task_id]!r}): {state.status}, "
+                  f"events {[type(e.event).__name__ for e in logged]}")
     # Acknowledged means stored: read each acked sequence from the stream's leader.
     lost = 0
     for seq, data in sorted(cf.witness.events.items()):
-        try:
-            with nats_errors(f"get {subjects.EVENTS_STREAM} #{seq}"):
-                msg = await cf.admin.js.get_msg(subjects.EVENTS_STREAM, seq)
-            lost += msg.data != data
-        except BusError:
+        stored = await stored_at(cf.admin, seq)
+        if stored != data:
             lost += 1
+            print(f"[cluster] acknowledged {subjects.EVENTS_STREAM} #{seq} "
+                  f"{data[:160]!r}: stored there now {stored[:160]!r}")
     ran_twice = 0
     log = EventLog(cf.admin)
-    for task_id in cf.tasks:
+    for task_id in ids:
         logged, _ = await log.read(task_id)
         assert verify_chain([e.raw for e in logged]) == (True, 0, ""), task_id
         events = [e.event for e in logged]
@@ -226,40 +245,59 @@ async def finish_and_count(cf: ClusterFleet) -> Counts:
         submitted = sum(isinstance(e, TaskSubmitted) for e in events)
         ran_twice += (submitted > 1) + sum(n - 1 for n in answers.values()) + sum(
             n - 1 for n in turns.values())
-    effects = outbox(cf.home)
+    effects = [e for e in outbox(cf.home) if e["task_id"] in states]
     keys = Counter(e["idempotency_key"] for e in effects)
     refunds = Counter(e["task_id"] for e in effects if e["tool"] == "issue_refund")
-    refund_tasks = [t for t, text in cf.tasks.items() if text == REFUND]
+    refund_tasks = [t for t in ids if cf.tasks[t] == REFUND]
     twice = sum(n - 1 for n in keys.values()) + sum(
         abs(refunds.get(t, 0) - 1) for t in refund_tasks
         if states[t].status == "completed")
-    return Counts(len(cf.tasks), len(cf.witness.events), lost, ran_twice, twice, unfinished)
+    return Counts(len(ids), len(cf.witness.events), lost, ran_twice, twice, unfinished)
 
 
-async def run_under_fault(home: Path, scenario: str,
-                          fault: Callable[[ClusterFleet], Awaitable[str]],
-                          *, net: Net | None = None) -> Counts:
-    """Half the tasks, the fault once some are done, the other half meanwhile; count."""
-    async with cluster_fleet(home, net=net) as cf:
-        texts = [REFUND, LOOKUP] * (N // 2)
-        for text in texts[: N // 2]:
-            await cf.submit(text)
+async def stored_at(bus: Bus, seq: int) -> bytes | str:
+    """What ``CORRAL_EVENTS`` holds at ``seq`` (its leader's word), or why nothing."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with nats_errors(f"get {subjects.EVENTS_STREAM} #{seq}"):
+                msg = await bus.js.get_msg(subjects.EVENTS_STREAM, seq)
+            return msg.data or b""
+        except NotFound as exc:
+            return str(exc)
+        except BusError as exc:  # no leader right now ("temporarily unavailable"): ask again
+            if time.monotonic() > deadline:
+                return str(exc)
+            await anyio.sleep(0.2)
 
-        async def one_done() -> bool:
-            return any(s.terminal for s in (await cf.states()).values())
 
-        await wait_until(one_done, 60, "a first task finished")
-        in_flight = sum(not s.terminal for s in (await cf.states()).values())
-        async with anyio.create_task_group() as tg:
-            async def second_wave() -> None:
-                for text in texts[N // 2:]:
-                    await cf.submit(text)
-                    await anyio.sleep(0.05)
+async def under_fault(cf: ClusterFleet, scenario: str,
+                      fault: Callable[[ClusterFleet], Awaitable[str]]) -> Counts:
+    """N/2 tasks, the fault once one of them is done, N/2 more meanwhile; count.
 
-            tg.start_soon(second_wave)
-            what = await fault(cf)
-        counts = await finish_and_count(cf)
-    print(f"[cluster: {scenario}] {what}; {in_flight} tasks in flight when it hit")
+    Waits first until every node runs and is current (after the last fault).
+    """
+    await anyio.to_thread.run_sync(cf.cluster.wait_ready, 60.0)
+    started = time.monotonic()
+    texts = [REFUND, LOOKUP] * (N // 2)
+    ids = [await cf.submit(text) for text in texts[: N // 2]]
+
+    async def one_done() -> bool:
+        return any(s.terminal for s in (await cf.states(ids)).values())
+
+    await wait_until(one_done, 60, "a first task finished")
+    in_flight = sum(not s.terminal for s in (await cf.states(ids)).values())
+    async with anyio.create_task_group() as tg:
+        async def second_wave() -> None:
+            for text in texts[N // 2:]:
+                ids.append(await cf.submit(text))
+                await anyio.sleep(0.05)
+
+        tg.start_soon(second_wave)
+        what = await fault(cf)
+    counts = await finish_and_count(cf, ids)
+    print(f"[cluster: {scenario}] {what}; {in_flight} tasks in flight when it hit; all "
+          f"finished in {time.monotonic() - started:.1f}s")
     print(counts.line(scenario))
     assert in_flight > 0, "the fault hit no work in flight"
     return counts
@@ -285,14 +323,28 @@ async def _new_stream_leader(cf: ClusterFleet, stream: str, old: str) -> str:
     return found
 
 
+def down(cf: ClusterFleet, node: ClusterNode, *, kill: bool) -> None:
+    """Kill -9 or stop ``node``; behind proxies, nothing reaches it either (as a dead host)."""
+    (cf.cluster.kill if kill else cf.cluster.stop_node)(node)
+    if cf.net is not None:
+        cf.net.cut(node.index)  # refused, not accepted by the proxy and reset
+
+
+def up(cf: ClusterFleet, node: ClusterNode) -> None:
+    """Start ``node`` again (same name, ports, store) and let its traffic through."""
+    cf.cluster.start_node(node)
+    if cf.net is not None:
+        cf.net.heal(node.index)
+
+
 async def _down_and_back(cf: ClusterFleet, stream: str, *, kill: bool) -> str:
     """Take the node leading ``stream`` down (kill -9, or stop), wait for a new leader, restart."""
     old = await stream_leader(cf.admin, stream)
     node = cf.cluster.node(old)
-    (cf.cluster.kill if kill else cf.cluster.stop_node)(node)
+    down(cf, node, kill=kill)
     new = await _new_stream_leader(cf, stream, old)
-    await anyio.sleep(1.0)
-    cf.cluster.start_node(node)
+    await anyio.sleep(0.5)  # the load goes on a moment without the node
+    up(cf, node)
     how = "killed -9" if kill else "stopped"
     return f"{how} {old} leading {stream}; {new} took over; {old} started again"
 
@@ -309,7 +361,7 @@ async def kill_meta_leader(cf: ClusterFleet) -> str:
     old = await anyio.to_thread.run_sync(cf.cluster.meta_leader)
     assert old, "no meta leader to kill"
     node = cf.cluster.node(old)
-    cf.cluster.kill(node)
+    down(cf, node, kill=True)
     new = ""
 
     async def elected() -> bool:
@@ -318,8 +370,8 @@ async def kill_meta_leader(cf: ClusterFleet) -> str:
         return new not in ("", old)
 
     await wait_until(elected, 60, f"a meta leader other than {old}")
-    await anyio.sleep(1.0)
-    cf.cluster.start_node(node)
+    await anyio.sleep(0.5)  # the load goes on a moment without the node
+    up(cf, node)
     return f"killed -9 meta leader {old}; {new} elected; {old} restarted"
 
 
@@ -330,7 +382,7 @@ async def partition_one_node(cf: ClusterFleet) -> str:
     cf.net.cut(node.index)
     events = await _new_stream_leader(cf, subjects.EVENTS_STREAM, name)
     tasks = await _new_stream_leader(cf, subjects.TASKS_STREAM, name)
-    await anyio.sleep(1.0)
+    await anyio.sleep(0.5)  # the load goes on a moment without the node
     resets = cf.net.resets(node.index)
     cf.net.heal(node.index)
     assert resets > 0, "the cut reset no connection of the node"
@@ -339,19 +391,67 @@ async def partition_one_node(cf: ClusterFleet) -> str:
             f"{subjects.TASKS_STREAM}; healed")
 
 
-async def test_kill_9_the_tasks_stream_leader_mid_load(home: Path) -> None:
-    assert_invariants(await run_under_fault(home, "kill -9 stream leader", kill_stream_leader))
+FAULTS = {
+    "kill -9 the tasks stream leader": kill_stream_leader,
+    "kill -9 the meta leader": kill_meta_leader,
+    "stop one node and bring it back": stop_one_node,
+    "cut one node off and heal it": partition_one_node,
+}
 
 
-async def test_kill_9_the_meta_leader_mid_load(home: Path) -> None:
-    assert_invariants(await run_under_fault(home, "kill -9 meta leader", kill_meta_leader))
-
-
-async def test_stop_one_node_and_bring_it_back_mid_load(home: Path) -> None:
-    assert_invariants(await run_under_fault(home, "stop one node", stop_one_node))
-
-
-async def test_cut_one_node_off_and_heal_it_mid_load(home: Path) -> None:
+@pytest.mark.timeout(300)
+async def test_a_3_node_cluster_under_load_loses_nothing_acknowledged_through_each_fault(
+        home: Path) -> None:
+    # One cluster (behind the test's proxies) takes every fault in turn; each is
+    # counted on its own tasks, and the cluster is whole again before the next.
     with proxied_net(3) as net:
-        assert_invariants(await run_under_fault(home, "partition", partition_one_node,
-                                                net=net))
+        async with cluster_fleet(home, net=net) as cf:
+            for scenario, fault in FAULTS.items():
+                assert_invariants(await under_fault(cf, scenario, fault))
+
+
+@soak_only
+@pytest.mark.parametrize("scenario", list(FAULTS))
+async def test_each_fault_on_a_cluster_of_its_own(home: Path, scenario: str) -> None:
+    with proxied_net(3) as net:
+        async with cluster_fleet(home, net=net) as cf:
+            assert_invariants(await under_fault(cf, scenario, FAULTS[scenario]))
+
+
+async def test_corral_up_cluster_3_runs_the_fleet_on_three_nodes_and_ctrl_c_stops_them_last(
+        home: Path) -> None:
+    env = env_without_nats(home)
+    config = tree_config(home, DEFAULT_TREE)
+    up, printed = start_up(env, "--config", str(config), "--cluster", "3", own_group=True)
+    nodes: list[dict[str, object]] = []
+    try:
+        said = "".join(printed)
+        assert "starting a 3-node NATS cluster" in said and "streams R3" in said, said
+        state = json.loads((cluster_dir(home) / "cluster.json").read_text())
+        nodes = state["nodes"]
+        assert [n["name"] for n in nodes] == ["corral-n1", "corral-n2", "corral-n3"]
+        assert state["auth"] is True
+        done = corral(env, "submit", "triage", REFUND, "--wait")
+        assert done.returncode == 0 and "Refunded" in done.stdout, done.stdout + done.stderr
+        admin = await connect(state["url"], name="test", creds=embedded_creds(home, "admin"))
+        try:
+            for stream in (subjects.TASKS_STREAM, subjects.EVENTS_STREAM, "KV_CORRAL_LEDGER"):
+                with nats_errors(stream):
+                    info = await admin.js.stream_info(stream)
+                assert info.config.num_replicas == 3 and info.cluster is not None
+                assert len(info.cluster.replicas or []) == 2, stream  # and the leader
+        finally:
+            await admin.close()
+        with pytest.raises(BusError, match="refused an anonymous connection"):
+            await connect(state["url"], name="anonymous", first_attempts=1)
+        os.killpg(up.pid, signal.SIGINT)  # Ctrl-C in the terminal: the whole group
+        rest, _ = up.communicate(timeout=90)
+        assert up.returncode == 0, rest
+        assert "stopped (and the 3 NATS nodes it started, last)" in rest, rest
+        assert not any(alive(int(str(n["pid"]))) for n in nodes), nodes
+        assert not (cluster_dir(home) / "cluster.json").exists()
+    finally:
+        finish(up)
+        for n in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(str(n["pid"])), signal.SIGKILL)
