@@ -107,6 +107,14 @@ class Bus:
         self.keys: KeySet | None = None
         self._denied: OrderedDict[str, None] = OrderedDict()  # subjects the server refused
 
+    @property
+    def clustered(self) -> bool:
+        """Whether the server is a node of a cluster (its INFO names one).
+
+        Then a direct get may be answered by a replica that lags the leader.
+        """
+        return bool(self.nc._server_info.get("cluster"))
+
     async def publish(self, subject: str, data: bytes,
                       headers: dict[str, str] | None = None) -> None:
         """Core NATS publish (fire and forget, buffered)."""
