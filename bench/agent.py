@@ -20,6 +20,7 @@ Figures:
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -228,8 +229,11 @@ async def _model_latencies(bus: Bus, n: int) -> list[float]:
     return await _timed(n, ask)
 
 
-async def run_agent(url: str, scale: Scale) -> dict[str, float]:
-    """Run the fleet in-process and measure turns, tasks and their building blocks."""
+async def run_agent(url: str, scale: Scale, replicas: int = 1) -> dict[str, float]:
+    """Run the fleet in-process and measure turns, tasks and their building blocks.
+
+    ``replicas``: of corral's streams and buckets (3 on a cluster: bench/cluster.py).
+    """
     fleet = bench_fleet()
     run = uuid.uuid4().hex[:6]
     buses: list[Bus] = []
@@ -246,7 +250,8 @@ async def run_agent(url: str, scale: Scale) -> dict[str, float]:
         await watch.start()
         out: dict[str, float] = {}
         async with anyio.create_task_group() as tg:
-            await tg.start(run_actors, buses[0], actor_list)
+            await tg.start(functools.partial(run_actors, stream_replicas=replicas),
+                           buses[0], actor_list)
 
             # Warm-up: every path once, caches and connections hot.
             await _sequential(client, watch, "echo", scale.warmup, f"warm-{run}")

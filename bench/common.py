@@ -114,18 +114,18 @@ async def raw_connect(url: str, name: str = "bench") -> tuple[Client, JetStreamC
 
 
 async def make_stream(js: JetStreamContext, base: str, subject: str,
-                      storage: StorageType = StorageType.FILE) -> str:
+                      storage: StorageType = StorageType.FILE, replicas: int = 1) -> str:
     """A new work-queue stream configured like corral's mailboxes; returns its name.
 
     Each call gets a fresh name (``base_<n>``), so no benchmark ever meets a
     stream left over by another. With ``StorageType.MEMORY`` nothing touches
     the disk: what is left is the client's and the server's CPU cost, the
-    ceiling of the consume loops.
+    ceiling of the consume loops. ``replicas``: 3 on a cluster (bench/cluster.py).
     """
     name = f"{base}_{next(_stream_numbers)}"
     await js.add_stream(StreamConfig(
         name=name, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE,
-        storage=storage, duplicate_window=600.0,
+        storage=storage, duplicate_window=600.0, num_replicas=replicas,
     ))
     return name
 

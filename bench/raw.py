@@ -42,9 +42,9 @@ SUBJECT = "bench.raw.x"
 FILE, MEMORY = StorageType.FILE, StorageType.MEMORY
 
 
-async def publish_awaited(js: JetStreamContext, n: int) -> float:
+async def publish_awaited(js: JetStreamContext, n: int, replicas: int = 1) -> float:
     """msgs/s of ``js.publish`` awaited one at a time (each waits for the store's ack)."""
-    stream = await make_stream(js, STREAM, "bench.raw.>")
+    stream = await make_stream(js, STREAM, "bench.raw.>", replicas=replicas)
     t0 = time.perf_counter()
     for _ in range(n):
         await js.publish(SUBJECT, PAYLOAD)
@@ -53,9 +53,9 @@ async def publish_awaited(js: JetStreamContext, n: int) -> float:
     return n / elapsed
 
 
-async def publish_pipelined(js: JetStreamContext, n: int) -> float:
+async def publish_pipelined(js: JetStreamContext, n: int, replicas: int = 1) -> float:
     """msgs/s of ``js.publish_async``: up to 4000 publishes in flight, every ack awaited."""
-    stream = await make_stream(js, STREAM, "bench.raw.>")
+    stream = await make_stream(js, STREAM, "bench.raw.>", replicas=replicas)
     t0 = time.perf_counter()
     futures = [await js.publish_async(SUBJECT, PAYLOAD) for _ in range(n)]
     await asyncio.gather(*futures)
