@@ -250,8 +250,12 @@ async def finish_and_count(cf: ClusterFleet, ids: list[str]) -> Counts:
     refunds = Counter(e["task_id"] for e in effects if e["tool"] == "issue_refund")
     refund_tasks = [t for t in ids if cf.tasks[t] == REFUND]
     twice = sum(n - 1 for n in keys.values()) + sum(
-        abs(refunds.get(t, 0) - 1) for t in refund_tasks
-        if states[t].status == "completed")
+        refunds.get(t, 0) - 1 for t in refund_tasks if refunds.get(t, 0) > 1)
+    for t in refund_tasks:
+        if refunds.get(t, 0) != 1:
+            logged, _ = await log.read(t)
+            print(f"[cluster] refund task {t} refunded {refunds.get(t, 0)} times: "
+                  f"{[(type(e.event).__name__, getattr(e.event, 'tool', '')) for e in logged]}")
     return Counts(len(ids), len(cf.witness.events), lost, ran_twice, twice, unfinished)
 
 
