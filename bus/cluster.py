@@ -46,7 +46,7 @@ from typing import Any
 
 from bus.connection import Bus
 from bus.errors import nats_errors
-from bus.server import EmbeddedServer, _alive, free_port
+from bus.server import EmbeddedServer, free_port, pid_alive
 from schemas.errors import BusError, ConfigError
 
 __all__ = ["CLUSTER_SIZES", "ClusterNode", "LocalCluster", "NodePorts", "cluster_dir",
@@ -165,7 +165,7 @@ class LocalCluster:
             pids = [int(n["pid"]) for n in state["nodes"]]
         except (OSError, ValueError, TypeError, KeyError):
             return None
-        alive = [p for p in pids if _alive(p)]
+        alive = [p for p in pids if pid_alive(p)]
         if not alive:
             return None
         if len(alive) < len(pids):
