@@ -35,6 +35,9 @@ reply = "finished"
 call = "slow"
 arguments = { seconds = 1.0 }
 '''
+# Long enough that `corral cancel` (a new process: ~1 s to start on a busy machine) lands
+# while the tool still runs.
+SLOWER = SLOW.replace("seconds = 1.0", "seconds = 6.0")
 
 
 async def wait_for(bus: Bus, task_id: str, kind: str) -> None:
@@ -44,7 +47,7 @@ async def wait_for(bus: Bus, task_id: str, kind: str) -> None:
 
 
 async def test_cancel_stops_a_task_mid_tool(bus: Bus, nats_server: EmbeddedServer) -> None:
-    async with fleet_in_process(bus, fleet_variant(SLOW)):
+    async with fleet_in_process(bus, fleet_variant(SLOWER)):
         client = Client(bus)
         task_id = await client.submit("worker", "go")
         await wait_for(bus, task_id, "tool.requested")
@@ -55,7 +58,8 @@ async def test_cancel_stops_a_task_mid_tool(bus: Bus, nats_server: EmbeddedServe
         assert out.returncode == 0, out.stderr
         assert b"canceled" in out.stdout
         state = await client.wait(task_id, timeout_s=10)
-        await anyio.sleep(1.5)  # the tool finishes meanwhile; nothing else may happen
+        await wait_for(bus, task_id, "tool.completed")  # the tool finishes: a late report
+        await anyio.sleep(0.5)  # and nothing else may happen
         events = await task_events(bus, task_id)
     assert state.status == "canceled"
     cancel = next(e for e in events if isinstance(e, TaskCanceled))
