@@ -23,18 +23,25 @@ or required.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
 
 import msgspec
 
 from bus import subjects
 from bus.anchors import anchor_problem, last_anchor, write_anchor
+from bus.batch import (
+    EXPECTED_LAST_SUBJECT_SEQUENCE,
+    Outgoing,
+    StoredMsg,
+    direct_batch,
+    publish_atomic,
+)
 from bus.connection import Bus
 from bus.errors import NotFound, nats_errors
 from schemas.errors import BusError
@@ -53,14 +60,25 @@ from schemas.identity import may_claim
 from schemas.system import LogRejected, encode_system
 from schemas.verify import LogVerifier, Rejected
 
-__all__ = ["EventLog", "LogHead", "LoggedEvent", "OnReject"]
+__all__ = ["EventLog", "LogHead", "LoggedEvent", "OnReject", "atomic_batches"]
 
 log = logging.getLogger("corral.eventlog")
 
 OnReject = Callable[[Rejected], None]
 
+READ_BATCH = 256  # log entries per batch direct get
 _REPORTED_MAX = 65_536
 _reported: OrderedDict[tuple[str, int], None] = OrderedDict()  # once per entry per process
+
+
+def atomic_batches() -> bool:
+    """Whether event logs write runs of events as atomic batches (``CORRAL_ATOMIC_BATCH``).
+
+    Off unless set to 1: on one server with file storage, nats-server stages
+    each atomic batch in a file store of its own, which costs more than the
+    round trips it saves (ADR 0010).
+    """
+    return os.environ.get("CORRAL_ATOMIC_BATCH", "0").strip().lower() in ("1", "true", "yes")
 
 
 class LogHead(msgspec.Struct, frozen=True):
@@ -98,8 +116,10 @@ class EventLog:
     """
 
     def __init__(self, bus: Bus, *, reader: str = "", on_reject: OnReject | None = None,
-                 cache_size: int = 128) -> None:
+                 cache_size: int = 128, atomic: bool | None = None) -> None:
         self.bus = bus
+        # Whether ``append_batch`` writes one atomic batch (ADR 0010); CORRAL_ATOMIC_BATCH=0/1.
+        self.atomic = atomic_batches() if atomic is None else atomic
         self.reader = reader or f"pid-{os.getpid()}"
         self.on_reject = on_reject
         self.cache_size = cache_size
@@ -116,25 +136,73 @@ class EventLog:
         Raises:
             FencedWrite: someone appended since ``head`` was read.
         """
-        ev = msgspec.structs.replace(event, seq=head.seq + 1, prev_hash=head.hash,
-                                     time=event.time or time.time())
-        raw = encode_event(ev)
+        ev, raw, headers = self._prepare(head, event)
         subject = subjects.events(ev.task_id)
-        kind = event_type(ev)
-        headers = {subjects.EVENT_TYPE_HEADER: kind}
-        if self.bus.signer is not None:
-            headers.update(self.bus.signer.headers(raw))
         ack = await self.bus.js_publish(
             subject, raw, msg_id=msg_id, expected_last_subject_seq=head.stream_seq,
             headers=headers)
         if ack.duplicate:  # an identical append already landed: the log did not move
             raise BusError(f"duplicate append {msg_id} to {subject}", subject=subject,
                            retryable=False)
-        new_head = LogHead(ack.seq, ev.seq, event_hash(raw))
-        await self._appended(ev.task_id, head, ack.seq, raw)
-        if kind in TERMINAL_EVENTS:
-            await self._anchor(ev, new_head)
+        new_head = await self._stored(head, [(ev, raw)], ack.seq)
         return new_head, ev
+
+    async def append_batch(self, head: LogHead, events: list[EventBase], *,
+                           atomic: bool | None = None) -> tuple[LogHead, list[EventBase]]:
+        """Append ``events`` right after ``head`` as one fenced, all-or-nothing write.
+
+        Chained and signed one by one as ``append`` does; stored with one
+        atomic batch publish (``bus.batch``) whose first message carries the
+        fence, so a writer that lost the race stores none of them. With
+        ``atomic`` off (default: this log's ``atomic``) they are appended one
+        after another, each fenced (a race can then cut the run after any of them).
+
+        Raises:
+            FencedWrite: someone appended since ``head`` was read (nothing of the batch stored).
+        """
+        if not (self.atomic if atomic is None else atomic) or len(events) < 2:
+            out: list[EventBase] = []
+            for event in events:
+                head, ev = await self.append(head, event)
+                out.append(ev)
+            return head, out
+        prepared: list[tuple[EventBase, bytes]] = []
+        messages: list[Outgoing] = []
+        at = head
+        for event in events:
+            ev, raw, headers = self._prepare(at, event)
+            if not messages:  # one fence for the batch: the server refuses it on later ones
+                headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(head.stream_seq)
+            prepared.append((ev, raw))
+            messages.append((subjects.events(ev.task_id), raw, headers))
+            at = LogHead(head.stream_seq, ev.seq, event_hash(raw))
+        last = await publish_atomic(self.bus, messages)
+        return await self._stored(head, prepared, last), [ev for ev, _ in prepared]
+
+    def _prepare(self, head: LogHead, event: EventBase) -> tuple[EventBase, bytes, dict[str, str]]:
+        """The event chained onto ``head``, its bytes and its headers (type, signature)."""
+        ev = msgspec.structs.replace(event, seq=head.seq + 1, prev_hash=head.hash,
+                                     time=event.time or time.time())
+        raw = encode_event(ev)
+        headers = {subjects.EVENT_TYPE_HEADER: event_type(ev)}
+        if self.bus.signer is not None:
+            headers.update(self.bus.signer.headers(raw))
+        return ev, raw, headers
+
+    async def _stored(self, head: LogHead, stored: list[tuple[EventBase, bytes]],
+                      last_seq: int) -> LogHead:
+        """The new head after ``stored`` (``last_seq``: the last one's stream sequence).
+
+        Moves the cache along and anchors a terminal event.
+        """
+        first = last_seq - len(stored) + 1  # a batch is stored contiguously
+        for i, (ev, raw) in enumerate(stored):
+            new_head = LogHead(first + i, ev.seq, event_hash(raw))
+            await self._appended(ev.task_id, head, new_head.stream_seq, raw)
+            if event_type(ev) in TERMINAL_EVENTS:
+                await self._anchor(ev, new_head)
+            head = new_head
+        return head
 
     async def _anchor(self, event: EventBase, head: LogHead) -> bool:
         """Anchor a terminal event's chain head; False if it could not be stored now."""
@@ -233,51 +301,52 @@ class EventLog:
         out: list[LoggedEvent | Rejected] = []
         head = start
         seq = start.stream_seq + 1
-        while until is None or seq < until:
-            try:
-                msg = await self._next(subject, seq)
-            except NotFound:
-                break
-            stream_seq = int(msg.seq or 0)
-            if until is not None and stream_seq >= until:
-                break
-            raw = msg.data or b""
-            verdict = verifier.feed(raw, msg.headers)
-            head = LogHead(stream_seq, verifier.chain.seq, verifier.chain.hash)
-            seq = stream_seq + 1
-            if isinstance(verdict, Rejected):
-                rejected = msgspec.structs.replace(verdict, stream_seq=stream_seq)
-                await self.report(rejected)
-                if stream_seq > after.stream_seq:
-                    out.append(rejected)
-            elif stream_seq > after.stream_seq:  # before it: caught up on, not asked for
-                out.append(LoggedEvent(stream_seq, raw, verdict))
+        async with contextlib.aclosing(self._stored_from(subject, seq)) as stored:
+            async for msg in stored:
+                stream_seq = msg.seq
+                if until is not None and stream_seq >= until:
+                    break
+                verdict = verifier.feed(msg.data, msg.headers)
+                head = LogHead(stream_seq, verifier.chain.seq, verifier.chain.hash)
+                if isinstance(verdict, Rejected):
+                    rejected = msgspec.structs.replace(verdict, stream_seq=stream_seq)
+                    await self.report(rejected)
+                    if stream_seq > after.stream_seq:
+                        out.append(rejected)
+                elif stream_seq > after.stream_seq:  # before it: caught up on, not asked for
+                    out.append(LoggedEvent(stream_seq, msg.data, verdict))
         if cache:
             self._remember(task_id, state, head)
         return out, head
 
-    async def _next(self, subject: str, seq: int) -> Any:
-        """The entry of ``subject`` at or after stream sequence ``seq``.
+    async def _stored_from(self, subject: str, seq: int) -> AsyncGenerator[StoredMsg, None]:
+        """The stored entries of ``subject`` from stream sequence ``seq`` on, in order.
 
-        A direct get, which any replica may answer. In a cluster a follower
-        can lag the leader by the last acknowledged writes (1-2% of reads
-        right after a write, on loopback): "nothing more" is then asked of
-        the leader before it is believed, or a reader woken by an event would
-        miss that very event and wait for nothing.
-
-        Raises:
-            NotFound: the log has nothing there.
+        Batch direct gets (``READ_BATCH`` entries a request), which any replica
+        may answer. In a cluster a follower can lag the leader by the last
+        acknowledged writes (1-2% of reads right after a write, on loopback):
+        "nothing more" is then asked of the leader before it is believed, or a
+        reader woken by an event would miss that very event and wait for nothing.
         """
-        with nats_errors(f"cannot read {subject}", subject=subject):
-            try:
+        while True:
+            msgs, more = await direct_batch(self.bus, subjects.EVENTS_STREAM, subject, seq,
+                                            limit=READ_BATCH)
+            for msg in msgs:
+                yield msg
+                seq = msg.seq + 1
+            if more and msgs:
+                continue
+            if not self.bus.clustered:
+                return
+            try:  # not direct: the stream's leader answers
                 with nats_errors(f"cannot read {subject}", subject=subject):
-                    return await self.bus.js.get_msg(subjects.EVENTS_STREAM, seq=seq,
-                                                     subject=subject, next=True, direct=True)
+                    got = await self.bus.js.get_msg(subjects.EVENTS_STREAM, seq=seq,
+                                                    subject=subject, next=True)
             except NotFound:
-                if not self.bus.clustered:
-                    raise
-            return await self.bus.js.get_msg(subjects.EVENTS_STREAM, seq=seq, subject=subject,
-                                             next=True)
+                return
+            seq = int(got.seq or 0)
+            yield StoredMsg(seq, got.data or b"", dict(got.headers or {}))
+            seq += 1
 
     async def report(self, rejected: Rejected) -> None:
         """Log, count and publish a rejected entry: once per entry per process.

@@ -74,6 +74,8 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             deny_delete=True, deny_purge=True, allow_direct=True,
             duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
+            # A writer's run of events is one fenced, all-or-nothing write (ADR 0010).
+            allow_atomic=True,
         ),
         # Approval notices: the index of what waits for a person (the logs are the truth).
         StreamConfig(
