@@ -17,9 +17,9 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -108,6 +108,7 @@ __all__ = ["AgentActor", "agent_version"]
 log = logging.getLogger("corral.agent")
 
 MAX_FENCED_RETRIES = 16
+_T = TypeVar("_T")
 
 _submit_decoder = msgspec.json.Decoder(TaskSubmit)
 _wake_decoder = msgspec.json.Decoder(Wake)
@@ -115,6 +116,34 @@ _model_response_decoder = msgspec.json.Decoder(ModelResponse)
 _encoder = msgspec.json.Encoder()
 # The variant (version) the current task runs with, per actor: set for each step.
 _VARIANT: ContextVar[tuple[int, Variant] | None] = ContextVar("corral_variant", default=None)
+
+
+async def _together(main: Awaitable[_T], side: Awaitable[object]) -> _T:
+    """``main`` and ``side`` at once (their writes in flight together); ``main``'s result.
+
+    A failure is raised as itself, ``main``'s first (not as an exception group).
+    """
+    results: list[_T] = []
+    errors: dict[str, Exception] = {}  # cancellation is not caught: it goes through
+
+    async def run_main() -> None:
+        try:
+            results.append(await main)
+        except Exception as exc:
+            errors["main"] = exc
+
+    async def run_side() -> None:
+        try:
+            await side
+        except Exception as exc:
+            errors["side"] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_main)
+        tg.start_soon(run_side)
+    if errors:
+        raise errors.get("main") or errors["side"]
+    return results[0]
 
 
 def agent_version(name: str, fleet: FleetConfig,
@@ -216,15 +245,22 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     # -- state ---------------------------------------------------------------
 
-    async def _load(self, task_id: str) -> tuple[TaskState, LogHead]:
-        """The folded state: cached per replica (bounded in bytes), only the new tail read."""
-        return await self.view.load(task_id)
+    async def _load(self, task_id: str, *, fresh: bool = False) -> tuple[TaskState, LogHead]:
+        """The folded state: cached per replica (bounded in bytes), only the new tail read.
+
+        ``fresh``: a new submission; an uncached task is taken to have no log yet, unread
+        (the first append is fenced at 0: if there is a log after all, it is read then).
+        """
+        return await self.view.load(task_id, fresh=fresh)
 
     async def _append(self, task_id: str, state: TaskState, head: LogHead,
-                      event: EventBase) -> LogHead:
-        """Fenced append; on success the cached state moves with it (and telemetry)."""
+                      event: EventBase, *, defer: bool = False) -> LogHead:
+        """Fenced append; on success the cached state moves with it (and telemetry).
+
+        ``defer``: written with the next append (or the step's end) as one batch (ADR 0010).
+        """
         before = telemetry.mark(state)
-        head = await self.view.append(task_id, state, head, event)
+        head = await self.view.append(task_id, state, head, event, defer=defer)
         telemetry.appended(task_id, before, state, event)
         return head
 
@@ -248,9 +284,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         lock = self._locks.setdefault(task_id, anyio.Lock())
         try:
             async with lock:
-                for _ in range(MAX_FENCED_RETRIES):
+                for attempt in range(MAX_FENCED_RETRIES):
                     try:
-                        await self._step(task_id, msg, delivery)
+                        await self._step(task_id, msg, delivery, guess=attempt == 0)
                         return
                     except FencedWrite:
                         log.debug("%s: task %s: lost an append race; re-reading",
@@ -261,8 +297,10 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
                 self._locks.pop(task_id, None)
 
-    async def _step(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery) -> None:
-        state, head = await self._load(task_id)
+    async def _step(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery, *,
+                    guess: bool = False) -> None:
+        fresh = guess and isinstance(msg, TaskSubmit) and "handoff_from" not in msg.metadata
+        state, head = await self._load(task_id, fresh=fresh)
         variant = await self.versions.assign(
             task_id, state, msg if isinstance(msg, TaskSubmit) else None)
         token = _VARIANT.set((id(self), variant))
@@ -277,6 +315,7 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         # open turn (actors/tracing.py), whichever replica it runs in.
         with step_context(task_id, state, delivery.headers.get(TRACEPARENT, "")):
             await self._advance(task_id, msg, delivery, state, head)
+            await self.view.flush(task_id, state)  # what was deferred and not yet written
 
     async def _advance(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery,
                        state: TaskState, head: LogHead) -> None:
@@ -299,7 +338,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             head = await self._append(task_id, state, head, TaskSubmitted(
                 **self._envelope(task_id), agent=self.name, message=msg.message,
                 context_id=msg.context_id or task_id, metadata=msg.metadata,
-                submitted_by=self._submitted_by(delivery), parent=msg.parent, shadow=msg.shadow))
+                submitted_by=self._submitted_by(delivery), parent=msg.parent, shadow=msg.shadow),
+                defer=True)  # written with turn.started
             crash_point("agent.after_submit", self.name)
         elif state.terminal:  # a writer that died between a task's end and its anchor
             await self.view.log.ensure_anchor(task_id)
@@ -331,13 +371,17 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 if breach is not None:
                     await self._fail_budget(task_id, state, head, *breach)
                     return
-                if state.agent_turns == 0:  # first turn here: arm this agent's deadline
-                    await self._arm_deadline(task_id, state)
-                head = await self._append(task_id, state, head, TurnStarted(
+                first = state.agent_turns == 0
+                claim = self._append(task_id, state, head, TurnStarted(
                     **self._envelope(task_id), agent=self.name, turn=state.turn + 1,
                     lease_until=self._lease_until()))
+                # First turn here: arm this agent's deadline, in flight with the claim (a
+                # deadline armed for a claim that lost its race is a harmless nudge).
+                head = await (_together(claim, self._arm_deadline(task_id, state)) if first
+                              else claim)
                 crash_point("agent.after_claim", self.name)
-                head = await self._think(task_id, state, head)
+                await self._think(task_id, state, head)
+                return  # the call is out: its answer wakes us (not sent twice in one look)
             elif state.phase == "thinking":
                 # The call is durable and whoever answers it wakes us. We may have died
                 # between claiming and publishing, or the server may have lost it:
@@ -677,7 +721,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             head = await self._append(task_id, state, head, ToolRequested(
                 **self._envelope(task_id), turn=cs.turn, call=cs.call, idempotency_key=key,
                 decision=decision, arguments=cs.arguments,
-                compensate=self.fleet.tools[cs.call.name].compensate))
+                compensate=self.fleet.tools[cs.call.name].compensate), defer=True)
+        head = await self.view.flush(task_id, state) or head  # the turn's calls: one batch
         if waiting:
             await self._notify_approvals(task_id, state)
         crash_point("agent.after_tool_requested", self.name)
@@ -867,11 +912,12 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         await self._announce(task_id)
 
     async def _announce(self, task_id: str) -> None:
-        state, head = await self._load(task_id)
-        await self._disarm_deadlines(task_id, state)
+        # Our own terminal append moved the cached state: no need to read it back.
+        state, head = self.view.peek(task_id) or await self._load(task_id)
         note = {"task_id": task_id, "status": state.status, "answer": state.answer,
                 "error": state.error}
         await self.bus.publish(subjects.results(task_id), _encoder.encode(note))
+        await self._disarm_deadlines(task_id, state)  # after: nobody waits on it
         try:
             await self._rollout_end(task_id, state)
         except BusError as exc:  # a rollout's bookkeeping never holds a task's end up

@@ -10,6 +10,7 @@ that fell out is simply read again.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 import msgspec
@@ -17,8 +18,7 @@ import msgspec
 from actors.metrics import count_log_rejection
 from bus.connection import Bus
 from bus.eventlog import EventLog, LogHead
-from schemas.errors import FencedWrite
-from schemas.events import EventBase
+from schemas.events import EventBase, encode_event, event_hash
 from schemas.fold import TaskState, apply
 
 __all__ = ["TaskView", "state_size"]
@@ -52,6 +52,8 @@ class TaskView:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._cache: OrderedDict[str, tuple[TaskState, LogHead, int]] = OrderedDict()
+        # Events folded but not yet written, per task: (the head they follow, the events).
+        self._pending: dict[str, tuple[LogHead, list[EventBase]]] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -63,39 +65,93 @@ class TaskView:
 
     def forget(self, task_id: str) -> None:
         """Drop a task's cached state (it is read again next time)."""
+        self._pending.pop(task_id, None)  # folded, never written: read the truth instead
+        self._uncache(task_id)
+
+    def _uncache(self, task_id: str) -> None:
         entry = self._cache.pop(task_id, None)
         if entry is not None:
             self.bytes -= entry[2]
 
-    async def load(self, task_id: str) -> tuple[TaskState, LogHead]:
-        """The folded state of a task and its log's head, reading only the new tail."""
+    async def load(self, task_id: str, *, fresh: bool = False) -> tuple[TaskState, LogHead]:
+        """The folded state of a task and its log's head, reading only the new tail.
+
+        ``fresh``: the caller expects a new task. When nothing is cached it gets an
+        empty state without a read; its first append is fenced at 0, so a log that
+        exists after all fails it (``FencedWrite``) and is read on the next load.
+        """
+        if task_id in self._pending:  # a step that died before its flush: those never happened
+            self.forget(task_id)
         entry = self._cache.pop(task_id, None)
         if entry is not None:
             self.bytes -= entry[2]
             state, head = entry[0], entry[1]
         else:
             state, head = TaskState(), LogHead()
+            if fresh:
+                self._remember(task_id, state, head)
+                return state, head
         _, head = await self.log.read(task_id, after=head, state=state)  # applies what it accepts
         self._remember(task_id, state, head)
         return state, head
 
+    def peek(self, task_id: str) -> tuple[TaskState, LogHead] | None:
+        """The cached state and head of a task as this replica last wrote or read it (no I/O)."""
+        entry = self._cache.get(task_id)
+        return (entry[0], entry[1]) if entry else None
+
     async def append(self, task_id: str, state: TaskState, head: LogHead,
-                     event: EventBase) -> LogHead:
+                     event: EventBase, *, defer: bool = False) -> LogHead:
         """Fenced append; on success the cached state moves with it.
 
+        ``defer``: fold the event now and write it with the next append (or
+        ``flush``) of this task, as one batch (``EventLog.append_batch``: one
+        fenced, all-or-nothing write when the log's ``atomic`` is on). The
+        head returned then stands for the log *with* the event; nothing may
+        act on it outside the log before the flush.
+
         Raises:
-            FencedWrite: the log moved since ``head`` (the cached state is dropped).
+            FencedWrite: the log moved since ``head``. On this or any other failure the
+                cached state is dropped (it may hold deferred events that were not written).
         """
+        base, events = self._pending.pop(task_id, (head, []))
+        if defer:
+            ev = msgspec.structs.replace(event, seq=head.seq + 1, prev_hash=head.hash,
+                                         time=event.time or time.time())
+            new_head = LogHead(base.stream_seq, ev.seq, event_hash(encode_event(ev)))
+            self._pending[task_id] = (base, [*events, ev])
+            return self._applied(task_id, state, [ev], new_head)
         try:
-            new_head, ev = await self.log.append(head, event)
-        except FencedWrite:
+            new_head, stored = await self.log.append_batch(base, [*events, event])
+        except BaseException:  # fenced, or unknown how far it got: the cache may be ahead
             self.forget(task_id)
             raise
-        apply(state, ev)
-        state.last_hash = new_head.hash
-        self.forget(task_id)
-        self._remember(task_id, state, new_head)
-        return new_head
+        return self._applied(task_id, state, stored[len(events):], new_head)
+
+    async def flush(self, task_id: str, state: TaskState) -> LogHead | None:
+        """Write the deferred events of a task (None when there were none).
+
+        Raises:
+            FencedWrite: the log moved since they were folded (the cached state is dropped).
+        """
+        base, events = self._pending.pop(task_id, (LogHead(), []))
+        if not events:
+            return None
+        try:
+            new_head, _ = await self.log.append_batch(base, events)
+        except BaseException:  # as in ``append``
+            self.forget(task_id)
+            raise
+        return self._applied(task_id, state, [], new_head)
+
+    def _applied(self, task_id: str, state: TaskState, events: list[EventBase],
+                 head: LogHead) -> LogHead:
+        for ev in events:
+            apply(state, ev)
+        state.last_hash = head.hash
+        self._uncache(task_id)
+        self._remember(task_id, state, head)
+        return head
 
     def _remember(self, task_id: str, state: TaskState, head: LogHead) -> None:
         size = state_size(state)
