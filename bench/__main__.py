@@ -18,6 +18,7 @@ import anyio
 
 from bench.actor import run_actor
 from bench.agent import run_agent
+from bench.batches import run_batches
 from bench.common import Scale, bench_server, keep_store_dir, raw_connect
 from bench.compare import format_compare
 from bench.gateway import run_gateway
@@ -58,6 +59,10 @@ async def run_all(url: str, scale: Scale, server_pid: int = 0) -> dict[str, floa
               flush=True)
         t0 = time.perf_counter()
         results.update(await run_agent(url, scale))
+        print(f"{time.perf_counter() - t0:.0f}s\natomic batches: write, read, task …", end=" ",
+              flush=True)
+        t0 = time.perf_counter()
+        results.update(await run_batches(url, scale))
         print(f"{time.perf_counter() - t0:.0f}s\nsigned events: per event, append, turn …",
               end=" ", flush=True)
         t0 = time.perf_counter()
