@@ -21,7 +21,6 @@ single-turn and one-tool tasks in each, and 500 tasks at once.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -37,8 +36,8 @@ from nats.js.api import StorageType, StreamConfig
 
 from actors.runtime import build_actor, fleet_actors, run_actors
 from bench.agent import ResultWatch, _agent_times, _burst, _sequential, bench_fleet
-from bench.common import Scale, bench_server, median, percentile, raw_connect
-from bench.report import figures, format_table
+from bench.common import Scale, median, percentile, raw_connect
+from bench.report import run_alone
 from bus import subjects
 from bus.batch import BATCH_COMMIT, BATCH_ID, BATCH_SEQUENCE, EXPECTED_LAST_SUBJECT_SEQUENCE
 from bus.connection import Bus, connect
@@ -304,16 +303,8 @@ async def run_batches(url: str, scale: Scale) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the batch figures alone against a fresh server and print them."""
-    parser = argparse.ArgumentParser(prog="python -m bench.batches", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a fifth of the work")
-    args = parser.parse_args(argv)
-    scale = Scale().scaled(0.2) if args.quick else Scale()
-    with bench_server() as srv:
-        results = anyio.run(run_batches, srv.url, scale)
-    print(format_table(figures(results)))
-    return 0
+    """Run the batches figures alone against a fresh server and print them."""
+    return run_alone("python -m bench.batches", __doc__, run_batches, argv)
 
 
 if __name__ == "__main__":

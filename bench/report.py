@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from bench.common import Figure
+import anyio
+
+from bench.common import Figure, Scale, bench_server
 from bus.server import find_nats_server
 
 __all__ = [
@@ -21,6 +24,7 @@ __all__ = [
     "format_table",
     "load_results",
     "machine",
+    "run_alone",
     "update_readme",
     "write_results",
 ]
@@ -302,3 +306,17 @@ def update_readme(table: str, where: Mapping[str, str], path: Path = README) -> 
     )
     path.write_text(text[:start] + section + text[end:])
     return True
+
+
+def run_alone(prog: str, doc: str | None, run: Callable[[str, Scale], Awaitable[dict[str, float]]],
+              argv: list[str] | None = None) -> int:
+    """``python -m bench.<x> [--quick]``: one suite against a fresh server, its table printed."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a fifth of the work")
+    args = parser.parse_args(argv)
+    scale = Scale().scaled(0.2) if args.quick else Scale()
+    with bench_server() as srv:
+        results = anyio.run(run, srv.url, scale)
+    print(format_table(figures(results)))
+    return 0

@@ -24,7 +24,6 @@ holds the anchor, written in both modes).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import time
 import uuid
@@ -36,8 +35,8 @@ import msgspec
 
 from actors.runtime import build_actor, fleet_actors, run_actors
 from bench.agent import ResultWatch, _agent_times, _sequential, bench_fleet
-from bench.common import Scale, bench_server, percentile, raw_connect
-from bench.report import figures, format_table
+from bench.common import Scale, percentile, raw_connect
+from bench.report import run_alone
 from bus import subjects
 from bus.connection import Bus, connect
 from bus.eventlog import EventLog, LogHead
@@ -248,15 +247,7 @@ async def run_signing(url: str, scale: Scale) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the signing figures alone against a fresh server and print them."""
-    parser = argparse.ArgumentParser(prog="python -m bench.signing", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a fifth of the work")
-    args = parser.parse_args(argv)
-    scale = Scale().scaled(0.2) if args.quick else Scale()
-    with bench_server() as srv:
-        results = anyio.run(run_signing, srv.url, scale)
-    print(format_table(figures(results)))
-    return 0
+    return run_alone("python -m bench.signing", __doc__, run_signing, argv)
 
 
 if __name__ == "__main__":
