@@ -12,6 +12,11 @@ the stream sequence of the last entry *seen* (the fence must match the
 stream) but the ``seq`` and hash of the last *accepted* event, so honest
 writers chain past a bad entry and the task goes on.
 
+A writer's run of events (``append_batch``) can be one JetStream atomic
+batch: fenced by its first message, stored whole or not at all (ADR 0010;
+``CORRAL_ATOMIC_BATCH=1``). Reads fetch up to ``READ_BATCH`` entries per
+request (batch direct get).
+
 Identities (ADR 0008): an append by a connection with an identity
 (``bus.signer``) carries its signature over the exact stored bytes in the
 ``Corral-Signer``/``Corral-Sig`` headers; with the fleet's key set
@@ -160,6 +165,8 @@ class EventLog:
         Raises:
             FencedWrite: someone appended since ``head`` was read (nothing of the batch stored).
         """
+        if len({e.task_id for e in events}) > 1:
+            raise BusError("one batch appends to one task's log", retryable=False)
         if not (self.atomic if atomic is None else atomic) or len(events) < 2:
             out: list[EventBase] = []
             for event in events:

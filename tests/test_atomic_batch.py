@@ -239,7 +239,10 @@ async def test_an_empty_or_oversized_batch_is_refused_clearly(bus: Bus) -> None:
     too_many = [(subjects.events("b6"), b"{}", {})] * 1001
     with pytest.raises(Exception, match="at most 1000"):
         await publish_atomic(bus, too_many)
+    with pytest.raises(BusError, match="one task"):
+        await EventLog(bus, atomic=True).append_batch(LogHead(), [*opening("b6"), *opening("b8")])
     assert (await EventLog(bus).read("b6"))[0] == []
+    assert (await EventLog(bus).read("b8"))[0] == []
 
 
 async def test_an_agent_writes_its_runs_as_batches(bus: Bus,
