@@ -108,7 +108,7 @@ LAYOUT: dict[str, tuple[str, str, str]] = {
     "batch_off_turn_p50_ms": (
         "agent turn overhead, unbatched, p50", "ms", "same run, alternating rounds"),
     "batch_on_turn_p50_ms": (
-        "agent turn overhead, atomic batches, p50", "ms", "CORRAL_ATOMIC_BATCH=1"),
+        "agent turn overhead, atomic batches, p50", "ms", "the default on a cluster"),
     "batch_off_e2e_p50_ms": (
         "agent task end to end, unbatched, p50", "ms", "submit -> result seen"),
     "batch_on_e2e_p50_ms": (

@@ -14,7 +14,7 @@ writers chain past a bad entry and the task goes on.
 
 A writer's run of events (``append_batch``) can be one JetStream atomic
 batch: fenced by its first message, stored whole or not at all (ADR 0010;
-``CORRAL_ATOMIC_BATCH=1``). Reads fetch up to ``READ_BATCH`` entries per
+on a cluster, or with ``CORRAL_ATOMIC_BATCH=1``). Reads fetch up to ``READ_BATCH`` entries per
 request (batch direct get).
 
 Identities (ADR 0008): an append by a connection with an identity
@@ -76,14 +76,18 @@ _REPORTED_MAX = 65_536
 _reported: OrderedDict[tuple[str, int], None] = OrderedDict()  # once per entry per process
 
 
-def atomic_batches() -> bool:
-    """Whether event logs write runs of events as atomic batches (``CORRAL_ATOMIC_BATCH``).
+def atomic_batches(bus: Bus) -> bool:
+    """Whether event logs on ``bus`` write runs of events as atomic batches.
 
-    Off unless set to 1: on one server with file storage, nats-server stages
-    each atomic batch in a file store of its own, which costs more than the
-    round trips it saves (ADR 0010).
+    ``CORRAL_ATOMIC_BATCH=1`` or ``0`` decides; unset, only on a cluster. On
+    one server with file storage nats-server stages each atomic batch in a
+    file store of its own, which costs more than the round trips it saves; an
+    R3 stream stages in memory and a batch is one proposal (ADR 0010).
     """
-    return os.environ.get("CORRAL_ATOMIC_BATCH", "0").strip().lower() in ("1", "true", "yes")
+    setting = os.environ.get("CORRAL_ATOMIC_BATCH", "").strip().lower()
+    if setting:
+        return setting in ("1", "true", "yes")
+    return bus.clustered
 
 
 class LogHead(msgspec.Struct, frozen=True):
@@ -123,8 +127,8 @@ class EventLog:
     def __init__(self, bus: Bus, *, reader: str = "", on_reject: OnReject | None = None,
                  cache_size: int = 128, atomic: bool | None = None) -> None:
         self.bus = bus
-        # Whether ``append_batch`` writes one atomic batch (ADR 0010); CORRAL_ATOMIC_BATCH=0/1.
-        self.atomic = atomic_batches() if atomic is None else atomic
+        # Whether ``append_batch`` writes one atomic batch (ADR 0010): see ``atomic_batches``.
+        self.atomic = atomic_batches(bus) if atomic is None else atomic
         self.reader = reader or f"pid-{os.getpid()}"
         self.on_reject = on_reject
         self.cache_size = cache_size
