@@ -246,6 +246,18 @@ async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: B
             "messageId": "m1", "role": "ROLE_USER", "parts": [{"url": "file:///etc/passwd"}]}}}
         r = await http.post(url, json=files, headers=ok)
         assert r.json()["error"]["code"] == -32005  # content type not supported
+        # An enum value that does not exist is refused, not read as "unset" (no filter).
+        for method, params, field in (
+                ("ListTasks", {"status": "INVALID_STATUS"}, "status"),
+                ("SendMessage", {"message": {"messageId": "m2", "role": "user",
+                                             "parts": [{"text": "hi"}]}}, "message.role")):
+            r = await http.post(url, json={"jsonrpc": "2.0", "id": 5, "method": method,
+                                           "params": params}, headers=ok)
+            assert r.json()["id"] == 5 and r.json()["error"]["code"] == -32602, method
+            assert f"params.{field}" in r.json()["error"]["message"]
+        r = await http.post(url, json={"jsonrpc": "2.0", "id": 6, "method": "ListTasks",
+                                       "params": {"status": "TASK_STATE_COMPLETED"}}, headers=ok)
+        assert "tasks" in r.json()["result"]
         assert (await http.get(f"{base}/healthz")).json()["ok"]
         async with a2a_client(base, "support", streaming=False) as client:
             [reply] = await collect(client.send_message(ask("Where is order 1234?")))

@@ -31,6 +31,7 @@ from a2a.server.context import ServerCallContext
 from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.server.routes.common import DefaultServerCallContextBuilder
 from a2a.server.routes.jsonrpc_dispatcher import JsonRpcDispatcher
+from a2a.types.a2a_pb2 import Role, TaskState
 from a2a.utils.constants import PROTOCOL_VERSION_CURRENT, VERSION_HEADER
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -75,6 +76,37 @@ async def _reply(send: Send, status: int, body: dict[str, Any],
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": data})
+
+
+# Enum-valued request fields, by method: (path to the field, the enum). The SDK parses
+# params with ignore_unknown_fields, which also turns an unknown enum name into 0
+# ("unspecified": no status filter, say); the spec wants such a value refused (-32602).
+_ENUM_FIELDS: dict[str, tuple[tuple[tuple[str, ...], Any], ...]] = {
+    "ListTasks": ((("status",), TaskState),),
+    "SendMessage": ((("message", "role"), Role),),
+    "SendStreamingMessage": ((("message", "role"), Role),),
+}
+
+
+def bad_enum(body: Any) -> str:
+    """Why a JSON-RPC request names an enum value that does not exist ("" when none does).
+
+    >>> bad_enum({"method": "ListTasks", "params": {"status": "DONE"}})[:36]
+    "params.status: 'DONE' is not one of "
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("method"), str):
+        return ""
+    for path, enum in _ENUM_FIELDS.get(body["method"], ()):
+        value: Any = body.get("params")
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is None or (isinstance(value, str) and value in enum.keys()) or (
+                isinstance(value, int) and not isinstance(value, bool)
+                and value in enum.values()):
+            continue
+        return (f"params.{'.'.join(path)}: {str(value)[:64]!r} is not one of "
+                f"{', '.join(enum.keys())}")
+    return ""
 
 
 class _Guard:
@@ -176,6 +208,11 @@ def build_app(fleet: FleetConfig, spec: A2ASpec, handler: FleetHandler, tokens: 
         agent = request.path_params["agent"]
         if agent not in cards:
             return JSONResponse(_rpc_error(-32601, unknown(agent)), 404)
+        with contextlib.suppress(ValueError):  # bad JSON: the dispatcher answers it
+            body = json.loads(await request.body())
+            if why := bad_enum(body):
+                return JSONResponse({"jsonrpc": "2.0", "id": body.get("id"), "error": {
+                    "code": -32602, "message": f"Invalid params: {why}"}})
         return await dispatcher.handle_requests(request)
 
     async def health(request: Request) -> Response:
