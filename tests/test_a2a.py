@@ -255,6 +255,15 @@ async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: B
                                            "params": params}, headers=ok)
             assert r.json()["id"] == 5 and r.json()["error"]["code"] == -32602, method
             assert f"params.{field}" in r.json()["error"]["message"]
+        # A streaming method's error comes as an event stream to a client that takes one.
+        sub = {"jsonrpc": "2.0", "id": 7, "method": "SubscribeToTask", "params": {"id": "nope"}}
+        r = await http.post(url, json=sub, headers={**ok, "accept": "text/event-stream"})
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event, data = r.text.strip().splitlines()
+        assert event == "event: error" and data.startswith("data: ")
+        assert msgspec.json.decode(data[6:])["error"]["code"] == -32001
+        r = await http.post(url, json=sub, headers=ok)
+        assert r.json()["error"]["code"] == -32001  # plain JSON to one that does not
         r = await http.post(url, json={"jsonrpc": "2.0", "id": 6, "method": "ListTasks",
                                        "params": {"status": "TASK_STATE_COMPLETED"}}, headers=ok)
         assert "tasks" in r.json()["result"]

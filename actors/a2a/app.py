@@ -183,6 +183,27 @@ class _Guard:
                     f"{self.max_body} ([a2a] max_body_bytes)"))
 
 
+STREAMING_METHODS = ("SendStreamingMessage", "SubscribeToTask")
+
+
+def _wants_stream(request: Request, body: Any) -> bool:
+    """A streaming method, asked for by a client that accepts an event stream."""
+    return (isinstance(body, dict) and body.get("method") in STREAMING_METHODS
+            and "text/event-stream" in request.headers.get("accept", ""))
+
+
+def _error_stream(response: JSONResponse) -> Response:
+    """A streaming method's error as its one event (the SDK answers it as plain JSON).
+
+    The spec's response to a streaming method is an event stream of JSON-RPC
+    responses; an error refused up front (an unknown or finished task) is one
+    of them, marked ``event: error`` as the SDK marks errors in mid-stream.
+    The SDK's client reads either form.
+    """
+    return Response(b"event: error\r\ndata: " + bytes(response.body) + b"\r\n\r\n",
+                    media_type="text/event-stream", headers={"cache-control": "no-store"})
+
+
 def build_app(fleet: FleetConfig, spec: A2ASpec, handler: FleetHandler, tokens: TokenTable,
               base_url: str) -> ASGIApp:
     """The ASGI app serving every agent of ``fleet`` at ``base_url``."""
@@ -208,12 +229,19 @@ def build_app(fleet: FleetConfig, spec: A2ASpec, handler: FleetHandler, tokens: 
         agent = request.path_params["agent"]
         if agent not in cards:
             return JSONResponse(_rpc_error(-32601, unknown(agent)), 404)
+        body: Any = None
         with contextlib.suppress(ValueError):  # bad JSON: the dispatcher answers it
             body = json.loads(await request.body())
-            if why := bad_enum(body):
-                return JSONResponse({"jsonrpc": "2.0", "id": body.get("id"), "error": {
-                    "code": -32602, "message": f"Invalid params: {why}"}})
-        return await dispatcher.handle_requests(request)
+        if why := bad_enum(body):
+            response: Response = JSONResponse({"jsonrpc": "2.0", "id": body.get("id"),
+                                               "error": {"code": -32602,
+                                                         "message": f"Invalid params: {why}"}})
+        else:
+            response = await dispatcher.handle_requests(request)
+        if (isinstance(response, JSONResponse) and b'"error"' in bytes(response.body)
+                and _wants_stream(request, body)):
+            return _error_stream(response)
+        return response
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "fleet": fleet.name})
