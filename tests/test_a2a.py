@@ -26,6 +26,7 @@ import msgspec
 import pytest
 from a2a.client import A2ACardResolver, Client, ClientConfig, ClientFactory
 from a2a.client.errors import A2AClientError
+from a2a.server.request_handlers.response_helpers import agent_card_to_dict
 from a2a.types.a2a_pb2 import (
     CancelTaskRequest,
     GetTaskRequest,
@@ -297,6 +298,25 @@ def test_the_a2a_table_and_the_tokens_file_say_what_is_wrong_and_where() -> None
     tokens = parse_tokens(TOKENS, "tokens.toml")
     assert tokens.lookup(TOKEN).name == "acme" and tokens.lookup("nope") is None  # type: ignore[union-attr]
     assert TOKEN not in TOKENS  # only hashes at rest
+
+
+def test_the_tck_fleet_keeps_its_tasks_working_and_its_card_clean() -> None:
+    """config/tck.toml (tests/tck/run_tck.sh): what the TCK's runs rely on."""
+    from actors.a2a.cards import agent_card
+    from schemas.config import parse_fleet
+    from tests.conftest import REPO
+
+    path = REPO / "config" / "tck.toml"
+    fleet = parse_fleet(path.read_text(), str(path))
+    assert fleet.a2a is not None and list(fleet.agents) == ["tck"]
+    # A blocking send gives up well before the agent answers: its task is WORKING meanwhile.
+    latency_s = fleet.models[fleet.agents["tck"].model].latency_ms / 1000
+    assert fleet.a2a.blocking_timeout_s * 10 <= latency_s
+    # The card names no loopback address and no word the TCK takes for a secret.
+    card = str(agent_card_to_dict(agent_card(fleet, "tck", fleet.a2a.public_url))).lower()
+    assert "localhost" in card and "127.0.0.1" not in card
+    for word in ("token", "secret", "password", "credential", "test", "debug", "internal"):
+        assert word not in card, word
 
 
 async def test_a_token_acts_as_its_corral_identity(nats_server: Any, home: Any) -> None:
