@@ -156,7 +156,7 @@ async def test_a_refund_is_sent_answered_got_and_listed(bus: Bus, home: Any) -> 
         # Another principal sees none of it.
         async with a2a_client(base, "triage", token=OTHER, streaming=False) as other:
             assert not (await other.list_tasks(ListTasksRequest())).tasks
-            with pytest.raises((A2AClientError, A2AError), match="no task"):
+            with pytest.raises((A2AClientError, A2AError), match="task not found: no task"):
                 await other.get_task(GetTaskRequest(id=task.id))
 
 

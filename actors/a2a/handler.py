@@ -154,14 +154,15 @@ class FleetHandler(RequestHandler):
                     ) -> TaskView:
         """The task, if it exists and is this principal's on this agent."""
         if not is_task_id(task_id):
-            raise TaskNotFoundError(message=f"no task {task_id[:140]!r}")
+            raise TaskNotFoundError(message=f"task not found: {task_id[:140]!r} is no task id")
         logged, _ = await tasks.log.read(task_id)
         view = TaskView()
         for entry in logged:
             view.feed(entry.event)
         if (view.submitted is None or view.principal != principal.name
                 or view.state.origin != agent):
-            raise TaskNotFoundError(message=f"no task {task_id!r} of yours on agent {agent!r}")
+            raise TaskNotFoundError(message=f"task not found: no task {task_id!r} of yours on "
+                                          f"agent {agent!r}")
         return view
 
     # -- send ------------------------------------------------------------------------
