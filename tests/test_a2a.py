@@ -256,6 +256,10 @@ async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: B
                                            "params": params}, headers=ok)
             assert r.json()["id"] == 5 and r.json()["error"]["code"] == -32602, method
             assert f"params.{field}" in r.json()["error"]["message"]
+        push = {"jsonrpc": "2.0", "id": 8, "method": "CreateTaskPushNotificationConfig",
+                "params": {"taskId": "nope", "url": "https://hooks.example/a2a"}}
+        r = await http.post(url, json=push, headers=ok)
+        assert r.json()["error"]["code"] == -32003  # push notifications: not offered
         # A streaming method's error comes as an event stream to a client that takes one.
         sub = {"jsonrpc": "2.0", "id": 7, "method": "SubscribeToTask", "params": {"id": "nope"}}
         r = await http.post(url, json=sub, headers={**ok, "accept": "text/event-stream"})
