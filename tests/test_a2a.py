@@ -276,6 +276,11 @@ async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: B
         async with a2a_client(base, "support", streaming=False) as client:
             [reply] = await collect(client.send_message(ask("Where is order 1234?")))
             assert reply.task.status.state == TaskState.TASK_STATE_COMPLETED
+            more = {"jsonrpc": "2.0", "id": 9, "method": "SendMessage", "params": {"message": {
+                "messageId": "m3", "role": "ROLE_USER", "taskId": reply.task.id,
+                "parts": [{"text": "and another thing"}]}}}
+            r = await http.post(f"{base}/agents/support/", json=more, headers=ok)
+            assert r.json()["error"]["code"] == -32004  # a task takes no more input
             # Within the HTTP limit, over the fleet's: the agent rejects it, visibly.
             [big] = await collect(client.send_message(ask("x" * 8000)))
             assert big.task.status.state == TaskState.TASK_STATE_REJECTED
