@@ -233,6 +233,9 @@ async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: B
         assert (await error_of(b'{"jsonrpc": "2.0", "id": 2, "method": "Nope"}')
                 )[1]["error"]["code"] == -32601
         assert (await error_of(b'[1, 2]'))[1]["error"]["code"] == -32600
+        deep = b'[' * 5000 + b']' * 5000  # too deep for Python's json: refused, no crash
+        status, body = await error_of(deep)
+        assert status == 200 and body["error"]["code"] < 0
         assert (await error_of(b'{"jsonrpc": "2.0", "id": 3, "method": "SendMessage", '
                                b'"params": {"message": 5}}'))[1]["error"]["code"] == -32602
         status, body = await error_of(b"x" * (65 * 1024))

@@ -12,7 +12,10 @@ Routes (``<base>`` is the server's public URL):
 Hostile input is answered, never crashed on: a missing or unknown token is a
 401 saying so, a body over ``[a2a] max_body_bytes`` a 413, an unknown agent
 a 404; bad JSON, unknown methods and bad parameters are JSON-RPC errors
-(the SDK's dispatcher); a bug in a request is a JSON-RPC internal error.
+(the SDK's dispatcher, and ``bad_enum`` for enum values the SDK would read
+as unset); a bug in a request is a JSON-RPC internal error. A streaming
+method refused up front answers as an event stream of its one error to a
+client that accepts one.
 """
 
 from __future__ import annotations
@@ -183,12 +186,12 @@ class _Guard:
                     f"{self.max_body} ([a2a] max_body_bytes)"))
 
 
-STREAMING_METHODS = ("SendStreamingMessage", "SubscribeToTask")
+_STREAMING_METHODS = ("SendStreamingMessage", "SubscribeToTask")
 
 
 def _wants_stream(request: Request, body: Any) -> bool:
     """A streaming method, asked for by a client that accepts an event stream."""
-    return (isinstance(body, dict) and body.get("method") in STREAMING_METHODS
+    return (isinstance(body, dict) and body.get("method") in _STREAMING_METHODS
             and "text/event-stream" in request.headers.get("accept", ""))
 
 
@@ -230,7 +233,7 @@ def build_app(fleet: FleetConfig, spec: A2ASpec, handler: FleetHandler, tokens: 
         if agent not in cards:
             return JSONResponse(_rpc_error(-32601, unknown(agent)), 404)
         body: Any = None
-        with contextlib.suppress(ValueError):  # bad JSON: the dispatcher answers it
+        with contextlib.suppress(ValueError, RecursionError):  # the dispatcher answers it
             body = json.loads(await request.body())
         if why := bad_enum(body):
             response: Response = JSONResponse({"jsonrpc": "2.0", "id": body.get("id"),
