@@ -28,7 +28,8 @@ if [[ ! -x $tck/.venv/bin/python ]]; then
 fi
 
 export CORRAL_HOME=$work/home CORRAL_A2A_TOKENS=$work/tokens.toml
-token=$("$corral" a2a --config "$config" --new-token tck 2>/dev/null)
+token=$("$corral" a2a --config "$config" --new-token tck 2>"$work/token.err") \
+    || { cat "$work/token.err"; exit 2; }
 "$corral" up --config "$config" >"$work/up.log" 2>&1 &
 up=$!
 trap 'kill $up 2>/dev/null; wait $up 2>/dev/null || true' EXIT
