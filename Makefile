@@ -30,8 +30,9 @@ lint: $(STAMP)
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec compose.yaml
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_compose.py -k "not as_processes"  # deploy/: rules, dashboards
 
+# Two workers (pytest-xdist): most tests wait on processes and servers, not the CPU.
 test: $(STAMP) lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $${CORRAL_TEST_WORKERS:-2}
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
