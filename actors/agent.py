@@ -43,7 +43,7 @@ from bus.provision import ensure_agent_consumer
 from schemas.approvals import ApprovalNotice, encode_notice, group_token
 from schemas.config import AgentSpec, FleetConfig
 from schemas.context import ACT_AT, WARN_AT, estimate_tokens, plan_cut
-from schemas.errors import ActorError, BusError, FencedWrite, ModelError
+from schemas.errors import ActorError, BusError, DecodeError, FencedWrite, ModelError
 from schemas.events import (
     ActorRef,
     ApprovalDecided,
@@ -62,6 +62,7 @@ from schemas.events import (
     TaskCompleted,
     TaskDelegated,
     TaskFailed,
+    TaskInput,
     TaskRejected,
     TaskSubmitted,
     ToolFailed,
@@ -319,6 +320,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def _advance(self, task_id: str, msg: TaskSubmit | Wake, delivery: Delivery,
                        state: TaskState, head: LogHead) -> None:
+        if isinstance(msg, TaskSubmit) and msg.input_id:  # a follow-up for a running task
+            head = await self._input(task_id, msg, delivery, state, head)
         if state.phase == "new":
             if not isinstance(msg, TaskSubmit):
                 return  # a wake for a task with no log: nothing to do
@@ -406,6 +409,29 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         if keys is None:
             return ""
         return keys.identity_of(delivery.headers.get(SIGNER_HEADER, "")) or ""
+
+    async def _input(self, task_id: str, msg: TaskSubmit, delivery: Delivery,
+                     state: TaskState, head: LogHead) -> LogHead:
+        """Record a follow-up message (``task.input``) for the task's next turn.
+
+        Only for a running task this agent owns, and (with keys) only from the
+        identity that submitted it. Anything else is dead-lettered with why.
+        """
+        if msg.input_id in state.inputs:
+            return head  # a resend: recorded already
+        if state.phase == "new" or state.terminal:
+            raise DecodeError(f"no running task {task_id} to continue ({state.status}): "
+                              f"send a new task")
+        if state.agent != self.name:
+            raise DecodeError(f"task {task_id} is agent {state.agent}'s now: send the "
+                              f"follow-up there")
+        by = self._submitted_by(delivery)
+        if self.bus.keys is not None and by != state.submitted_by:
+            raise DecodeError(f"a follow-up for task {task_id} must come from "
+                              f"{state.submitted_by or 'its submitter'}, not {by or 'nobody'}")
+        return await self._append(task_id, state, head, TaskInput(
+            **self._envelope(task_id), message=msg.message, input_id=msg.input_id,
+            submitted_by=by))
 
     def _forged_link(self, msg: TaskSubmit, delivery: Delivery) -> str:
         """Why a submission's parent or shadow link is not to be believed ("" when it is).
@@ -1180,7 +1206,12 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                         self.actor_name, task_id, exc)
 
     async def on_poison(self, msg: TaskSubmit | Wake, reason: str) -> None:
-        """A delivery that keeps failing fails its task, visibly, instead of vanishing."""
+        """A delivery that keeps failing fails its task, visibly, instead of vanishing.
+
+        Not a refused follow-up message: that is dead-lettered, the task runs on.
+        """
+        if isinstance(msg, TaskSubmit) and msg.input_id:
+            return
         task_id = msg.id if isinstance(msg, TaskSubmit) else msg.task_id
         for _ in range(MAX_FENCED_RETRIES):
             state, head = await self._load(task_id)

@@ -54,22 +54,29 @@ class Client:
         self.log = EventLog(bus, reader=reader)
 
     async def submit(self, agent: str, text: str, *, task_id: str | None = None,
-                     context_id: str = "", metadata: dict[str, object] | None = None) -> str:
-        """Publish a task for ``agent``; resubmitting the same id is a no-op."""
+                     context_id: str = "", metadata: dict[str, object] | None = None,
+                     input_id: str = "") -> str:
+        """Publish a task for ``agent``; resubmitting the same id is a no-op.
+
+        With ``input_id``: a follow-up message for the running task ``task_id``
+        (its owner reads it at its next turn; the same ``input_id`` again is
+        the same input).
+        """
         task_id = task_id or new_id()
         if not is_task_id(task_id):
             raise SchemaError(f"task id {task_id!r} must be 1-128 letters, digits, - or _")
         task = TaskSubmit(id=task_id, context_id=context_id,
                           message=Message(role="user", parts=[TextPart(text=text)]),
-                          metadata=dict(metadata or {}))
+                          metadata=dict(metadata or {}), input_id=input_id)
         # Submitting inside a span of yours? The task's trace continues it.
         parent = traceparent()
         data = _encoder.encode(task)
         headers = {TRACEPARENT: parent} if parent else {}
         if self.bus.signer is not None:  # who asked: the agent records it (ADR 0008)
             headers.update(self.bus.signer.headers(data))
-        ack = await self.bus.js_publish(subjects.task(agent), data, msg_id=task_id,
-                                        headers=headers or None)
+        ack = await self.bus.js_publish(subjects.task(agent), data,
+                                        msg_id=f"{task_id}:input:{input_id}" if input_id
+                                        else task_id, headers=headers or None)
         if ack.stream != subjects.TASKS_STREAM:
             raise BusError(f"{subjects.task(agent)} is captured by stream {ack.stream}")
         return task_id

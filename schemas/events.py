@@ -40,6 +40,7 @@ __all__ = [
     "TaskCompleted",
     "TaskDelegated",
     "TaskFailed",
+    "TaskInput",
     "TaskPaused",
     "TaskRejected",
     "TaskResumed",
@@ -190,6 +191,18 @@ class Handoff(EventBase, frozen=True, kw_only=True, tag="handoff"):
     to_agent: str
     reason: str = ""
     decision: PolicyDecision | None = None  # the gate's verdict (None: written before the gate)
+
+
+class TaskInput(EventBase, frozen=True, kw_only=True, tag="task.input"):
+    """More input for a running task: a follow-up message from whoever submitted it.
+
+    Written by the owner when the message arrives; the model reads it at its
+    next turn (a final answer not yet given becomes another turn).
+    """
+
+    message: Message
+    input_id: str
+    submitted_by: str = ""
 
 
 class TaskDelegated(EventBase, frozen=True, kw_only=True, tag="task.delegated"):
@@ -424,6 +437,7 @@ Event = (
     | TaskDelegated
     | DelegationReturned
     | ToolShadowed
+    | TaskInput
 )
 
 EVENT_TYPES: dict[str, type[EventBase]] = {
@@ -433,7 +447,7 @@ EVENT_TYPES: dict[str, type[EventBase]] = {
         ToolFailed, Handoff, BudgetExceededEvent, ContextWarned, ContextTruncated, TaskCompleted,
         TaskFailed, TaskCanceled, TaskRejected, TaskPaused, TaskResumed, ApprovalRequested,
         ApprovalEscalated, ApprovalDecided, ToolFlagged, CompensationRequested, TaskDelegated,
-        DelegationReturned, ToolShadowed,
+        DelegationReturned, ToolShadowed, TaskInput,
     )
 }
 TERMINAL_EVENTS = frozenset({"task.completed", "task.failed", "task.canceled", "task.rejected"})

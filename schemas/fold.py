@@ -34,6 +34,7 @@ from schemas.events import (
     TaskCompleted,
     TaskDelegated,
     TaskFailed,
+    TaskInput,
     TaskPaused,
     TaskRejected,
     TaskResumed,
@@ -187,6 +188,9 @@ class TaskState(msgspec.Struct, kw_only=True):
     versions: dict[str, str] = msgspec.field(default_factory=dict)
     shadow: ShadowLink | None = None
     shadowed: dict[str, int] = msgspec.field(default_factory=dict)  # tool -> calls answered
+    # Follow-up messages (task.input): their ids, and those the model has not yet read.
+    inputs: list[str] = msgspec.field(default_factory=list)
+    pending_inputs: list[ChatMessage] = msgspec.field(default_factory=list)
     seq: int = 0  # events folded
     last_hash: str = GENESIS_HASH
     paused_phase: Phase = "new"
@@ -265,6 +269,9 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.conversation.append(ChatMessage(role="user", content=event.message.text()))
         case TurnStarted():
             state.versions.setdefault(event.agent, event.agent_version)
+            if state.pending_inputs:  # follow-ups join the conversation at a turn's start
+                state.conversation.extend(state.pending_inputs)
+                state.pending_inputs = []
             state.llm_failure = None
             state.turn_holder = event.actor.instance
             state.lease_until = event.lease_until
@@ -292,7 +299,9 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             )
             state.calls = {c.id: CallState(call=c, turn=event.turn) for c in r.tool_calls}
             # Paid for while paused: keep it, so resuming does not pay again.
-            after: Phase = "acting" if r.tool_calls else "answering"
+            # A final answer with follow-ups still unread is not final: another turn.
+            after: Phase = "acting" if r.tool_calls else (
+                "ready" if state.pending_inputs else "answering")
             if state.phase == "paused":
                 state.paused_phase = after
             else:
@@ -399,6 +408,15 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             state.agent_turns = 0
             state.calls = {}
             state.phase = "ready"
+        case TaskInput():
+            if event.input_id in state.inputs:
+                return state
+            state.inputs.append(event.input_id)
+            state.pending_inputs.append(ChatMessage(role="user", content=event.message.text()))
+            if state.phase == "answering":
+                state.phase = "ready"
+            elif state.phase == "paused" and state.paused_phase == "answering":
+                state.paused_phase = "ready"
         case ToolFlagged():
             # Any result of the task flagged is a fact for its later calls (context.flagged).
             cs = state.calls.get(event.call_id)

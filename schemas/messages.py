@@ -135,6 +135,9 @@ class TaskSubmit(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     parent: ParentLink | None = None  # set by an agent that delegates (docs/tools.md)
     shadow: ShadowLink | None = None  # set by an agent for a shadow run (docs/rollouts.md)
+    # A follow-up message for the running task ``id`` (its sender's id for it: a resend is
+    # the same input); "" for a new task.
+    input_id: Annotated[str, msgspec.Meta(max_length=256)] = ""
 
 
 class Wake(msgspec.Struct, frozen=True, kw_only=True):

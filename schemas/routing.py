@@ -36,7 +36,8 @@ class ScriptRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     ``tool_failed`` | ``any``, optionally narrowed by ``after_tool``). Answers
     with ``reply`` text, a tool ``call`` with ``arguments``, or ``handoff_to``.
     Templates: ``{order_id}`` (regex group), ``{results.<tool>.<field>}`` (the
-    latest JSON result of a tool), ``{error}`` (the latest tool error).
+    latest JSON result of a tool), ``{error}`` (the latest tool error), ``{last_user}`` (the
+    latest user message: a follow-up's text).
     """
 
     agent: str = ""

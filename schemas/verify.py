@@ -63,6 +63,7 @@ from schemas.events import (
     TaskCanceled,
     TaskCompleted,
     TaskDelegated,
+    TaskInput,
     TaskSubmitted,
     ToolCompleted,
     ToolFailed,
@@ -196,6 +197,8 @@ RULES: dict[str, Rule] = {
     "delegation.returned": _rule("owner",         LIVE),
     # A shadow run's side effects are answered from the primary's log (docs/rollouts.md).
     "tool.shadowed":       _rule("owner",         "acting"),
+    # A follow-up message for a running task, recorded by its owner (A2A continue).
+    "task.input":          _rule("owner",         LIVE),
 }
 
 # After the task ended, only late reports of work already under way: they
@@ -291,6 +294,9 @@ def _content(event: EventBase, state: TaskState) -> str:
             child = next((c for c in state.children if c.task_id == event.child_task_id), None)
             if child is None or child.call_id != event.call_id or child.status:
                 return f"no running child task {event.child_task_id[:80]!r} of this task"
+        case TaskInput():
+            if not event.input_id or event.input_id in state.inputs:
+                return f"input {event.input_id[:80]!r} is empty or already recorded"
         case ToolShadowed():
             cs = state.calls.get(event.call_id)
             if state.shadow is None:

@@ -283,7 +283,7 @@ async def test_bad_tokens_and_garbage_are_refused_and_the_server_stays_up(bus: B
                 "messageId": "m3", "role": "ROLE_USER", "taskId": reply.task.id,
                 "parts": [{"text": "and another thing"}]}}}
             r = await http.post(f"{base}/agents/support/", json=more, headers=ok)
-            assert r.json()["error"]["code"] == -32004  # a task takes no more input
+            assert r.json()["error"]["code"] == -32004  # a finished task takes no more input
             # Within the HTTP limit, over the fleet's: the agent rejects it, visibly.
             [big] = await collect(client.send_message(ask("x" * 8000)))
             assert big.task.status.state == TaskState.TASK_STATE_REJECTED
@@ -439,3 +439,39 @@ def test_corral_up_runs_the_a2a_server_as_its_own_failure_domain(home: Path,
         assert not _edge_pids(config)  # stopped with the fleet
     finally:
         finish(up)
+
+
+CHAT = """
+[models.m]
+provider = "scripted"
+model = "s"
+
+[[models.m.rules]]
+reply = "you said: {last_user}"
+
+[agents.chat]
+model = "m"
+"""
+
+
+async def test_a_running_task_takes_a_follow_up_message_and_its_history_shows_both(
+        bus: Bus) -> None:
+    from tests.conftest import fleet_variant
+
+    fleet = fleet_variant(CHAT, latency_ms=800)
+    async with a2a_fleet(bus, fleet) as base, a2a_client(base, "chat", streaming=False) as client:
+        [first] = await collect(client.send_message(ask("hello", immediately=True)))
+        task_id = first.task.id
+        follow = Message(message_id="m-2", role=Role.ROLE_USER, task_id=task_id,
+                         parts=[Part(text="and one more thing")])
+        [second] = await collect(client.send_message(SendMessageRequest(message=follow)))
+        assert second.task.id == task_id
+        with anyio.fail_after(20):
+            while (got := await client.get_task(GetTaskRequest(id=task_id))).status.state \
+                    != TaskState.TASK_STATE_COMPLETED:
+                await anyio.sleep(0.1)
+    said = [(m.role, m.parts[0].text) for m in got.history]  # in the order they happened:
+    assert said == [(Role.ROLE_USER, "hello"),  # the follow-up came while turn 1 thought
+                    (Role.ROLE_USER, "and one more thing"), (Role.ROLE_AGENT, "you said: hello"),
+                    (Role.ROLE_AGENT, "you said: and one more thing")]
+    assert got.artifacts[0].parts[0].text == "you said: and one more thing"

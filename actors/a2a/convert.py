@@ -36,6 +36,7 @@ from schemas.events import (
     ApprovalRequested,
     EventBase,
     TaskCompleted,
+    TaskInput,
     TaskSubmitted,
 )
 from schemas.fold import TaskState as CorralState
@@ -132,6 +133,7 @@ class TaskView:
     waiting_for: ApprovalRequested | None = None  # the latest approval asked for
     last_time: float = 0.0
     agent_texts: list[tuple[int, str]] = field(default_factory=list)  # (seq, text) in order
+    user_texts: list[tuple[int, str]] = field(default_factory=list)  # follow-ups (task.input)
 
     def feed(self, event: EventBase) -> None:
         """Fold one accepted event."""
@@ -145,6 +147,8 @@ class TaskView:
             self.completed = event
         elif isinstance(event, ApprovalRequested):
             self.waiting_for = event
+        elif isinstance(event, TaskInput) and event.input_id in self.state.inputs[-1:]:
+            self.user_texts.append((self.state.seq, event.message.text()))
         for msg in self.state.conversation[before:]:
             if msg.role == "assistant" and msg.content:
                 self.agent_texts.append((self.state.seq, msg.content))
@@ -196,8 +200,12 @@ def to_task(view: TaskView, *, history_length: int | None = None,
     if view.submitted is not None:
         history.append(_message(st.task_id, st.context_id, Role.ROLE_USER,
                                 view.submitted.message.text(), f"{st.task_id}-user"))
-    history += [_message(st.task_id, st.context_id, Role.ROLE_AGENT, text,
-                         f"{st.task_id}-agent-{seq}") for seq, text in view.agent_texts]
+    later = sorted([(seq, Role.ROLE_AGENT, text, f"{st.task_id}-agent-{seq}")
+                    for seq, text in view.agent_texts]
+                   + [(seq, Role.ROLE_USER, text, f"{st.task_id}-user-{seq}")
+                      for seq, text in view.user_texts])
+    history += [_message(st.task_id, st.context_id, role, text, mid)
+                for _, role, text, mid in later]
     if history_length is not None:
         history = history[len(history) - history_length:] if history_length > 0 else []
     task.history.extend(history)

@@ -100,8 +100,9 @@ class Tasks(Protocol):
     log: EventLog
 
     async def submit(self, agent: str, text: str, *, task_id: str | None = None,
-                     context_id: str = "", metadata: dict[str, object] | None = None) -> str:
-        """Publish a task."""
+                     context_id: str = "", metadata: dict[str, object] | None = None,
+                     input_id: str = "") -> str:
+        """Publish a task (with ``input_id``: a follow-up for the running task ``task_id``)."""
         ...
 
     def follow_entries(self, task_id: str | None = None, *, follow: bool = True,
@@ -177,12 +178,22 @@ class FleetHandler(RequestHandler):
             text = request_text(msg)
         except ContentError as exc:
             raise ContentTypeNotSupportedError(message=str(exc)) from exc
-        if msg.task_id:
+        if msg.task_id:  # more input for a task of this principal's (docs/a2a.md)
             view = await self._view(tasks, msg.task_id, agent, principal)
-            raise UnsupportedOperationError(message=(
-                f"task {msg.task_id} is {view.state.status}: a corral task takes no more "
-                f"input once submitted; send a new message (with the same context_id to "
-                f"stay in its context)"))
+            if view.state.terminal:
+                raise UnsupportedOperationError(message=(
+                    f"task {msg.task_id} is {view.state.status}: a finished task takes no "
+                    f"more input; send a new message (with the same context_id to stay in "
+                    f"its context)"))
+            try:
+                await tasks.submit(view.state.agent or agent, text, task_id=msg.task_id,
+                                   context_id=view.state.context_id,
+                                   input_id=msg.message_id[:256])
+            except CorralError as exc:
+                raise UnsupportedOperationError(
+                    message=f"the message was not delivered: {exc}") from exc
+            log.info("a2a: %s continued %s", principal.name, msg.task_id)
+            return msg.task_id, tasks, principal, agent
         if len(msg.context_id) > 256:
             raise InvalidParamsError(message="context_id is longer than 256 characters")
         task_id = a2a_task_id(principal.name, msg.message_id)

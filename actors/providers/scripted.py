@@ -58,6 +58,7 @@ def _variables(messages: list[ChatMessage], rule: ScriptRule) -> dict[str, Any] 
             results[msg.name] = msg.content
     variables["results"] = results
     variables.setdefault("error", "")
+    variables["last_user"] = next((m.content for m in reversed(messages) if m.role == "user"), "")
     return variables
 
 

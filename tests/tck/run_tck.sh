@@ -21,6 +21,7 @@ config=$repo/config/tck.toml
 port=8765
 work=$(mktemp -d /tmp/corral-tck.XXXXXX)
 out=${OUT:-$work}
+mkdir -p "$out"
 
 if [[ ! -x $tck/.venv/bin/python ]]; then
     python3 -m venv "$tck/.venv"
