@@ -18,13 +18,12 @@ import secrets
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 import msgspec
 
-from actors.a2a import FleetHandler, Tasks, build_app, listen, serve
 from actors.link import die_with_parent
 from actors.runtime import load_fleet
 from bus.connection import Bus
@@ -33,6 +32,9 @@ from corral.client import Client
 from schemas.a2a import A2ASpec, TokenTable, parse_tokens, token_hash
 from schemas.config import FleetConfig
 from schemas.errors import ConfigError
+
+if TYPE_CHECKING:
+    from actors.a2a.handler import Tasks
 
 __all__ = ["TOKENS_ENV", "a2a_spec", "add_parser", "connect_clients", "load_tokens",
            "tokens_path"]
@@ -154,6 +156,9 @@ async def cmd_a2a(args: argparse.Namespace) -> int:
         print(token)
         return 0
     tokens = load_tokens(path, fleet)
+    # The server (a2a-sdk, starlette, uvicorn) is imported here, not by every `corral` command.
+    from actors.a2a import FleetHandler, build_app, listen, serve
+
     try:
         sock = listen(spec.host, spec.port)
     except OSError as exc:
