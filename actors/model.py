@@ -153,7 +153,8 @@ class ModelGateway(Actor[ModelCall]):
         self.calls = 0  # provider calls made (attempts included)
         self.refused = 0  # requests the fleet did not ask for
         self.requests_waiting = 0
-        self._calling: set[str] = set()  # keys of the calls this replica is making now
+        # The calls this replica is making now, by key: set when each one is over.
+        self._calling: dict[str, anyio.Event] = {}
         self._sleep = sleep
 
     async def setup(self) -> None:
@@ -380,24 +381,26 @@ class ModelGateway(Actor[ModelCall]):
         if refusal:
             await self._refuse(delivery, delivery.subject, delivery.data, refusal)
             return
-        if msg.key in self._calling:  # a copy of a call this replica is making: one pays
-            log.debug("%s: call %s already in progress here: duplicate dropped",
+        while (calling := self._calling.get(msg.key)) is not None:
+            # A copy of a call this replica is making (redelivered when its ack_wait ran
+            # out, say while the connection was cut): one pays. Not dropped: this copy's
+            # delivery superseded the original's, whose nak after a failed wake is then
+            # lost. Once the original is over, this copy looks again (below): answered,
+            # it wakes the agent; not answered, it makes the call.
+            log.debug("%s: call %s already in progress here: waiting for it",
                       self.actor_name, msg.key)
-            return
+            await calling.wait()
         state, head = await self.view.load(req.task_id)
         if not self._open(state, msg):
             log.debug("%s: call %s is not open (phase %s): dropped", self.actor_name, msg.key,
                       state.phase)
-            if state.phase not in ("new", "done"):
-                # Perhaps answered by a gateway that died before it woke the agent: wake it
-                # (a nudge: harmless when nothing is new, and deduplicated by its id).
-                await self._wake(state.agent, req.task_id, msg.key)
+            await self._nudge(state, req.task_id, msg.key)
             return
-        self._calling.add(msg.key)
+        self._calling[msg.key] = anyio.Event()
         try:
             await self._answer(msg, delivery, state, head)
         finally:
-            self._calling.discard(msg.key)
+            self._calling.pop(msg.key).set()
 
     async def _answer(self, msg: ModelCall, delivery: Delivery, state: TaskState,
                       head: LogHead) -> None:
@@ -439,6 +442,16 @@ class ModelGateway(Actor[ModelCall]):
             index += 1
         return sink
 
+    async def _nudge(self, state: TaskState, task_id: str, key: str) -> None:
+        """Wake the agent of a call that is not open, unless its task is new or done.
+
+        It was perhaps answered by a gateway (or a copy of the call) that died or lost
+        its connection before it woke the agent. Harmless when nothing is new, and
+        deduplicated with the answer's own wake by its id.
+        """
+        if state.phase not in ("new", "done"):
+            await self._wake(state.agent, task_id, key)
+
     async def _wake(self, agent: str, task_id: str, key: str) -> None:
         wake = Wake(task_id=task_id, reason=f"model {self.name} answered")
         await self.bus.js_publish(subjects.wake(agent), _encoder.encode(wake),
@@ -478,6 +491,7 @@ class ModelGateway(Actor[ModelCall]):
             if not self._open(state, msg, paid=True):
                 log.info("%s: call %s: the turn moved on before its answer was recorded",
                          self.actor_name, msg.key)
+                await self._nudge(state, task_id, msg.key)  # answered by a copy: wake it too
                 return False
             try:
                 await self.view.append(task_id, state, head, event)

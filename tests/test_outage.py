@@ -18,9 +18,11 @@ from actors.model import ModelGateway
 from bus import subjects
 from bus.budget import BudgetCounters, day_key
 from bus.connection import Bus, connect
+from bus.eventlog import EventLog
 from bus.server import EmbeddedServer
 from corral.client import Client
 from schemas.config import parse_fleet
+from schemas.events import ActorRef, LlmResponded
 from schemas.messages import ModelResponse
 from tests.conftest import (
     DEMO_CONFIG,
@@ -178,3 +180,30 @@ async def test_a_copy_of_a_call_in_progress_is_not_paid_twice(bus: Bus) -> None:
     assert gateway.calls == 1  # one turn, one provider call
     kinds = types(await task_events(bus, task_id))
     assert kinds.count("llm.responded") == 1
+
+
+async def test_a_call_answered_by_another_gateway_that_never_woke_the_agent_still_wakes_it(
+        bus: Bus) -> None:
+    # Another gateway (or a redelivered copy of the call) records the turn's answer and
+    # dies, or loses its connection, before it wakes the agent. This gateway, still
+    # calling, finds the turn answered when it comes to record: it wakes the agent (a
+    # nudge, deduplicated with the answer's own wake), or the task would wait for nothing.
+    async with fleet_in_process(bus, demo_fleet(latency_ms=600)) as actors:
+        gateway = next(a for a in actors if isinstance(a, ModelGateway))
+        client = Client(bus)
+        task_id = await client.submit("triage", "Hello, who am I talking to?")
+        with anyio.fail_after(10):
+            while gateway.calls == 0:  # the call is being made
+                await anyio.sleep(0.01)
+        log = EventLog(bus)
+        state, head = await log.state(task_id)
+        assert state.phase == "thinking", state.phase
+        await log.append(head, LlmResponded(
+            task_id=task_id, seq=0, time=0.0, agent="triage", turn=state.turn,
+            attempt=state.turn_attempt, alias="support-model",
+            actor=ActorRef(kind="model", name="support-model", instance="gone-1"),
+            response=ModelResponse(text="Answered by a gateway that is gone now.")))
+        done = await client.wait(task_id, timeout_s=20)
+    assert done.status == "completed"
+    kinds = types(await task_events(bus, task_id))
+    assert kinds.count("llm.responded") == 1  # the late answer was not recorded too
