@@ -25,12 +25,14 @@ Example:
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import msgspec
 import nats.js.errors
+from nats.aio.msg import Msg
 
-from bus.connection import Bus
+from bus.connection import Bus, while_leaderless
 from bus.errors import nats_errors
 from schemas.errors import BusError, FencedWrite
 
@@ -75,6 +77,7 @@ async def publish_atomic(bus: Bus, messages: list[Outgoing], *,
         FencedWrite: an expected-last-subject-sequence no longer held (nothing stored).
         BusTimeout: no answer to the commit in time (the batch may or may not be stored:
             read the log to know).
+        NoResponders: no stream took the subject within the timeout (nothing stored).
         BusError: any other refusal (nothing stored), e.g. a stream without ``allow_atomic``.
     """
     if not messages:
@@ -82,18 +85,30 @@ async def publish_atomic(bus: Bus, messages: list[Outgoing], *,
     if len(messages) > MAX_BATCH:
         raise BusError(f"an atomic batch holds at most {MAX_BATCH} messages, not "
                        f"{len(messages)}", retryable=False)
-    batch_id = uuid.uuid4().hex
     last = len(messages)
     subject = messages[-1][0]
-    with nats_errors(f"atomic batch to {subject}", subject=subject):
-        # The staged messages are not answered one by one (no reply subject): the
-        # commit's answer says whether all of them were stored.
-        for i, (subj, data, headers) in enumerate(messages[:-1], start=1):
-            await bus.nc.publish(subj, data, headers={
-                **headers, BATCH_ID: batch_id, BATCH_SEQUENCE: str(i)})
-        subj, data, headers = messages[-1]
-        reply = await bus.nc.request(subj, data, timeout=timeout_s or bus.timeout_s, headers={
-            **headers, BATCH_ID: batch_id, BATCH_SEQUENCE: str(last), BATCH_COMMIT: "1"})
+    timeout_s = timeout_s or bus.timeout_s
+    deadline = time.monotonic() + timeout_s
+
+    async def send() -> Msg:
+        batch_id = uuid.uuid4().hex  # a new batch each try: a commit nobody heard stored none
+        with nats_errors(f"atomic batch to {subject}", subject=subject):
+            # The staged messages are not answered one by one (no reply subject): the
+            # commit's answer says whether all of them were stored.
+            for i, (subj, data, headers) in enumerate(messages[:-1], start=1):
+                await bus.nc.publish(subj, data, headers={
+                    **headers, BATCH_ID: batch_id, BATCH_SEQUENCE: str(i)})
+            subj, data, headers = messages[-1]
+            return await bus.nc.request(
+                subj, data, timeout=max(0.05, deadline - time.monotonic()), headers={
+                    **headers, BATCH_ID: batch_id, BATCH_SEQUENCE: str(last),
+                    BATCH_COMMIT: "1"})
+
+    # While the stream elects a leader (its node died or was cut off), nobody serves its
+    # subjects: wait for one, as a single publish does, instead of failing at once (and
+    # burning a delivery of the message that caused the write: five such in a row during
+    # one election dead-lettered a submission the client had been told was accepted).
+    reply = await while_leaderless(send, timeout_s)
     try:
         ack = _ack_decoder.decode(reply.data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from nats.js.api import StreamConfig
 
 from bench.agent import bench_fleet
 from bus import subjects
@@ -29,7 +30,7 @@ from bus.connection import Bus
 from bus.eventlog import EventLog, LogHead
 from bus.server import EmbeddedServer
 from corral.client import Client
-from schemas.errors import BusError, FencedWrite
+from schemas.errors import BusError, FencedWrite, NoResponders
 from schemas.events import (
     ActorRef,
     EventBase,
@@ -263,3 +264,32 @@ async def test_an_agent_writes_its_runs_as_batches(bus: Bus,
         assert kinds[:2] == ["task.submitted", "turn.started"]
         first, second = stored[0][1].get(BATCH_ID), stored[1][1].get(BATCH_ID)
         assert first and first == second  # the submission and its claim: one write
+
+
+async def test_a_batch_waits_for_a_stream_to_take_its_subject_then_lands_whole(
+        bus: Bus) -> None:
+    # In a cluster, while a stream elects a new leader nobody serves its subjects (the
+    # commit gets no responders); a batch then waits, as a single publish does, instead
+    # of failing at once (each failure burnt a delivery: an election could dead-letter
+    # a submission). Here the stream appears only after the batch was sent.
+    messages = [("late.b9", b"one", {}), ("late.b9", b"two", {})]
+    stored = -1
+
+    async def write() -> None:
+        nonlocal stored
+        stored = await publish_atomic(bus, messages, timeout_s=30)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(write)
+        await anyio.sleep(0.3)  # the batch's commit has found nobody by now
+        assert stored == -1
+        await bus.js.add_stream(StreamConfig(name="LATE", subjects=["late.>"],
+                                             allow_atomic=True, allow_direct=True))
+    msgs, _ = await direct_batch(bus, "LATE", "late.b9", 1)
+    assert [m.data for m in msgs] == [b"one", b"two"] and stored == msgs[-1].seq
+
+
+async def test_a_batch_nobody_ever_takes_fails_clearly_and_stores_nothing(bus: Bus) -> None:
+    with pytest.raises(NoResponders, match=r"atomic batch to nowhere\.b10: nobody serves"):
+        await publish_atomic(bus, [("nowhere.b10", b"one", {}), ("nowhere.b10", b"two", {})],
+                             timeout_s=1)
