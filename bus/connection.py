@@ -304,21 +304,28 @@ async def while_leaderless(write: Callable[[], Awaitable[T]], timeout_s: float) 
     that is late, instead of failing at once (and burning a delivery of the
     message that caused it). Asking again is safe: nothing stored the write.
 
+    A read that only a leader answers waits the same way: during the election it
+    is refused with "JetStream system temporarily unavailable" (code 10008).
+
     Raises:
         NoResponders: still no stream answered after ``timeout_s``.
+        BusError: still no leader (code 10008) after ``timeout_s``.
     """
     deadline = time.monotonic() + timeout_s
     pause = 0.05
     while True:
         try:
             return await write()
-        except NoResponders:
+        except BusError as exc:
+            if not (isinstance(exc, NoResponders) or exc.code == CLUSTER_NOT_AVAILABLE):
+                raise
             if time.monotonic() + pause >= deadline:
                 raise
             await anyio.sleep(pause)
             pause = min(0.5, pause * 2)
 
 
+CLUSTER_NOT_AVAILABLE = 10008  # JetStream system temporarily unavailable: no leader now
 _AUTH_VIOLATION = "Authorization Violation"
 _DENIED_PUBLISH = re.compile(r'(?i)permissions violation for publish to "([^"]+)"')
 

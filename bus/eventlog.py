@@ -37,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 
 import msgspec
+from nats.js.api import RawStreamMsg
 
 from bus import subjects
 from bus.anchors import anchor_problem, last_anchor, write_anchor
@@ -47,7 +48,7 @@ from bus.batch import (
     direct_batch,
     publish_atomic,
 )
-from bus.connection import Bus
+from bus.connection import Bus, while_leaderless
 from bus.errors import NotFound, nats_errors
 from schemas.errors import BusError
 from schemas.events import (
@@ -349,10 +350,13 @@ class EventLog:
                 continue
             if not self.bus.clustered:
                 return
-            try:  # not direct: the stream's leader answers
+            async def from_leader(seq: int = seq) -> RawStreamMsg:
                 with nats_errors(f"cannot read {subject}", subject=subject):
-                    got = await self.bus.js.get_msg(subjects.EVENTS_STREAM, seq=seq,
-                                                    subject=subject, next=True)
+                    return await self.bus.js.get_msg(subjects.EVENTS_STREAM, seq=seq,
+                                                     subject=subject, next=True)
+
+            try:  # not direct: the stream's leader answers (wait while it is being elected)
+                got = await while_leaderless(from_leader, self.bus.timeout_s)
             except NotFound:
                 return
             seq = int(got.seq or 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nats.js.kv import KeyValue
 
 from bus.connection import Bus, while_leaderless
@@ -36,9 +38,13 @@ class Bucket:
     async def get(self, key: str) -> tuple[bytes, int] | None:
         """The value and revision of ``key``; None when it has none."""
         kv = await self._open()
-        try:
+
+        async def get() -> Any:
             with nats_errors(f"KV get {self.name}/{key}"):
-                entry = await kv.get(key)
+                return await kv.get(key)
+
+        try:
+            entry = await while_leaderless(get, self.bus.timeout_s)
         except NotFound:
             return None
         return (entry.value, int(entry.revision or 0)) if entry.value is not None else None
