@@ -235,6 +235,8 @@ async def finish_and_count(cf: ClusterFleet, ids: list[str]) -> Counts:
             lost += 1
             print(f"[cluster] acknowledged {subjects.EVENTS_STREAM} #{seq} "
                   f"{data[:160]!r}: stored there now {stored[:160]!r}")
+    if lost:  # each node's view of the stream, for whoever reads the failure
+        print_stream_state(cf)
     ran_twice = 0
     log = EventLog(cf.admin)
     for task_id in ids:
@@ -258,6 +260,21 @@ async def finish_and_count(cf: ClusterFleet, ids: list[str]) -> Counts:
             print(f"[cluster] refund task {t} refunded {refunds.get(t, 0)} times: "
                   f"{[(type(e.event).__name__, getattr(e.event, 'tool', '')) for e in logged]}")
     return Counts(len(ids), len(cf.witness.events), lost, ran_twice, twice, unfinished)
+
+
+def print_stream_state(cf: ClusterFleet) -> None:
+    """Print each node's state of ``CORRAL_EVENTS`` (first and last sequence, leader)."""
+    for node in cf.cluster.nodes:
+        try:
+            jsz = node.monitor("/jsz?streams=1&accounts=1")
+        except BusError as exc:
+            print(f"[cluster] {node.name}: {exc}")
+            continue
+        for account in jsz.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                if stream.get("name") == subjects.EVENTS_STREAM:
+                    print(f"[cluster] {node.name}: {subjects.EVENTS_STREAM} "
+                          f"{stream.get('state')} {stream.get('cluster')}")
 
 
 async def stored_at(bus: Bus, seq: int) -> bytes | str:
@@ -403,10 +420,9 @@ FAULTS = {
     "stop one node and bring it back": stop_one_node,
     PARTITION: partition_one_node,
 }
-# Open: after a partition is healed, a few tasks sometimes stay stuck right after an
-# llm.responded (about one run in four at 6 tasks, more at 16; nothing acknowledged is lost,
-# nothing runs twice). Until it is understood, the partition runs in `make soak` only, where
-# it fails loudly with each stuck task's events (docs/operating-at-scale.md).
+# The partition runs in `make soak` only: three causes of its stalls after the heal are fixed
+# (issue 12, docs/operating-at-scale.md), but a task still sometimes stays right after an
+# llm.responded with no error logged (1 soak run in 10 at 16 tasks). It fails loudly there.
 IN_MAKE_TEST = [name for name in FAULTS if SOAK or name != PARTITION]
 
 
