@@ -92,7 +92,7 @@ huge = st.builds(lambda c, n: c * n, st.sampled_from(["\x01", "a", "\u00e9", "\x
 def valid_body(kind: str, fleet: FleetConfig) -> st.SearchStrategy[dict[str, Json]]:
     """A payload that fits the type of ``kind`` (semantically bogus: no such task)."""
     agents = [*sorted(fleet.agents), "nobody"]
-    if kind == "task":  # with, at times, a delegation's parent link or a shadow link
+    if kind == "task":  # at times with a parent or shadow link, or as a follow-up input
         return st.fixed_dictionaries({
             "id": ids, "message": st.fixed_dictionaries({
                 "role": st.sampled_from(["user", "agent"]),
@@ -103,7 +103,8 @@ def valid_body(kind: str, fleet: FleetConfig) -> st.SearchStrategy[dict[str, Jso
                 "task_id": ids, "call_id": texts, "agent": st.sampled_from(agents),
                 "deadline": st.floats(-1e12, 1e12), "budget_usd": st.floats(-1e9, 1e9),
                 "depth": st.integers(-2**40, 2**40)}),
-            "shadow": st.fixed_dictionaries({"task_id": ids, "version": texts})})
+            "shadow": st.fixed_dictionaries({"task_id": ids, "version": texts}),
+            "input_id": texts})
     if kind == "wake":
         return st.fixed_dictionaries({"task_id": ids, "reason": texts,
                                       "after_seq": st.integers(-5, 2**40)})
