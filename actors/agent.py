@@ -17,9 +17,9 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import msgspec
@@ -31,7 +31,7 @@ from actors.deadletter import bounded_dead_letter
 from actors.faults import crash_point
 from actors.gate import ToolGate
 from actors.model import call_key
-from actors.taskview import TaskView
+from actors.taskview import TaskView, together
 from actors.toolset import AgentTools
 from actors.tracing import TRACEPARENT, step_context, traceparent, tracer
 from actors.versions import AgentVersions, Variant
@@ -109,7 +109,6 @@ __all__ = ["AgentActor", "agent_version"]
 log = logging.getLogger("corral.agent")
 
 MAX_FENCED_RETRIES = 16
-_T = TypeVar("_T")
 
 _submit_decoder = msgspec.json.Decoder(TaskSubmit)
 _wake_decoder = msgspec.json.Decoder(Wake)
@@ -117,34 +116,6 @@ _model_response_decoder = msgspec.json.Decoder(ModelResponse)
 _encoder = msgspec.json.Encoder()
 # The variant (version) the current task runs with, per actor: set for each step.
 _VARIANT: ContextVar[tuple[int, Variant] | None] = ContextVar("corral_variant", default=None)
-
-
-async def _together(main: Awaitable[_T], side: Awaitable[object]) -> _T:
-    """``main`` and ``side`` at once (their writes in flight together); ``main``'s result.
-
-    A failure is raised as itself, ``main``'s first (not as an exception group).
-    """
-    results: list[_T] = []
-    errors: dict[str, Exception] = {}  # cancellation is not caught: it goes through
-
-    async def run_main() -> None:
-        try:
-            results.append(await main)
-        except Exception as exc:
-            errors["main"] = exc
-
-    async def run_side() -> None:
-        try:
-            await side
-        except Exception as exc:
-            errors["side"] = exc
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(run_main)
-        tg.start_soon(run_side)
-    if errors:
-        raise errors.get("main") or errors["side"]
-    return results[0]
 
 
 def agent_version(name: str, fleet: FleetConfig,
@@ -302,6 +273,15 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                     guess: bool = False) -> None:
         fresh = guess and isinstance(msg, TaskSubmit) and "handoff_from" not in msg.metadata
         state, head = await self._load(task_id, fresh=fresh)
+        if isinstance(msg, Wake) and msg.after_seq > head.seq:
+            # Sent while the event it announces was being written (ADR 0013).
+            state, head = await self.view.reach(task_id, msg.after_seq, state, head)
+            if msg.after_seq > head.seq and not state.terminal:
+                # A write slower than our looks is followed by a wake of its own; one that
+                # never lands is retried by its writer, who wakes us then.
+                log.debug("%s: task %s: woken for position %d, the log ends at %d",
+                          self.actor_name, task_id, msg.after_seq, head.seq)
+                return
         variant = await self.versions.assign(
             task_id, state, msg if isinstance(msg, TaskSubmit) else None)
         token = _VARIANT.set((id(self), variant))
@@ -374,16 +354,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 if breach is not None:
                     await self._fail_budget(task_id, state, head, *breach)
                     return
-                first = state.agent_turns == 0
-                claim = self._append(task_id, state, head, TurnStarted(
+                head = await self._claim_and_think(task_id, state, head, TurnStarted(
                     **self._envelope(task_id), agent=self.name, turn=state.turn + 1,
-                    lease_until=self._lease_until()))
-                # First turn here: arm this agent's deadline, in flight with the claim (a
-                # deadline armed for a claim that lost its race is a harmless nudge).
-                head = await (_together(claim, self._arm_deadline(task_id, state)) if first
-                              else claim)
-                crash_point("agent.after_claim", self.name)
-                await self._think(task_id, state, head)
+                    lease_until=self._lease_until()), first=state.agent_turns == 0)
                 return  # the call is out: its answer wakes us (not sent twice in one look)
             elif state.phase == "thinking":
                 # The call is durable and whoever answers it wakes us. We may have died
@@ -563,15 +536,45 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             return "", Usage(), 0.0
         return response.text, response.usage, response.cost_usd
 
-    async def _think(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
-        """Fit the context, then hand the claimed turn's call to the gateways (durably)."""
+    async def _claim_and_think(self, task_id: str, state: TaskState, head: LogHead,
+                               claim: TurnStarted, *, first: bool = False) -> LogHead:
+        """Claim a turn (``claim``) and hand its call to the gateways.
+
+        When the context needs no work first, the call is sent while the claim is
+        written, not after it (ADR 0013): it names the claim's log position, and a
+        gateway that cannot see the claim yet waits for it. A claim that loses its
+        race leaves a call for a position another event holds: it is dropped unpaid.
+        On the first turn here this agent's deadline is armed in flight with them (one
+        armed for a claim that lost its race is a harmless nudge).
+        """
         alias = state.degraded_to or self.spec.model
-        head = await self._fit_context(task_id, state, head, alias)
+        head = await self._append(task_id, state, head, claim, defer=True)  # folded, not written
+        written = self.view.flush(task_id, state)
+        if self._context_fits(state, alias):
+            call = self._send_call(task_id, state)
+            side = together(call, self._arm_deadline(task_id, state)) if first else call
+            new_head = await together(written, side)
+            crash_point("agent.after_claim", self.name)
+            return new_head or head
+        new_head = await (together(written, self._arm_deadline(task_id, state)) if first
+                          else written)
+        crash_point("agent.after_claim", self.name)
+        head = await self._fit_context(task_id, state, new_head or head, alias)
         await self._send_call(task_id, state)
         return head
 
+    def _context_fits(self, state: TaskState, alias: str) -> bool:
+        """Whether the next call needs no context warning or cut first (``_fit_context``)."""
+        window = self.fleet.models[alias].window()
+        tokens = estimate_tokens(state.conversation, self.spec.system, self.tools)
+        return tokens <= WARN_AT * window or (tokens <= ACT_AT * window and state.context_warned)
+
     async def _send_call(self, task_id: str, state: TaskState) -> None:
-        """Publish the open turn's model call (``Nats-Msg-Id`` = its key: resends are free)."""
+        """Publish the open turn's model call; resends are free.
+
+        ``Nats-Msg-Id`` is its key and its claim's log position: a call sent for a
+        claim that lost its race does not hide the winner's call of the same turn.
+        """
         alias = state.degraded_to or self.spec.model
         req = ModelRequest(alias=alias, messages=list(state.conversation),
                            system=self.spec.system, tools=self.tools, agent=self.name,
@@ -579,8 +582,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                            allow_cached=self.spec.allow_cached, traceparent=traceparent())
         key = call_key(task_id, state.turn, state.turn_attempt, alias)
         call = ModelCall(key=key, attempt=state.turn_attempt, request=req,
-                         agent_version=self.version)
-        await self.bus.js_publish(subjects.llm(alias), _encoder.encode(call), msg_id=key)
+                         agent_version=self.version, turn_seq=state.turn_seq)
+        await self.bus.js_publish(subjects.llm(alias), _encoder.encode(call),
+                                  msg_id=f"{key}@{state.turn_seq}")
         self.model_calls += 1
 
     async def _model_failed(self, task_id: str, state: TaskState, head: LogHead) -> LogHead:
@@ -595,10 +599,9 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                 value=failure.budget_spent_usd, maximum=failure.budget_limit_usd,
                 detail=failure.error, degraded_to=spec.degrade_model if degrade else ""))
             if degrade:  # the same turn, on the cheaper route
-                head = await self._append(task_id, state, head, TurnStarted(
+                return await self._claim_and_think(task_id, state, head, TurnStarted(
                     **self._envelope(task_id), agent=self.name, turn=state.turn,
                     attempt=state.turn_attempt + 1, lease_until=self._lease_until()))
-                return await self._think(task_id, state, head)
             await self._append(task_id, state, head, TaskFailed(
                 **self._envelope(task_id), reason=failure.error, error_type="BudgetExceeded"))
             await self._announce(task_id)

@@ -49,7 +49,7 @@ from actors.metrics import (
 )
 from actors.providers import DeltaSink, Provider, make_provider, scrub
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
-from actors.taskview import TaskView
+from actors.taskview import REACH_PAUSES_S, TaskView, together
 from actors.tracing import parent_context, traceparent, tracer
 from bus import subjects
 from bus.budget import BudgetCounters, Reservation, day_key
@@ -83,7 +83,17 @@ _req_decoder = msgspec.json.Decoder(ModelRequest)
 _encoder = msgspec.json.Encoder()
 MAX_APPEND_RETRIES = 16
 RETRY_CAP_S = 15.0  # a call waiting out a provider outage is tried at least this often
+CLAIM_NAK_CAP_S = 5.0  # a call whose claim is not in the log is looked at this often
+CLAIM_LOOKS = 30  # ... and dead-lettered at this delivery (after about two minutes)
+# An answer written slower than this is announced again once stored: an agent woken while
+# it was in flight looks for it for sum(REACH_PAUSES_S) (31.5 ms) only.
+LATE_WRITE_S = 0.8 * sum(REACH_PAUSES_S)
 REQUEST_QUEUE = 4  # core requests waiting per unit of concurrency before "busy"
+
+
+def _early(call: ModelCall, state: TaskState, head: LogHead) -> bool:
+    """Whether ``call`` came before its claim is in the log (ADR 0013)."""
+    return call.turn_seq > head.seq and not state.terminal
 
 
 def call_key(task_id: str, turn: int, attempt: int, alias: str) -> str:
@@ -367,6 +377,7 @@ class ModelGateway(Actor[ModelCall]):
         thinking = state.phase == "thinking" or (
             paid and state.phase == "paused" and state.paused_phase == "thinking")
         return (thinking and state.turn == req.turn
+                and (not call.turn_seq or state.turn_seq == call.turn_seq)
                 and state.turn_attempt == call.attempt and state.agent == req.agent
                 and (state.degraded_to or req.alias) == req.alias
                 and (state.llm_failure is None or state.llm_failure.retryable))
@@ -391,6 +402,18 @@ class ModelGateway(Actor[ModelCall]):
                       self.actor_name, msg.key)
             await calling.wait()
         state, head = await self.view.load(req.task_id)
+        if _early(msg, state, head):
+            state, head = await self.view.reach(req.task_id, msg.turn_seq, state, head)
+            if _early(msg, state, head):  # not written yet, or its writer died: look later
+                if delivery.deliveries >= CLAIM_LOOKS:  # ~2 minutes: nobody is claiming it
+                    await self._refuse(delivery, delivery.subject, delivery.data, (
+                        f"the call names a claim at log position {msg.turn_seq} and the log "
+                        f"still ends at {head.seq} after {delivery.deliveries} looks"))
+                    return
+                log.debug("%s: call %s: its claim is not in the log yet", self.actor_name,
+                          msg.key)
+                await delivery.nak(min(CLAIM_NAK_CAP_S, 0.05 * 2 ** min(delivery.deliveries, 8)))
+                return
         if not self._open(state, msg):
             log.debug("%s: call %s is not open (phase %s): dropped", self.actor_name, msg.key,
                       state.phase)
@@ -426,9 +449,8 @@ class ModelGateway(Actor[ModelCall]):
         event = (self._failure_event(msg, response) if response.error else LlmResponded(
             **self._envelope(msg), agent=req.agent, turn=req.turn, attempt=msg.attempt,
             response=response, alias=req.alias, team=self._team(req)))
-        if await self._record(msg, event, (state, head)):
+        if await self._record(msg, event, (state, head), wake=f"{delivery.deliveries}"):
             crash_point("model.after_llm", self.name)
-            await self._wake(req.agent, req.task_id, msg.key)
 
     def _delta_sink(self, msg: ModelCall) -> DeltaSink:
         """Publishes each piece of one attempt's text on the task's delta subject."""
@@ -450,12 +472,11 @@ class ModelGateway(Actor[ModelCall]):
         deduplicated with the answer's own wake by its id.
         """
         if state.phase not in ("new", "done"):
-            await self._wake(state.agent, task_id, key)
+            await self._wake(state.agent, task_id, f"wake:{key}")
 
-    async def _wake(self, agent: str, task_id: str, key: str) -> None:
-        wake = Wake(task_id=task_id, reason=f"model {self.name} answered")
-        await self.bus.js_publish(subjects.wake(agent), _encoder.encode(wake),
-                                  msg_id=f"wake:{key}")
+    async def _wake(self, agent: str, task_id: str, msg_id: str, *, after_seq: int = 0) -> None:
+        wake = Wake(task_id=task_id, reason=f"model {self.name} answered", after_seq=after_seq)
+        await self.bus.js_publish(subjects.wake(agent), _encoder.encode(wake), msg_id=msg_id)
 
     def _team(self, req: ModelRequest) -> str:
         agent = self.fleet.agents.get(req.agent)
@@ -477,15 +498,22 @@ class ModelGateway(Actor[ModelCall]):
                          budget_limit_usd=response.budget_limit_usd)
 
     async def _record(self, msg: ModelCall, event: LlmResponded | LlmFailed,
-                      known: tuple[TaskState, LogHead] | None = None) -> bool:
+                      known: tuple[TaskState, LogHead] | None = None, *,
+                      wake: str = "") -> bool:
         """Append ``event`` while the call's turn is still open; False once it is not.
 
         ``known``: the state and head read before the call. Tried first without
         reading again: the append is fenced, so if anything was appended since,
         it fails and the log is read then.
+
+        ``wake``: wake the agent, with this delivery's tag in the wake's id. The
+        wake is sent while the event is written (ADR 0013) and names the position
+        the event takes: an agent that cannot see it yet reads again. Each try
+        wakes under its own id, so a try that lost the position to another event
+        does not hide the wake of the one that took the next.
         """
         task_id = msg.request.task_id
-        for _ in range(MAX_APPEND_RETRIES):
+        for tries in range(MAX_APPEND_RETRIES):
             state, head = known or await self.view.load(task_id)
             known = None
             if not self._open(state, msg, paid=True):
@@ -493,11 +521,19 @@ class ModelGateway(Actor[ModelCall]):
                          self.actor_name, msg.key)
                 await self._nudge(state, task_id, msg.key)  # answered by a copy: wake it too
                 return False
+            appended = self.view.append(task_id, state, head, event)
+            wake_id, started = f"wake:{msg.key}:{wake}:{tries}", time.monotonic()
             try:
-                await self.view.append(task_id, state, head, event)
-                return True
+                await (together(appended, self._wake(msg.request.agent, task_id, wake_id,
+                                                     after_seq=head.seq + 1))
+                       if wake else appended)
             except FencedWrite:
                 continue
+            if wake and time.monotonic() - started > LATE_WRITE_S:
+                # Slower than the agent looks for it (REACH_PAUSES_S): wake it again.
+                await self._wake(msg.request.agent, task_id, f"{wake_id}:late",
+                                 after_seq=head.seq + 1)
+            return True
         raise ActorError(f"could not record the answer to {msg.key}: the log kept moving",
                          retryable=True)
 

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
+from typing import TypeVar
 
+import anyio
 import msgspec
 
 from actors.metrics import count_log_rejection
@@ -21,10 +24,43 @@ from bus.eventlog import EventLog, LogHead
 from schemas.events import EventBase, encode_event, event_hash
 from schemas.fold import TaskState, apply
 
-__all__ = ["TaskView", "state_size"]
+__all__ = ["REACH_PAUSES_S", "TaskView", "state_size", "together"]
+
+_T = TypeVar("_T")
+# A message may name a log position whose write is still in flight (ADR 0013): it is
+# read again after these pauses (31.5 ms in all) before the message is put back.
+REACH_PAUSES_S = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
 
 _encoder = msgspec.json.Encoder()
 _BASE_SIZE = 512  # a TaskState's fixed fields, roughly
+
+
+async def together(main: Awaitable[_T], side: Awaitable[object]) -> _T:
+    """``main`` and ``side`` at once (their writes in flight together); ``main``'s result.
+
+    A failure is raised as itself, ``main``'s first (not as an exception group).
+    """
+    results: list[_T] = []
+    errors: dict[str, Exception] = {}  # cancellation is not caught: it goes through
+
+    async def run_main() -> None:
+        try:
+            results.append(await main)
+        except Exception as exc:
+            errors["main"] = exc
+
+    async def run_side() -> None:
+        try:
+            await side
+        except Exception as exc:
+            errors["side"] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_main)
+        tg.start_soon(run_side)
+    if errors:
+        raise errors.get("main") or errors["side"]
+    return results[0]
 
 
 def state_size(state: TaskState) -> int:
@@ -93,6 +129,20 @@ class TaskView:
                 return state, head
         _, head = await self.log.read(task_id, after=head, state=state)  # applies what it accepts
         self._remember(task_id, state, head)
+        return state, head
+
+    async def reach(self, task_id: str, seq: int, state: TaskState,
+                    head: LogHead) -> tuple[TaskState, LogHead]:
+        """Read again, briefly, until the log reaches position ``seq`` (or the task ends).
+
+        For a message sent while the write it announces was in flight (ADR 0013):
+        the caller puts it back for later if the log is still short of ``seq``.
+        """
+        for pause in REACH_PAUSES_S:
+            if head.seq >= seq or state.terminal:
+                break
+            await anyio.sleep(pause)
+            state, head = await self.load(task_id)
         return state, head
 
     def peek(self, task_id: str) -> tuple[TaskState, LogHead] | None:

@@ -162,6 +162,7 @@ class TaskState(msgspec.Struct, kw_only=True):
     turn_holder: str = ""  # the instance that claimed the open turn
     turn_agent: str = ""  # the agent that claimed the open turn
     turn_started_at: float = 0.0  # when the open turn was first claimed (its turn.started)
+    turn_seq: int = 0  # the log position of the open turn's claim (its turn.started)
     lease_until: float = 0.0
     agent_turns: int = 0  # turns taken by the current owner
     conversation: list[ChatMessage] = msgspec.field(default_factory=list)
@@ -274,6 +275,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
                 state.pending_inputs = []
             state.llm_failure = None
             state.turn_holder = event.actor.instance
+            state.turn_seq = event.seq
             state.lease_until = event.lease_until
             if event.turn == state.turn:
                 state.turn_attempt = event.attempt

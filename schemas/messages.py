@@ -255,6 +255,10 @@ class ModelCall(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int
     request: ModelRequest
     agent_version: str = ""
+    # The log position of the turn's claim (0: not said). The call may be sent while the
+    # claim is being written: a gateway that cannot see the claim yet waits for it, and
+    # one that finds another event there drops the call (ADR 0013).
+    turn_seq: int = 0
 
 
 class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,168 @@
+"""Messages sent while the write they announce is in flight (ADR 0013).
+
+An agent sends a turn's model call while its claim (``turn.started``) is
+being written, and a gateway wakes the agent while the answer is being
+written. Each message names the log position of its write. These tests play
+the other side by hand, with the write landing late or never, and check that
+nothing is lost and nothing is paid for a position another event took.
+"""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import msgspec
+
+from actors.model import ModelGateway, call_key
+from bus import subjects
+from bus.connection import Bus
+from bus.eventlog import EventLog, LogHead
+from corral.client import Client
+from schemas.config import FleetConfig
+from schemas.events import ActorRef, ContextWarned, LlmResponded, TaskSubmitted, TurnStarted
+from schemas.messages import (
+    ChatMessage,
+    Message,
+    ModelCall,
+    ModelRequest,
+    ModelResponse,
+    TextPart,
+    Wake,
+)
+from tests.conftest import fleet_in_process, fleet_variant, task_events, types
+
+_enc = msgspec.json.Encoder()
+AGENT = ActorRef(kind="agent", name="echo", instance="by-hand-1")
+GATEWAY = ActorRef(kind="model", name="m", instance="by-hand-2")
+QUESTION = "Where is order 5678?"
+FLEET = """
+[fleet]
+name = "inflight"
+
+[agents.echo]
+model = "m"
+system = "Say back what you were asked."
+
+[models.m]
+provider = "scripted"
+model = "echo"
+
+[[models.m.rules]]
+reply = "{last_user}"
+"""
+
+
+def _fleet() -> FleetConfig:
+    return fleet_variant(FLEET)
+
+
+def _env(task_id: str, actor: ActorRef = AGENT) -> dict[str, object]:
+    return {"task_id": task_id, "seq": 0, "time": time.time(), "actor": actor}
+
+
+async def _submitted(log: EventLog, task_id: str) -> LogHead:
+    head, _ = await log.append(LogHead(), TaskSubmitted(
+        **_env(task_id), agent="echo", context_id=task_id,  # type: ignore[arg-type]
+        message=Message(role="user", parts=[TextPart(text=QUESTION)])))
+    return head
+
+
+async def _claim(log: EventLog, task_id: str, head: LogHead) -> LogHead:
+    head, _ = await log.append(head, TurnStarted(
+        **_env(task_id), agent="echo", turn=1,  # type: ignore[arg-type]
+        lease_until=time.time() + 60))
+    return head
+
+
+async def _send_call(bus: Bus, task_id: str, turn_seq: int, text: str = QUESTION) -> None:
+    key = call_key(task_id, 1, 1, "m")
+    req = ModelRequest(alias="m", agent="echo", task_id=task_id, turn=1,
+                       max_tokens=100, messages=[ChatMessage(role="user", content=text)])
+    call = ModelCall(key=key, attempt=1, request=req, turn_seq=turn_seq)
+    await bus.js_publish(subjects.llm("m"), _enc.encode(call),
+                         msg_id=f"{key}@{turn_seq}")
+
+
+async def _settled(bus: Bus, gateway: ModelGateway) -> None:
+    """Until the gateway's consumer has nothing pending or unacknowledged."""
+    with anyio.fail_after(20):
+        while True:
+            info = await bus.js.consumer_info(subjects.MODELS_STREAM, gateway.consumer)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+            await anyio.sleep(0.05)
+
+
+async def test_a_call_sent_before_its_claim_is_written_is_answered_once_it_lands(
+        bus: Bus) -> None:
+    async with fleet_in_process(bus, _fleet()) as actors:
+        gateway = next(a for a in actors if isinstance(a, ModelGateway))
+        log, task_id = EventLog(bus), "early-call-1"
+        head = await _submitted(log, task_id)
+        await _send_call(bus, task_id, turn_seq=head.seq + 1)
+        await anyio.sleep(0.5)  # far past the gateway's looks: it has put the call back
+        assert gateway.calls == 0
+        assert types(await task_events(bus, task_id)) == ["task.submitted"]
+        await _claim(log, task_id, head)
+        state = await Client(bus).wait(task_id, timeout_s=20)
+    assert state.status == "completed", state.error
+    kinds = types(await task_events(bus, task_id))
+    assert kinds.count("llm.responded") == 1, kinds
+    assert gateway.calls == 1
+
+
+async def test_a_call_for_a_position_another_event_took_is_dropped_unpaid(bus: Bus) -> None:
+    # The agent folded its claim at position 2 and sent the call; a context warning took
+    # position 2 first, so the claim was written again at 3, with its own call (the
+    # agent sends it when the gateway's nudge wakes it). The first call, built before
+    # the warning, is not the turn's: it is dropped unpaid.
+    async with fleet_in_process(bus, _fleet()) as actors:
+        gateway = next(a for a in actors if isinstance(a, ModelGateway))
+        log, task_id = EventLog(bus), "lost-position-1"
+        head = await _submitted(log, task_id)
+        head, _ = await log.append(head, ContextWarned(
+            **_env(task_id), tokens=1, window=2))  # type: ignore[arg-type]
+        await _claim(log, task_id, head)
+        await _send_call(bus, task_id, turn_seq=2, text="a stale conversation")
+        state = await Client(bus).wait(task_id, timeout_s=20)
+        await _settled(bus, gateway)
+    assert state.status == "completed", state.error
+    assert state.answer == QUESTION  # the turn's own call was answered, not the stale one
+    assert gateway.calls == 1
+    assert types(await task_events(bus, task_id)).count("llm.responded") == 1
+
+
+async def test_a_call_whose_claim_never_comes_is_put_back_not_paid(bus: Bus) -> None:
+    # A forged or orphaned call naming a position far ahead: looked at again later,
+    # never paid, and the gateway keeps serving real tasks meanwhile.
+    async with fleet_in_process(bus, _fleet()) as actors:
+        gateway = next(a for a in actors if isinstance(a, ModelGateway))
+        log, task_id = EventLog(bus), "never-claimed-1"
+        await _submitted(log, task_id)
+        await _send_call(bus, task_id, turn_seq=40)
+        client = Client(bus)
+        real = await client.submit("echo", "Hello?")
+        assert (await client.wait(real, timeout_s=20)).status == "completed"
+        await anyio.sleep(0.5)
+    assert gateway.calls == 1  # the real task's turn only
+    assert types(await task_events(bus, task_id)) == ["task.submitted"]
+
+
+async def test_a_wake_ahead_of_the_log_waits_for_the_writers_next_wake(bus: Bus) -> None:
+    # The gateway woke the agent while writing the answer, and the write was slower
+    # than the agent's looks (an election, say): the gateway wakes it again once stored.
+    async with fleet_in_process(bus, _fleet()):
+        log, task_id = EventLog(bus), "late-answer-1"
+        head = await _claim(log, task_id, await _submitted(log, task_id))
+        wake = Wake(task_id=task_id, reason="answer in flight", after_seq=head.seq + 1)
+        await bus.js_publish(subjects.wake("echo"), _enc.encode(wake), msg_id="w1")
+        await anyio.sleep(0.5)  # the agent looked, found nothing yet, and let it go
+        assert types(await task_events(bus, task_id)) == ["task.submitted", "turn.started"]
+        await log.append(head, LlmResponded(
+            **_env(task_id, GATEWAY), agent="echo", turn=1,  # type: ignore[arg-type]
+            alias="m", response=ModelResponse(text="On its way.")))
+        await bus.js_publish(subjects.wake("echo"), _enc.encode(wake), msg_id="w1:late")
+        state = await Client(bus).wait(task_id, timeout_s=20)
+    assert state.status == "completed", state.error
+    assert state.answer == "On its way."
