@@ -22,6 +22,7 @@ queue it answers "busy" at once. Agents never hold keys.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -49,7 +50,7 @@ from actors.metrics import (
 )
 from actors.providers import DeltaSink, Provider, make_provider, scrub
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
-from actors.taskview import REACH_PAUSES_S, TaskView, together
+from actors.taskview import TaskView, announced
 from actors.tracing import parent_context, traceparent, tracer
 from bus import subjects
 from bus.budget import BudgetCounters, Reservation, day_key
@@ -85,9 +86,6 @@ MAX_APPEND_RETRIES = 16
 RETRY_CAP_S = 15.0  # a call waiting out a provider outage is tried at least this often
 CLAIM_NAK_CAP_S = 5.0  # a call whose claim is not in the log is looked at this often
 CLAIM_LOOKS = 30  # ... and dead-lettered at this delivery (after about two minutes)
-# An answer written slower than this is announced again once stored: an agent woken while
-# it was in flight looks for it for sum(REACH_PAUSES_S) (31.5 ms) only.
-LATE_WRITE_S = 0.8 * sum(REACH_PAUSES_S)
 REQUEST_QUEUE = 4  # core requests waiting per unit of concurrency before "busy"
 
 
@@ -474,6 +472,10 @@ class ModelGateway(Actor[ModelCall]):
         if state.phase not in ("new", "done"):
             await self._wake(state.agent, task_id, f"wake:{key}")
 
+    async def _wake_tagged(self, agent: str, task_id: str, msg_id: str, after_seq: int,
+                           tag: str) -> None:
+        await self._wake(agent, task_id, msg_id + tag, after_seq=after_seq)
+
     async def _wake(self, agent: str, task_id: str, msg_id: str, *, after_seq: int = 0) -> None:
         wake = Wake(task_id=task_id, reason=f"model {self.name} answered", after_seq=after_seq)
         await self.bus.js_publish(subjects.wake(agent), _encoder.encode(wake), msg_id=msg_id)
@@ -522,17 +524,13 @@ class ModelGateway(Actor[ModelCall]):
                 await self._nudge(state, task_id, msg.key)  # answered by a copy: wake it too
                 return False
             appended = self.view.append(task_id, state, head, event)
-            wake_id, started = f"wake:{msg.key}:{wake}:{tries}", time.monotonic()
+            wake_id, position = f"wake:{msg.key}:{wake}:{tries}", head.seq + 1
             try:
-                await (together(appended, self._wake(msg.request.agent, task_id, wake_id,
-                                                     after_seq=head.seq + 1))
+                await (announced(appended, functools.partial(
+                    self._wake_tagged, msg.request.agent, task_id, wake_id, position))
                        if wake else appended)
             except FencedWrite:
                 continue
-            if wake and time.monotonic() - started > LATE_WRITE_S:
-                # Slower than the agent looks for it (REACH_PAUSES_S): wake it again.
-                await self._wake(msg.request.agent, task_id, f"{wake_id}:late",
-                                 after_seq=head.seq + 1)
             return True
         raise ActorError(f"could not record the answer to {msg.key}: the log kept moving",
                          retryable=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
@@ -24,12 +24,14 @@ from bus.eventlog import EventLog, LogHead
 from schemas.events import EventBase, encode_event, event_hash
 from schemas.fold import TaskState, apply
 
-__all__ = ["REACH_PAUSES_S", "TaskView", "state_size", "together"]
+__all__ = ["REACH_PAUSES_S", "TaskView", "announced", "state_size", "together"]
 
 _T = TypeVar("_T")
 # A message may name a log position whose write is still in flight (ADR 0013): it is
 # read again after these pauses (31.5 ms in all) before the message is put back.
 REACH_PAUSES_S = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
+# A write slower than this is announced again once stored (``announced``).
+LATE_WRITE_S = 0.8 * sum(REACH_PAUSES_S)
 
 _encoder = msgspec.json.Encoder()
 _BASE_SIZE = 512  # a TaskState's fixed fields, roughly
@@ -61,6 +63,21 @@ async def together(main: Awaitable[_T], side: Awaitable[object]) -> _T:
     if errors:
         raise errors.get("main") or errors["side"]
     return results[0]
+
+
+async def announced(write: Awaitable[_T], announce: Callable[[str], Awaitable[object]]) -> _T:
+    """``write`` with ``announce("")`` in flight beside it (ADR 0013); ``write``'s result.
+
+    The announcement (a wake) names the position the write takes. Its reader
+    looks for that position for ``sum(REACH_PAUSES_S)`` only, so a write slower
+    than that (an election, a slow disk) is announced again once it is stored:
+    ``announce(":late")``, a tag to keep in the message's id.
+    """
+    started = time.monotonic()
+    result = await together(write, announce(""))
+    if time.monotonic() - started > LATE_WRITE_S:
+        await announce(":late")
+    return result
 
 
 def state_size(state: TaskState) -> int:

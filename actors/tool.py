@@ -56,6 +56,7 @@ from actors import semconv as sc
 from actors.base import Actor, process_alive
 from actors.faults import crash_point
 from actors.metrics import TOOL_CALL_SECONDS, TOOL_ERRORS
+from actors.taskview import announced
 from actors.tooling import ThreadRunner, ToolContext, load_callable, tool_parameters
 from actors.tracing import parent_context, traceparent, tracer
 from actors.workers import WorkerPool, not_json, result_too_large
@@ -113,12 +114,13 @@ class _Request(NamedTuple):
 class _Book:
     """One task's log, as far as this tool cares: the verified state, head and requests."""
 
-    __slots__ = ("head", "requests", "state")
+    __slots__ = ("answered", "head", "requests", "state")
 
     def __init__(self) -> None:
         self.head = LogHead()
         self.state = TaskState()  # what the reader checks each new entry against
         self.requests: dict[str, _Request] = {}  # by idempotency key
+        self.answered: set[str] = set()  # idempotency keys with an outcome in the log
 
 
 class _Refusal(NamedTuple):
@@ -218,9 +220,12 @@ class ToolActor(Actor[ToolInvocation]):
         is read (two readers must not fold the same entries into one state).
         """
         book = self._books.pop(task_id, None)
-        if book is not None and key in book.requests:
+        if book is not None and key in book.requests and (
+                self.spec.side_effect != "none" or key in book.answered):
             self._books[task_id] = book
             return book.requests[key]
+        # (A ``none`` tool's call seen before: its outcome may be in the log by now, and
+        # the log, not a ledger, says whether it ran: read the tail.)
         book = book or _Book()
         found: _Request | None = None
         for _ in range(2):
@@ -232,6 +237,8 @@ class ToolActor(Actor[ToolInvocation]):
                         ev.call.id, ev.call.name, ev.turn,
                         args_sha256(ev.call.arguments if ev.arguments is None else ev.arguments),
                         ev.actor.kind, ev.actor.name, book.state.submitted_by))
+                elif isinstance(ev, ToolCompleted | ToolFailed) and ev.tool == self.name:
+                    book.answered.add(ev.idempotency_key)
                 elif (isinstance(ev, CompensationRequested) and ev.tool == self.name
                       and ev.compensation == self.spec.compensate):
                     book.requests.setdefault(ev.idempotency_key, _Request(
@@ -427,7 +434,8 @@ class ToolActor(Actor[ToolInvocation]):
         except ToolError as exc:
             done = LedgerEntry(state="done", ok=False, error=str(exc),
                                error_type=type(exc).__name__, args_sha256=args_hash)
-            await self._record(key, done)
+            if self._ledgered(inv):
+                await self._record(key, done)
             return done, False
         # The shared rate limit is waited for before the claim: a replica that dies while
         # it waits leaves no `running` entry (which would make the call OutcomeUnknown).
@@ -435,7 +443,8 @@ class ToolActor(Actor[ToolInvocation]):
             self._claims_in_doubt[key] = None
             while len(self._claims_in_doubt) > UNRECORDED_MAX:
                 self._claims_in_doubt.popitem(last=False)
-            if not await self.ledger.claim(self.name, key, self.instance, entry, args_hash):
+            if self._ledgered(inv) and not await self.ledger.claim(
+                    self.name, key, self.instance, entry, args_hash):
                 self._claims_in_doubt.pop(key, None)
                 return None  # another attempt claimed it since we looked: it finishes it
             self._claims_in_doubt.pop(key, None)
@@ -446,7 +455,8 @@ class ToolActor(Actor[ToolInvocation]):
         if inv.call_id.startswith("comp:"):
             crash_point("tool.after_compensation", self.name)
         crash_point("tool.after_run", self.name)
-        await self._record(key, done)
+        if self._ledgered(inv):
+            await self._record(key, done)
         crash_point("tool.after_ledger", self.name)
         return done, False
 
@@ -493,7 +503,15 @@ class ToolActor(Actor[ToolInvocation]):
         if refusal is not None:
             await self._refuse(msg, delivery, refusal)
             return
-        entry = await self.ledger.get(self.name, msg.idempotency_key)
+        if not self._ledgered(msg):
+            # At-least-once by declaration (ADR 0003): no ledger round trips. The log
+            # is the record: an outcome already there is not run or appended again.
+            if self._logged_outcome(msg):
+                await self._wake(msg, f"{delivery.deliveries}:logged", 0)
+                return
+            entry = None
+        else:
+            entry = await self.ledger.get(self.name, msg.idempotency_key)
         if entry is not None and entry.args_sha256 and entry.args_sha256 != args_hash:
             await self._refuse(msg, delivery, _Refusal(
                 f"the ledger holds call {msg.idempotency_key!r} of {self.name} with other "
@@ -521,7 +539,20 @@ class ToolActor(Actor[ToolInvocation]):
             if not done.ok:
                 span.set_attribute(sc.ERROR_TYPE, done.error_type)
                 span.set_status(Status(StatusCode.ERROR, done.error[:200]))
-            await self._finish(msg, done, replayed)
+            await self._finish(msg, done, replayed, tag=f"{delivery.deliveries}")
+
+    def _ledgered(self, inv: ToolInvocation) -> bool:
+        """Whether this call goes through the idempotency ledger (not a ``none`` tool's)."""
+        return self.spec.side_effect != "none" or inv.call_id.startswith("comp:")
+
+    def _logged_outcome(self, inv: ToolInvocation) -> bool:
+        """Whether the log (as ``_verify`` just read it) holds this call's outcome.
+
+        Or the task is over: nobody reads an outcome any more.
+        """
+        book = self._books.get(inv.task_id)
+        return book is not None and (inv.idempotency_key in book.answered
+                                     or book.state.terminal)
 
     async def on_poison(self, msg: ToolInvocation, reason: str) -> None:
         """A genuine call that could not be handled still gets an outcome, so the task moves on.
@@ -542,7 +573,8 @@ class ToolActor(Actor[ToolInvocation]):
                                             error=f"tool {self.name} gave up: {reason}",
                                             error_type="ActorError"), False)
 
-    async def _finish(self, msg: ToolInvocation, entry: LedgerEntry, replayed: bool) -> None:
+    async def _finish(self, msg: ToolInvocation, entry: LedgerEntry, replayed: bool, *,
+                      tag: str = "") -> None:
         common: dict[str, Any] = {
             "task_id": msg.task_id, "seq": 0, "time": time.time(), "actor": self.ref,
             "agent_version": msg.agent_version, "causation_id": msg.idempotency_key,
@@ -561,19 +593,31 @@ class ToolActor(Actor[ToolInvocation]):
             event = ToolFailed(**common, error=entry.error, error_type=entry.error_type,
                                retryable=stopped and self.spec.side_effect != "side-effecting",
                                throttled_ms=throttled)
-        await self._append(event)
-        wake = Wake(task_id=msg.task_id, reason=f"{self.name} {msg.call_id}")
-        await self.bus.js_publish(subjects.wake(msg.agent), _encoder.encode(wake),
-                                  msg_id=f"wake:{msg.idempotency_key}")
+        await self._append(msg, event, tag or "poison")
 
-    async def _append(self, event: ToolCompleted | ToolFailed) -> None:
-        """Append at the head of the log, re-reading the head if another writer won."""
-        for _ in range(MAX_APPEND_RETRIES):
-            head = await self.log.head(event.task_id)
+    async def _append(self, msg: ToolInvocation, event: ToolCompleted | ToolFailed,
+                      tag: str) -> None:
+        """Append at the head of the log and wake the agent, in flight together (ADR 0013).
+
+        Tried first at the head ``_verify`` read; the head is read again if another
+        writer won. Each try's wake names the position it tries for.
+        """
+        book = self._books.get(event.task_id)
+        head = book.head if book is not None and book.head.stream_seq else None
+        for tries in range(MAX_APPEND_RETRIES):
+            head = head or await self.log.head(event.task_id)
             try:
-                await self.log.append(head, event)
+                await announced(self.log.append(head, event), functools.partial(
+                    self._wake, msg, f"{tag}:{tries}", head.seq + 1))
                 return
             except FencedWrite:
-                continue
+                head = None
         raise ActorError(f"could not append to task {event.task_id}: the log kept moving",
                          retryable=True)
+
+    async def _wake(self, msg: ToolInvocation, tag: str, position: int, late: str = "") -> None:
+        """Wake the agent for the outcome at log ``position`` (0: already there)."""
+        wake = Wake(task_id=msg.task_id, reason=f"{self.name} {msg.call_id}",
+                    after_seq=position)
+        await self.bus.js_publish(subjects.wake(msg.agent), _encoder.encode(wake),
+                                  msg_id=f"wake:{msg.idempotency_key}:{tag}{late}")
