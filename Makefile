@@ -12,7 +12,7 @@ help:
 	@echo "make run    run the demo fleet (no API key needed)"
 	@echo "make test   lint + the whole test suite"
 	@echo "make lint   ruff + mypy --strict + compose.yaml schema check + deploy/ checks"
-	@echo "make bench  benchmarks (prints a table, writes bench/results.json)"
+	@echo "make bench  benchmarks (prints tables, writes bench/results.json), then 1 server vs 3 nodes"
 	@echo "make soak   the fuzz suite at 100,000 messages, the cluster faults at 60 tasks each"
 
 $(STAMP): pyproject.toml
@@ -34,8 +34,10 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -n $${CORRAL_TEST_WORKERS:-2}
 
+# Every figure on one server, then what R3 costs: one server against a 3-node cluster.
 bench: $(STAMP)
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.cluster
 
 # The fuzz suite (tests/test_fuzz.py) at soak size; `make test` runs it at 2,000.
 # And the canary routing check at the issue's 1,000 tasks; `make test` runs 300.

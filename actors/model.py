@@ -58,7 +58,7 @@ from bus.connection import Bus, Request, Service
 from bus.deltas import publish_delta
 from bus.eventlog import LogHead
 from bus.mailbox import Delivery
-from bus.provision import ensure_model_consumer
+from bus.provision import DUPLICATE_WINDOW_S, ensure_model_consumer
 from bus.respcache import ResponseCache
 from schemas.config import FleetConfig
 from schemas.errors import ActorError, BudgetExceeded, BusError, FencedWrite, ProviderError
@@ -84,8 +84,10 @@ _req_decoder = msgspec.json.Decoder(ModelRequest)
 _encoder = msgspec.json.Encoder()
 MAX_APPEND_RETRIES = 16
 RETRY_CAP_S = 15.0  # a call waiting out a provider outage is tried at least this often
-CLAIM_NAK_CAP_S = 5.0  # a call whose claim is not in the log is looked at this often
-CLAIM_LOOKS = 30  # ... and dead-lettered at this delivery (after about two minutes)
+CLAIM_NAK_CAP_S = 5.0  # a call whose claim is not in the log is looked at this often,
+# and dead-lettered once the stream no longer remembers its id, so that the agent's
+# resend (when it comes back and claims the turn) is taken, not dropped as a duplicate.
+CLAIM_LOOKS = 8 + int(1.1 * DUPLICATE_WINDOW_S / CLAIM_NAK_CAP_S)
 REQUEST_QUEUE = 4  # core requests waiting per unit of concurrency before "busy"
 
 
@@ -403,7 +405,7 @@ class ModelGateway(Actor[ModelCall]):
         if _early(msg, state, head):
             state, head = await self.view.reach(req.task_id, msg.turn_seq, state, head)
             if _early(msg, state, head):  # not written yet, or its writer died: look later
-                if delivery.deliveries >= CLAIM_LOOKS:  # ~2 minutes: nobody is claiming it
+                if delivery.deliveries >= CLAIM_LOOKS:  # ~11 minutes: nobody is claiming it
                     await self._refuse(delivery, delivery.subject, delivery.data, (
                         f"the call names a claim at log position {msg.turn_seq} and the log "
                         f"still ends at {head.seq} after {delivery.deliveries} looks"))

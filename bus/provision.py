@@ -41,6 +41,8 @@ DAY_S = 86400.0
 LIVENESS_MAX_AGE_S = 3600.0  # backstop; each key carries its own, much shorter, TTL
 STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
 RECLAIM_ACK_WAIT_S = 1.0
+# How long a stream remembers a Nats-Msg-Id: a republish inside it is dropped.
+DUPLICATE_WINDOW_S = 600.0
 
 
 def stream_configs(replicas: int = 1) -> list[StreamConfig]:
@@ -51,7 +53,7 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             name=subjects.TASKS_STREAM,
             subjects=[subjects.TASKS_ALL, subjects.WAKE_ALL, subjects.TIMERS_ALL],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-            duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
+            duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas, max_age=7 * DAY_S,
             allow_direct=True, allow_msg_schedules=True,  # deadlines are scheduled wakes
             # A disarmed deadline is a newer schedule that expires unfired (Bus.unschedule).
             allow_msg_ttl=True,
@@ -59,13 +61,13 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
         StreamConfig(
             name=subjects.TOOLS_STREAM, subjects=[subjects.TOOLS_ALL],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-            duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
+            duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas, max_age=7 * DAY_S,
             allow_direct=True,  # reclaim_stranded reads unacked calls back
         ),
         StreamConfig(
             name=subjects.MODELS_STREAM, subjects=[subjects.LLM_ALL],
             retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.FILE,
-            duplicate_window=600.0, num_replicas=replicas, max_age=7 * DAY_S,
+            duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas, max_age=7 * DAY_S,
             allow_direct=True,  # reclaim_stranded reads unacked calls back
         ),
         # The truth: append-only, nobody may delete or purge it.
@@ -73,7 +75,7 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             name=subjects.EVENTS_STREAM, subjects=[subjects.EVENTS_ALL],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             deny_delete=True, deny_purge=True, allow_direct=True,
-            duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
+            duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas, discard=DiscardPolicy.OLD,
             # A writer's run of events is one fenced, all-or-nothing write (ADR 0010).
             allow_atomic=True,
         ),
@@ -81,7 +83,7 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
         StreamConfig(
             name=subjects.APPROVALS_STREAM, subjects=[subjects.APPROVALS_ALL],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
-            num_replicas=replicas, max_age=30 * DAY_S, duplicate_window=600.0,
+            num_replicas=replicas, max_age=30 * DAY_S, duplicate_window=DUPLICATE_WINDOW_S,
         ),
         # Finished tasks' signed chain heads: what a log cut short or rewritten whole
         # is compared with (ADR 0008). Apart from the logs, and as undeletable.
@@ -89,7 +91,7 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
             name=subjects.ANCHORS_STREAM, subjects=[subjects.ANCHORS_ALL],
             retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
             deny_delete=True, deny_purge=True, allow_direct=True,
-            duplicate_window=600.0, num_replicas=replicas, discard=DiscardPolicy.OLD,
+            duplicate_window=DUPLICATE_WINDOW_S, num_replicas=replicas, discard=DiscardPolicy.OLD,
         ),
         # Lifecycle events of supervision: an audit trail, kept a while.
         StreamConfig(
