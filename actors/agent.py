@@ -109,6 +109,7 @@ __all__ = ["AgentActor", "agent_version"]
 log = logging.getLogger("corral.agent")
 
 MAX_FENCED_RETRIES = 16
+LAGGING_READ_S = 30.0  # how long a wake's log position is read for (a deposed leader: ~20 s)
 
 _submit_decoder = msgspec.json.Decoder(TaskSubmit)
 _wake_decoder = msgspec.json.Decoder(Wake)
@@ -274,13 +275,16 @@ class AgentActor(Actor[TaskSubmit | Wake]):
         fresh = guess and isinstance(msg, TaskSubmit) and "handoff_from" not in msg.metadata
         state, head = await self._load(task_id, fresh=fresh)
         if isinstance(msg, Wake) and msg.after_seq > head.seq:
-            # Sent while the event it announces was being written (ADR 0013).
-            state, head = await self.view.reach(task_id, msg.after_seq, state, head)
+            # Sent while the event it announces was being written (ADR 0013), or our read
+            # came from a replica that lags (a deposed leader, just after a partition).
+            state, head = await self.view.reach(task_id, msg.after_seq, state, head,
+                                                patience_s=LAGGING_READ_S)
             if msg.after_seq > head.seq and not state.terminal:
-                # A write slower than our looks is followed by a wake of its own; one that
-                # never lands is retried by its writer, who wakes us then.
-                log.debug("%s: task %s: woken for position %d, the log ends at %d",
-                          self.actor_name, task_id, msg.after_seq, head.seq)
+                # Its writer died before the write landed: the write is tried again (an
+                # unacknowledged call or tool call comes back), and wakes us then.
+                log.warning("%s: task %s: woken for log position %d (%s), the log reads to %d "
+                            "only", self.actor_name, task_id, msg.after_seq, msg.reason,
+                            head.seq)
                 return
         variant = await self.versions.assign(
             task_id, state, msg if isinstance(msg, TaskSubmit) else None)

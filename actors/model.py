@@ -417,7 +417,7 @@ class ModelGateway(Actor[ModelCall]):
         if not self._open(state, msg):
             log.debug("%s: call %s is not open (phase %s): dropped", self.actor_name, msg.key,
                       state.phase)
-            await self._nudge(state, req.task_id, msg.key)
+            await self._nudge(state, head, req.task_id, msg.key)
             return
         self._calling[msg.key] = anyio.Event()
         try:
@@ -464,15 +464,15 @@ class ModelGateway(Actor[ModelCall]):
             index += 1
         return sink
 
-    async def _nudge(self, state: TaskState, task_id: str, key: str) -> None:
+    async def _nudge(self, state: TaskState, head: LogHead, task_id: str, key: str) -> None:
         """Wake the agent of a call that is not open, unless its task is new or done.
 
         It was perhaps answered by a gateway (or a copy of the call) that died or lost
         its connection before it woke the agent. Harmless when nothing is new, and
         deduplicated with the answer's own wake by its id.
         """
-        if state.phase not in ("new", "done"):
-            await self._wake(state.agent, task_id, f"wake:{key}")
+        if state.phase not in ("new", "done"):  # read at least as far as we did
+            await self._wake(state.agent, task_id, f"wake:{key}", after_seq=head.seq)
 
     async def _wake_tagged(self, agent: str, task_id: str, msg_id: str, after_seq: int,
                            tag: str) -> None:
@@ -520,10 +520,13 @@ class ModelGateway(Actor[ModelCall]):
         for tries in range(MAX_APPEND_RETRIES):
             state, head = known or await self.view.load(task_id)
             known = None
+            if _early(msg, state, head):  # a lagging replica answered the read: again, soon
+                await anyio.sleep(min(2.0, 0.05 * 2 ** tries))
+                continue
             if not self._open(state, msg, paid=True):
                 log.info("%s: call %s: the turn moved on before its answer was recorded",
                          self.actor_name, msg.key)
-                await self._nudge(state, task_id, msg.key)  # answered by a copy: wake it too
+                await self._nudge(state, head, task_id, msg.key)  # answered by a copy: wake it too
                 return False
             appended = self.view.append(task_id, state, head, event)
             wake_id, position = f"wake:{msg.key}:{wake}:{tries}", head.seq + 1

@@ -148,17 +148,28 @@ class TaskView:
         self._remember(task_id, state, head)
         return state, head
 
-    async def reach(self, task_id: str, seq: int, state: TaskState,
-                    head: LogHead) -> tuple[TaskState, LogHead]:
-        """Read again, briefly, until the log reaches position ``seq`` (or the task ends).
+    async def reach(self, task_id: str, seq: int, state: TaskState, head: LogHead, *,
+                    patience_s: float = 0.0) -> tuple[TaskState, LogHead]:
+        """Read again until the log reaches position ``seq`` (or the task ends).
 
         For a message sent while the write it announces was in flight (ADR 0013):
-        the caller puts it back for later if the log is still short of ``seq``.
+        read again after each of ``REACH_PAUSES_S``, then, with ``patience_s``,
+        every 50 ms doubling to 1 s for that long. The caller decides what a log
+        still short of ``seq`` means (put the message back, or let it go).
+
+        Patience is for a read that may come from a lagging replica: after a
+        partition heals, a deposed stream leader that has not noticed yet answers
+        reads from its stale copy for seconds.
         """
         for pause in REACH_PAUSES_S:
             if head.seq >= seq or state.terminal:
-                break
+                return state, head
             await anyio.sleep(pause)
+            state, head = await self.load(task_id)
+        until, pause = time.monotonic() + patience_s, 0.05
+        while head.seq < seq and not state.terminal and time.monotonic() < until:
+            await anyio.sleep(pause)
+            pause = min(1.0, pause * 2)
             state, head = await self.load(task_id)
         return state, head
 
