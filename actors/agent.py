@@ -31,7 +31,7 @@ from actors.deadletter import bounded_dead_letter
 from actors.faults import crash_point
 from actors.gate import ToolGate
 from actors.model import call_key
-from actors.taskview import TaskView, together
+from actors.taskview import LAGGING_READ_S, TaskView, together
 from actors.toolset import AgentTools
 from actors.tracing import TRACEPARENT, step_context, traceparent, tracer
 from actors.versions import AgentVersions, Variant
@@ -109,7 +109,6 @@ __all__ = ["AgentActor", "agent_version"]
 log = logging.getLogger("corral.agent")
 
 MAX_FENCED_RETRIES = 16
-LAGGING_READ_S = 30.0  # how long a wake's log position is read for (a deposed leader: ~20 s)
 
 _submit_decoder = msgspec.json.Decoder(TaskSubmit)
 _wake_decoder = msgspec.json.Decoder(Wake)
@@ -773,7 +772,8 @@ class AgentActor(Actor[TaskSubmit | Wake]):
                                  arguments=cs.effective_arguments,
                                  idempotency_key=cs.idempotency_key,
                                  agent=self.name, turn=cs.turn, agent_version=self.version,
-                                 traceparent=traceparent(), on_behalf_of=state.submitted_by)
+                                 traceparent=traceparent(), on_behalf_of=state.submitted_by,
+                                 requested_seq=cs.requested_seq)
             # Nats-Msg-Id = idempotency key: a republish inside the window is dropped.
             await self.bus.js_publish(subjects.tool(cs.call.name), _encoder.encode(inv),
                                       msg_id=cs.idempotency_key)

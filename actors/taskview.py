@@ -24,12 +24,16 @@ from bus.eventlog import EventLog, LogHead
 from schemas.events import EventBase, encode_event, event_hash
 from schemas.fold import TaskState, apply
 
-__all__ = ["REACH_PAUSES_S", "TaskView", "announced", "state_size", "together"]
+__all__ = ["LAGGING_READ_S", "REACH_PAUSES_S", "TaskView", "announced", "state_size",
+           "together"]
 
 _T = TypeVar("_T")
 # A message may name a log position whose write is still in flight (ADR 0013): it is
 # read again after these pauses (31.5 ms in all) before the message is put back.
 REACH_PAUSES_S = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
+# How long a reader keeps reading for a position a message names before it believes the
+# log ends short of it: a deposed leader answers reads from a stale copy for ~20 s.
+LAGGING_READ_S = 30.0
 # A write slower than this is announced again once stored (``announced``).
 LATE_WRITE_S = 0.8 * sum(REACH_PAUSES_S)
 

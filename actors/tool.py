@@ -56,7 +56,7 @@ from actors import semconv as sc
 from actors.base import Actor, process_alive
 from actors.faults import crash_point
 from actors.metrics import TOOL_CALL_SECONDS, TOOL_ERRORS
-from actors.taskview import announced
+from actors.taskview import LAGGING_READ_S, announced
 from actors.tooling import ThreadRunner, ToolContext, load_callable, tool_parameters
 from actors.tracing import parent_context, traceparent, tracer
 from actors.workers import WorkerPool, not_json, result_too_large
@@ -209,15 +209,18 @@ class ToolActor(Actor[ToolInvocation]):
 
     # -- who asked -----------------------------------------------------------
 
-    async def _request(self, task_id: str, key: str) -> _Request | None:
+    async def _request(self, task_id: str, key: str, position: int = 0) -> _Request | None:
         """The logged request with idempotency ``key``, reading only the log's new tail.
 
         Reads are verified against the task's state (``EventLog.read``): a
         ``tool.requested`` counts only if its writer was the task's owner, in
         the right phase, for a call the model asked for. The agent appends it
         before it publishes the call, but a read can race the append: a miss
-        reads the tail once more. The book is taken out of the cache while it
-        is read (two readers must not fold the same entries into one state).
+        reads the tail once more. A read that ends before ``position`` (where
+        the invocation says its request is) came from a replica that lags: it
+        is read again for up to ``LAGGING_READ_S`` (ADR 0013). The book is
+        taken out of the cache while it is read (two readers must not fold the
+        same entries into one state).
         """
         book = self._books.pop(task_id, None)
         if book is not None and key in book.requests and (
@@ -228,7 +231,13 @@ class ToolActor(Actor[ToolInvocation]):
         # the log, not a ledger, says whether it ran: read the tail.)
         book = book or _Book()
         found: _Request | None = None
-        for _ in range(2):
+        reads, until, pause = 0, time.monotonic() + LAGGING_READ_S, 0.0
+        while found is None and (reads < 2 or (book.head.seq < position
+                                               and time.monotonic() < until)):
+            if reads >= 2:
+                pause = min(1.0, max(0.05, pause * 2))
+                await anyio.sleep(pause)
+            reads += 1
             events, book.head = await self.log.read(task_id, after=book.head, state=book.state)
             for logged in events:
                 ev = logged.event
@@ -246,8 +255,6 @@ class ToolActor(Actor[ToolInvocation]):
                         ev.actor.kind, ev.actor.name, book.state.submitted_by,
                         compensation=True))
             found = book.requests.get(key)
-            if found is not None:
-                break
         if book.head.stream_seq:  # a task that exists (forged ids are not kept)
             self._books[task_id] = book
             while len(self._books) > REQUEST_CACHE_TASKS:
@@ -259,7 +266,7 @@ class ToolActor(Actor[ToolInvocation]):
         if inv.tool != self.name:
             return _Refusal(f"the invocation names tool {inv.tool!r} but came to {self.name!r}",
                             genuine=False)
-        req = await self._request(inv.task_id, inv.idempotency_key)
+        req = await self._request(inv.task_id, inv.idempotency_key, inv.requested_seq)
         if req is None:
             return _Refusal(f"no agent asked for it: the log of task {inv.task_id!r} has no "
                             f"tool.requested {inv.idempotency_key!r} for {self.name}",

@@ -95,6 +95,7 @@ class CallState(msgspec.Struct, kw_only=True):
     call: ToolCall
     turn: int
     requested: bool = False
+    requested_seq: int = 0  # the log position of its tool.requested
     idempotency_key: str = ""
     outcome: Literal["", "completed", "failed"] = ""
     outcome_by: str = ""  # who wrote the outcome ("tool", or "agent" for a refusal)
@@ -323,6 +324,7 @@ def apply(state: TaskState, event: EventBase) -> TaskState:
             cs = state.calls.get(event.call.id)
             if cs is not None and not cs.requested:
                 cs.requested = True
+                cs.requested_seq = event.seq
                 cs.idempotency_key = event.idempotency_key
                 if event.arguments is not None:
                     cs.arguments = event.arguments

@@ -279,6 +279,9 @@ class ToolInvocation(msgspec.Struct, frozen=True, kw_only=True):
     agent_version: str = ""
     traceparent: str = ""
     on_behalf_of: str = ""
+    # The log position of its tool.requested (0: not said): a tool whose read of the log
+    # ends before it reads again (ADR 0013) before it calls the invocation unasked for.
+    requested_seq: int = 0
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):

@@ -20,7 +20,14 @@ from bus.connection import Bus
 from bus.eventlog import EventLog, LogHead
 from corral.client import Client
 from schemas.config import FleetConfig
-from schemas.events import ActorRef, ContextWarned, LlmResponded, TaskSubmitted, TurnStarted
+from schemas.events import (
+    ActorRef,
+    ContextWarned,
+    LlmResponded,
+    TaskSubmitted,
+    ToolRequested,
+    TurnStarted,
+)
 from schemas.messages import (
     ChatMessage,
     Message,
@@ -28,9 +35,11 @@ from schemas.messages import (
     ModelRequest,
     ModelResponse,
     TextPart,
+    ToolCall,
+    ToolInvocation,
     Wake,
 )
-from tests.conftest import fleet_in_process, fleet_variant, task_events, types
+from tests.conftest import dead_letters, fleet_in_process, fleet_variant, task_events, types
 
 _enc = msgspec.json.Encoder()
 AGENT = ActorRef(kind="agent", name="echo", instance="by-hand-1")
@@ -43,6 +52,7 @@ name = "inflight"
 [agents.echo]
 model = "m"
 system = "Say back what you were asked."
+tools = ["noop"]
 
 [models.m]
 provider = "scripted"
@@ -50,6 +60,10 @@ model = "echo"
 
 [[models.m.rules]]
 reply = "{last_user}"
+
+[tools.noop]
+function = "bench.tools:noop"
+side_effect = "none"
 """
 
 
@@ -166,3 +180,30 @@ async def test_a_wake_ahead_of_the_log_is_held_until_the_log_reaches_it(bus: Bus
         state = await Client(bus).wait(task_id, timeout_s=20)
     assert state.status == "completed", state.error
     assert state.answer == "On its way."
+
+
+async def test_a_tool_whose_read_lags_behind_the_request_waits_for_it(bus: Bus) -> None:
+    # The invocation names where its tool.requested is; the tool's read ends before that
+    # (a lagging replica, here a request written late): it reads again, and runs the call
+    # instead of refusing it as asked for by nobody.
+    async with fleet_in_process(bus, _fleet()) as actors:
+        tool = next(a for a in actors if a.actor_name == "tool.noop")
+        log, task_id = EventLog(bus), "lagging-tool-1"
+        head = await _claim(log, task_id, await _submitted(log, task_id))
+        call = ToolCall(id="c1", name="noop")
+        head, _ = await log.append(head, LlmResponded(
+            **_env(task_id, GATEWAY), agent="echo", turn=1,  # type: ignore[arg-type]
+            alias="m", response=ModelResponse(tool_calls=[call], stop_reason="tool_use")))
+        key = f"{task_id}:1:c1"
+        inv = ToolInvocation(task_id=task_id, call_id="c1", tool="noop", arguments={},
+                             idempotency_key=key, agent="echo", turn=1,
+                             requested_seq=head.seq + 1)
+        await bus.js_publish(subjects.tool("noop"), _enc.encode(inv), msg_id=key)
+        await anyio.sleep(0.5)
+        await log.append(head, ToolRequested(
+            **_env(task_id), turn=1, call=call, idempotency_key=key))  # type: ignore[arg-type]
+        state = await Client(bus).wait(task_id, timeout_s=20)
+    assert state.status == "completed", state.error
+    assert "tool.completed" in types(await task_events(bus, task_id))
+    assert await dead_letters(bus, "tool.noop") == []
+    assert getattr(tool, "runs", 0) == 1
