@@ -541,36 +541,20 @@ class AgentActor(Actor[TaskSubmit | Wake]):
 
     async def _claim_and_think(self, task_id: str, state: TaskState, head: LogHead,
                                claim: TurnStarted, *, first: bool = False) -> LogHead:
-        """Claim a turn (``claim``) and hand its call to the gateways.
+        """Claim a turn (``claim``), fit the context, hand the turn's call to the gateways.
 
-        When the context needs no work first, the call is sent while the claim is
-        written, not after it (ADR 0013): it names the claim's log position, and a
-        gateway that cannot see the claim yet waits for it. A claim that loses its
-        race leaves a call for a position another event holds: it is dropped unpaid.
-        On the first turn here this agent's deadline is armed in flight with them (one
-        armed for a claim that lost its race is a harmless nudge).
+        The call goes out once the claim is stored, not while it is written (ADR 0013:
+        under load a call sent early mostly finds its claim not readable yet and is put
+        back). On the first turn here this agent's deadline is armed in flight with the
+        claim (one armed for a claim that lost its race is a harmless nudge).
         """
-        alias = state.degraded_to or self.spec.model
-        head = await self._append(task_id, state, head, claim, defer=True)  # folded, not written
-        written = self.view.flush(task_id, state)
-        if self._context_fits(state, alias):
-            call = self._send_call(task_id, state)
-            side = together(call, self._arm_deadline(task_id, state)) if first else call
-            new_head = await together(written, side)
-            crash_point("agent.after_claim", self.name)
-            return new_head or head
-        new_head = await (together(written, self._arm_deadline(task_id, state)) if first
-                          else written)
+        claimed = self._append(task_id, state, head, claim)
+        head = await (together(claimed, self._arm_deadline(task_id, state)) if first
+                      else claimed)
         crash_point("agent.after_claim", self.name)
-        head = await self._fit_context(task_id, state, new_head or head, alias)
+        head = await self._fit_context(task_id, state, head, state.degraded_to or self.spec.model)
         await self._send_call(task_id, state)
         return head
-
-    def _context_fits(self, state: TaskState, alias: str) -> bool:
-        """Whether the next call needs no context warning or cut first (``_fit_context``)."""
-        window = self.fleet.models[alias].window()
-        tokens = estimate_tokens(state.conversation, self.spec.system, self.tools)
-        return tokens <= WARN_AT * window or (tokens <= ACT_AT * window and state.context_warned)
 
     async def _send_call(self, task_id: str, state: TaskState) -> None:
         """Publish the open turn's model call; resends are free.

@@ -34,8 +34,10 @@ REACH_PAUSES_S = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
 # How long a reader keeps reading for a position a message names before it believes the
 # log ends short of it: a deposed leader answers reads from a stale copy for ~20 s.
 LAGGING_READ_S = 30.0
-# A write slower than this is announced again once stored (``announced``).
-LATE_WRITE_S = 0.8 * sum(REACH_PAUSES_S)
+# A write slower than this is announced again once stored (``announced``): its reader may
+# have stopped reading for it (``LAGGING_READ_S``). Under load a write takes tens of
+# milliseconds; announcing each of those again would double the wakes for nothing.
+LATE_WRITE_S = LAGGING_READ_S / 2
 
 _encoder = msgspec.json.Encoder()
 _BASE_SIZE = 512  # a TaskState's fixed fields, roughly
@@ -73,8 +75,8 @@ async def announced(write: Awaitable[_T], announce: Callable[[str], Awaitable[ob
     """``write`` with ``announce("")`` in flight beside it (ADR 0013); ``write``'s result.
 
     The announcement (a wake) names the position the write takes. Its reader
-    looks for that position for ``sum(REACH_PAUSES_S)`` only, so a write slower
-    than that (an election, a slow disk) is announced again once it is stored:
+    looks for that position for ``LAGGING_READ_S``, so a write slower than half
+    of that (a long election) is announced again once it is stored:
     ``announce(":late")``, a tag to keep in the message's id.
     """
     started = time.monotonic()

@@ -1,10 +1,11 @@
-"""Messages sent while the write they announce is in flight (ADR 0013).
+"""Messages that name a log position their reader cannot see yet (ADR 0013).
 
-An agent sends a turn's model call while its claim (``turn.started``) is
-being written, and a gateway wakes the agent while the answer is being
-written. Each message names the log position of its write. These tests play
-the other side by hand, with the write landing late or never, and check that
-nothing is lost and nothing is paid for a position another event took.
+A gateway wakes the agent while the answer is being written, and a tool likewise;
+a model call and a tool invocation name the position of their claim and request.
+A reader's view can also lag the log: right after a partition heals, a deposed
+leader answers reads from a stale copy. These tests play the other side by hand,
+with the write landing late or never, and check that nothing is lost and nothing
+is paid for a position another event took.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ async def _settled(bus: Bus, gateway: ModelGateway) -> None:
             await anyio.sleep(0.05)
 
 
-async def test_a_call_sent_before_its_claim_is_written_is_answered_once_it_lands(
+async def test_a_call_whose_claim_is_not_readable_yet_is_answered_once_it_is(
         bus: Bus) -> None:
     async with fleet_in_process(bus, _fleet()) as actors:
         gateway = next(a for a in actors if isinstance(a, ModelGateway))
