@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import anyio
 from nats.js.api import (
@@ -40,6 +41,8 @@ __all__ = [
 DAY_S = 86400.0
 LIVENESS_MAX_AGE_S = 3600.0  # backstop; each key carries its own, much shorter, TTL
 STREAM_IN_USE = 10058  # "stream name already in use with a different configuration"
+NO_PLACEMENT = 10005  # "no suitable peers for placement": too few servers for the replicas
+PLACEMENT_WAIT_S = 15.0  # how long a cluster that just started may take to count its peers
 RECLAIM_ACK_WAIT_S = 1.0
 # How long a stream remembers a Nats-Msg-Id: a republish inside it is dropped.
 DUPLICATE_WINDOW_S = 600.0
@@ -108,6 +111,27 @@ def stream_configs(replicas: int = 1) -> list[StreamConfig]:
     ]
 
 
+async def _placed(what: str, create: Callable[[], Awaitable[object]]) -> None:
+    """Create a stream or bucket; while too few servers are there for its replicas, ask again.
+
+    Right after a cluster starts (or a node comes back) its meta leader may not
+    count every peer yet, and refuses a replicated stream with "no suitable
+    peers for placement" (code 10005; about once in 100 starts of the test
+    cluster). A server that is really missing still fails it, after
+    ``PLACEMENT_WAIT_S``.
+    """
+    deadline = anyio.current_time() + PLACEMENT_WAIT_S
+    while True:
+        try:
+            with nats_errors(what):
+                await create()
+            return
+        except BusError as exc:
+            if exc.code != NO_PLACEMENT or anyio.current_time() > deadline:
+                raise
+            await anyio.sleep(0.2)
+
+
 async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
     """Create or update every stream and KV bucket corral uses.
 
@@ -119,8 +143,7 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
         return  # admin provisioned everything before this process started (ADR 0008)
     for cfg in stream_configs(replicas):
         try:
-            with nats_errors(f"cannot create stream {cfg.name}"):
-                await bus.js.add_stream(cfg)
+            await _placed(f"cannot create stream {cfg.name}", partial(bus.js.add_stream, cfg))
         except BusError as exc:
             if exc.code != STREAM_IN_USE:
                 raise
@@ -159,8 +182,8 @@ async def ensure_streams(bus: Bus, replicas: int = 1) -> None:
                        ttl=DAY_S, direct=True, description="tools' shared rate limits"),
     ]
     for kv in buckets:
-        with nats_errors(f"cannot create KV bucket {kv.bucket}"):
-            await bus.js.create_key_value(kv)
+        await _placed(f"cannot create KV bucket {kv.bucket}",
+                      partial(bus.js.create_key_value, kv))
 
 
 def provisions(bus: Bus) -> bool:
