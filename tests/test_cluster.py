@@ -17,9 +17,10 @@ watched), no task ran twice (one ``task.submitted`` per task, each turn
 answered once), no side effect twice (the demo tools' outbox: one entry
 per idempotency key, one refund per refund task), every task finished.
 
-``make test`` runs the four faults in turn on one cluster, 6 tasks each;
-``make soak`` (``CORRAL_CLUSTER_SOAK=1``) runs them in turn and each on a
-cluster of its own, 60 tasks each (``CORRAL_CLUSTER_N`` sets the number).
+``make test`` runs the faults in turn on one cluster, 6 tasks each, all but
+the partition (see ``IN_MAKE_TEST``); ``make soak`` (``CORRAL_CLUSTER_SOAK=1``)
+runs all four in turn and each on a cluster of its own, 60 tasks each
+(``CORRAL_CLUSTER_N`` sets the number).
 """
 
 from __future__ import annotations
@@ -458,12 +459,17 @@ async def partition_one_node(cf: ClusterFleet) -> str:
             f"{subjects.TASKS_STREAM}; healed")
 
 
+PARTITION = "cut one node off and heal it"
 FAULTS = {
     "kill -9 the tasks stream leader": kill_stream_leader,
     "kill -9 the meta leader": kill_meta_leader,
     "stop one node and bring it back": stop_one_node,
-    "cut one node off and heal it": partition_one_node,
+    PARTITION: partition_one_node,
 }
+# The partition runs in `make soak` only. Its stalls after the heal are fixed (issue 12,
+# docs/operating-at-scale.md: 83 of 84 soak runs passed, the other failed before any fault),
+# but at 6 tasks it adds 13 to 39 s (median 22 s) to this test: mostly its two elections.
+IN_MAKE_TEST = [name for name in FAULTS if SOAK or name != PARTITION]
 
 
 @pytest.mark.timeout(300)
@@ -473,7 +479,7 @@ async def test_a_3_node_cluster_under_load_loses_nothing_acknowledged_through_ea
     # counted on its own tasks, and the cluster is whole again before the next.
     with proxied_net(3) as net:
         async with cluster_fleet(home, net=net) as cf:
-            for scenario in FAULTS:
+            for scenario in IN_MAKE_TEST:
                 assert_invariants(await under_fault(cf, scenario, FAULTS[scenario]))
 
 
