@@ -42,7 +42,7 @@ bench: $(STAMP)
 # The fuzz suite (tests/test_fuzz.py) at soak size; `make test` runs it at 2,000.
 # And the canary routing check at the issue's 1,000 tasks; `make test` runs 300.
 # The cluster faults (tests/test_cluster.py) each on a cluster of its own, CORRAL_CLUSTER_N
-# tasks per fault (default 60; `make test` runs all but the partition in turn on one cluster, 6 each).
+# tasks per fault (default 60; `make test` runs the four in turn on one cluster, 6 each).
 soak: $(STAMP)
 	CORRAL_FUZZ_N=$${CORRAL_FUZZ_N:-100000} $(BIN)/python -m pytest -q -s tests/test_fuzz.py
 	CORRAL_ROLLOUT_N=$${CORRAL_ROLLOUT_N:-1000} $(BIN)/python -m pytest -q -s tests/test_rollouts.py -k canary
