@@ -50,7 +50,7 @@ from actors.metrics import (
 )
 from actors.providers import DeltaSink, Provider, make_provider, scrub
 from actors.resilience import BreakerState, CircuitBreaker, retry_delay_s
-from actors.taskview import TaskView, announced
+from actors.taskview import TaskView, ahead, announced
 from actors.tracing import parent_context, traceparent, tracer
 from bus import subjects
 from bus.budget import BudgetCounters, Reservation, day_key
@@ -58,7 +58,7 @@ from bus.connection import Bus, Request, Service
 from bus.deltas import publish_delta
 from bus.eventlog import LogHead
 from bus.mailbox import Delivery
-from bus.provision import DUPLICATE_WINDOW_S, ensure_model_consumer
+from bus.provision import ensure_model_consumer
 from bus.respcache import ResponseCache
 from schemas.config import FleetConfig
 from schemas.errors import ActorError, BudgetExceeded, BusError, FencedWrite, ProviderError
@@ -84,16 +84,15 @@ _req_decoder = msgspec.json.Decoder(ModelRequest)
 _encoder = msgspec.json.Encoder()
 MAX_APPEND_RETRIES = 16
 RETRY_CAP_S = 15.0  # a call waiting out a provider outage is tried at least this often
-CLAIM_NAK_CAP_S = 5.0  # a call whose claim is not in the log is looked at this often,
-# and dead-lettered once the stream no longer remembers its id, so that the agent's
-# resend (when it comes back and claims the turn) is taken, not dropped as a duplicate.
-CLAIM_LOOKS = 8 + int(1.1 * DUPLICATE_WINDOW_S / CLAIM_NAK_CAP_S)
+CLAIM_NAK_CAP_S = 5.0  # a call whose claim is not in the log as read is looked at this often,
+# this many times (about 30 s: a deposed leader's stale reads), then handled as it reads.
+CLAIM_LOOKS = 10
 REQUEST_QUEUE = 4  # core requests waiting per unit of concurrency before "busy"
 
 
 def _early(call: ModelCall, state: TaskState, head: LogHead) -> bool:
-    """Whether ``call`` came before its claim is in the log (ADR 0013)."""
-    return call.turn_seq > head.seq and not state.terminal
+    """Whether ``call``'s claim is not in the log as read here yet (ADR 0013)."""
+    return ahead(call.turn_seq, head) and not state.terminal
 
 
 def call_key(task_id: str, turn: int, attempt: int, alias: str) -> str:
@@ -404,14 +403,11 @@ class ModelGateway(Actor[ModelCall]):
         state, head = await self.view.load(req.task_id)
         if _early(msg, state, head):
             state, head = await self.view.reach(req.task_id, msg.turn_seq, state, head)
-            if _early(msg, state, head):  # not written yet, or its writer died: look later
-                if delivery.deliveries >= CLAIM_LOOKS:  # ~11 minutes: nobody is claiming it
-                    await self._refuse(delivery, delivery.subject, delivery.data, (
-                        f"the call names a claim at log position {msg.turn_seq} and the log "
-                        f"still ends at {head.seq} after {delivery.deliveries} looks"))
-                    return
-                log.debug("%s: call %s: its claim is not in the log yet", self.actor_name,
-                          msg.key)
+            if _early(msg, state, head) and delivery.deliveries < CLAIM_LOOKS:
+                # Calls go out once their claim is stored: a read without it came from a
+                # replica that lags (a deposed leader, just after a partition). Look later.
+                log.info("%s: call %s: the log as read ends before its claim: looking again "
+                         "later", self.actor_name, msg.key)
                 await delivery.nak(min(CLAIM_NAK_CAP_S, 0.05 * 2 ** min(delivery.deliveries, 8)))
                 return
         if not self._open(state, msg):

@@ -24,7 +24,7 @@ from bus.eventlog import EventLog, LogHead
 from schemas.events import EventBase, encode_event, event_hash
 from schemas.fold import TaskState, apply
 
-__all__ = ["LAGGING_READ_S", "REACH_PAUSES_S", "TaskView", "announced", "state_size",
+__all__ = ["LAGGING_READ_S", "REACH_PAUSES_S", "TaskView", "ahead", "announced", "state_size",
            "together"]
 
 _T = TypeVar("_T")
@@ -34,6 +34,8 @@ REACH_PAUSES_S = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
 # How long a reader keeps reading for a position a message names before it believes the
 # log ends short of it: a deposed leader answers reads from a stale copy for ~20 s.
 LAGGING_READ_S = 30.0
+# How far ahead of a reader's log a message may name a position and be waited for.
+MAX_AHEAD = 64
 # A write slower than this is announced again once stored (``announced``): its reader may
 # have stopped reading for it (``LAGGING_READ_S``). Under load a write takes tens of
 # milliseconds; announcing each of those again would double the wakes for nothing.
@@ -41,6 +43,17 @@ LATE_WRITE_S = LAGGING_READ_S / 2
 
 _encoder = msgspec.json.Encoder()
 _BASE_SIZE = 512  # a TaskState's fixed fields, roughly
+
+
+def ahead(seq: int, head: LogHead) -> bool:
+    """Whether a message naming log position ``seq`` is worth waiting for at ``head``.
+
+    Only when the log exists here and ends a little short of ``seq`` (at most
+    ``MAX_AHEAD``): a write in flight or a replica that lags. A position for a task
+    with no log here, or far beyond its end, is garbage or forged, and is not
+    waited for: hostile messages must not hold a worker for ``LAGGING_READ_S``.
+    """
+    return 0 < head.seq < seq <= head.seq + MAX_AHEAD
 
 
 async def together(main: Awaitable[_T], side: Awaitable[object]) -> _T:
@@ -158,6 +171,9 @@ class TaskView:
                     patience_s: float = 0.0) -> tuple[TaskState, LogHead]:
         """Read again until the log reaches position ``seq`` (or the task ends).
 
+        Only while ``seq`` is ``ahead`` of the log: not for a log that does not
+        exist here, nor for a position far beyond its end.
+
         For a message sent while the write it announces was in flight (ADR 0013):
         read again after each of ``REACH_PAUSES_S``, then, with ``patience_s``,
         every 50 ms doubling to 1 s for that long. The caller decides what a log
@@ -168,12 +184,12 @@ class TaskView:
         reads from its stale copy for seconds.
         """
         for pause in REACH_PAUSES_S:
-            if head.seq >= seq or state.terminal:
+            if not ahead(seq, head) or state.terminal:
                 return state, head
             await anyio.sleep(pause)
             state, head = await self.load(task_id)
         until, pause = time.monotonic() + patience_s, 0.05
-        while head.seq < seq and not state.terminal and time.monotonic() < until:
+        while ahead(seq, head) and not state.terminal and time.monotonic() < until:
             await anyio.sleep(pause)
             pause = min(1.0, pause * 2)
             state, head = await self.load(task_id)

@@ -56,7 +56,7 @@ from actors import semconv as sc
 from actors.base import Actor, process_alive
 from actors.faults import crash_point
 from actors.metrics import TOOL_CALL_SECONDS, TOOL_ERRORS
-from actors.taskview import LAGGING_READ_S, announced
+from actors.taskview import LAGGING_READ_S, ahead, announced
 from actors.tooling import ThreadRunner, ToolContext, load_callable, tool_parameters
 from actors.tracing import parent_context, traceparent, tracer
 from actors.workers import WorkerPool, not_json, result_too_large
@@ -232,7 +232,7 @@ class ToolActor(Actor[ToolInvocation]):
         book = book or _Book()
         found: _Request | None = None
         reads, until, pause = 0, time.monotonic() + LAGGING_READ_S, 0.0
-        while found is None and (reads < 2 or (book.head.seq < position
+        while found is None and (reads < 2 or (ahead(position, book.head)
                                                and time.monotonic() < until)):
             if reads >= 2:
                 pause = min(1.0, max(0.05, pause * 2))
