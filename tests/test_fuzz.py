@@ -114,7 +114,7 @@ def valid_body(kind: str, fleet: FleetConfig) -> st.SearchStrategy[dict[str, Jso
             "arguments": st.dictionaries(texts, json_values, max_size=3)
             | st.just({"order_id": "1234", "amount_usd": 5.0, "to": "a@b.c"}),
             "idempotency_key": texts, "agent": st.sampled_from(agents),
-            "turn": st.integers(-5, 100)})
+            "turn": st.integers(-5, 100)}, optional={"requested_seq": st.integers(-5, 2**40)})
     request = st.fixed_dictionaries({
         "alias": st.sampled_from([*sorted(fleet.models), "nope"]),
         "messages": st.lists(st.fixed_dictionaries({
@@ -125,7 +125,8 @@ def valid_body(kind: str, fleet: FleetConfig) -> st.SearchStrategy[dict[str, Jso
     if kind == "request":
         return request
     return st.fixed_dictionaries({"key": texts, "attempt": st.integers(-5, 100),
-                                  "request": request})
+                                  "request": request},
+                                 optional={"turn_seq": st.integers(-5, 2**40)})
 
 
 @st.composite
