@@ -400,6 +400,16 @@ class ModelGateway(Actor[ModelCall]):
             log.debug("%s: call %s already in progress here: waiting for it",
                       self.actor_name, msg.key)
             await calling.wait()
+        # Marked before the first read: a copy arriving while this one reads waits too.
+        self._calling[msg.key] = anyio.Event()
+        try:
+            await self._handle_open(msg, delivery)
+        finally:
+            self._calling.pop(msg.key).set()
+
+    async def _handle_open(self, msg: ModelCall, delivery: Delivery) -> None:
+        """Read the task's log; answer the call if its turn still waits for it."""
+        req = msg.request
         state, head = await self.view.load(req.task_id)
         if _early(msg, state, head):
             state, head = await self.view.reach(req.task_id, msg.turn_seq, state, head)
@@ -415,11 +425,7 @@ class ModelGateway(Actor[ModelCall]):
                       state.phase)
             await self._nudge(state, head, req.task_id, msg.key)
             return
-        self._calling[msg.key] = anyio.Event()
-        try:
-            await self._answer(msg, delivery, state, head)
-        finally:
-            self._calling.pop(msg.key).set()
+        await self._answer(msg, delivery, state, head)
 
     async def _answer(self, msg: ModelCall, delivery: Delivery, state: TaskState,
                       head: LogHead) -> None:
