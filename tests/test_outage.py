@@ -13,17 +13,20 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from actors.model import ModelGateway
+from actors.runtime import build_actor
 from bus import subjects
 from bus.budget import BudgetCounters, day_key
 from bus.connection import Bus, connect
 from bus.eventlog import EventLog
+from bus.mailbox import Delivery
 from bus.server import EmbeddedServer
 from corral.client import Client
 from schemas.config import parse_fleet
 from schemas.events import ActorRef, LlmResponded
-from schemas.messages import ModelResponse
+from schemas.messages import ModelCall, ModelResponse
 from tests.conftest import (
     DEMO_CONFIG,
     dead_letters,
@@ -180,6 +183,37 @@ async def test_a_copy_of_a_call_in_progress_is_not_paid_twice(bus: Bus) -> None:
     assert gateway.calls == 1  # one turn, one provider call
     kinds = types(await task_events(bus, task_id))
     assert kinds.count("llm.responded") == 1
+
+
+async def test_copies_of_a_call_arriving_together_at_one_replica_pay_once(bus: Bus) -> None:
+    # Three copies reach one gateway replica at the same moment, before any of them has
+    # read the task's log: the one that reads first pays, the others wait for it and find
+    # the turn answered (the race the replica's in-progress mark closes).
+    fleet = demo_fleet(latency_ms=300)
+    async with fleet_in_process(bus, fleet) as actors:
+        running = next(a for a in actors if isinstance(a, ModelGateway))
+        replica = build_actor(bus, fleet, "model", "support-model")
+        assert isinstance(replica, ModelGateway)
+        task_id = await Client(bus).submit("triage", "Hello, who am I talking to?")
+        with anyio.fail_after(10):
+            while "turn.started" not in types(await task_events(bus, task_id)):
+                await anyio.sleep(0.01)
+        call = msgspec.json.decode(_enc.encode(
+            {"key": f"{task_id}:1:1:support-model", "attempt": 1,
+             "request": msgspec.json.decode(_request(task_id=task_id))}), type=ModelCall)
+        inbox = bus.nc.new_inbox()
+
+        async def deliver() -> None:
+            msg = Msg(bus.nc, subject=subjects.llm("support-model"), reply=inbox, data=b"")
+            await replica.handle(call, Delivery(bus, msg))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(deliver)
+        state = await Client(bus).wait(task_id, timeout_s=20)
+    assert state.status == "completed"
+    assert replica.calls == 1 and running.calls == 1  # one pays per replica, not per copy
+    assert types(await task_events(bus, task_id)).count("llm.responded") == 1
 
 
 async def test_a_call_answered_by_another_gateway_that_never_woke_the_agent_still_wakes_it(
