@@ -31,7 +31,7 @@ from actors.deadletter import bounded_dead_letter
 from actors.faults import crash_point
 from actors.gate import ToolGate
 from actors.model import call_key
-from actors.taskview import LAGGING_READ_S, TaskView, ahead, together
+from actors.taskview import PATIENT_READ_S, TaskView, ahead, look_again_s, together
 from actors.toolset import AgentTools
 from actors.tracing import TRACEPARENT, step_context, traceparent, tracer
 from actors.versions import AgentVersions, Variant
@@ -277,8 +277,11 @@ class AgentActor(Actor[TaskSubmit | Wake]):
             # Sent while the event it announces was being written (ADR 0013), or our read
             # came from a replica that lags (a deposed leader, just after a partition).
             state, head = await self.view.reach(task_id, msg.after_seq, state, head,
-                                                patience_s=LAGGING_READ_S)
+                                                patience_s=PATIENT_READ_S)
             if ahead(msg.after_seq, head) and not state.terminal:
+                if delivery.deliveries < self.max_deliver:  # look later, the task unlocked
+                    await delivery.nak(look_again_s(delivery.deliveries))
+                    return
                 # Its writer died before the write landed: the write is tried again (an
                 # unacknowledged call or tool call comes back), and wakes us then.
                 log.warning("%s: task %s: woken for log position %d (%s), the log reads to %d "

@@ -24,8 +24,8 @@ from bus.eventlog import EventLog, LogHead
 from schemas.events import EventBase, encode_event, event_hash
 from schemas.fold import TaskState, apply
 
-__all__ = ["LAGGING_READ_S", "REACH_PAUSES_S", "TaskView", "ahead", "announced", "state_size",
-           "together"]
+__all__ = ["LAGGING_READ_S", "PATIENT_READ_S", "REACH_PAUSES_S", "TaskView", "ahead",
+           "announced", "look_again_s", "state_size", "together"]
 
 _T = TypeVar("_T")
 # A message may name a log position whose write is still in flight (ADR 0013): it is
@@ -34,6 +34,11 @@ REACH_PAUSES_S = (0.0, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016)
 # How long a reader keeps reading for a position a message names before it believes the
 # log ends short of it: a deposed leader answers reads from a stale copy for ~20 s.
 LAGGING_READ_S = 30.0
+# How long a handler keeps reading for it before it puts the message back for a later look
+# (``look_again_s``): a worker, and the agent's lock on the task, are held no longer than
+# this by one message, so a forged position just ahead of a real task's log costs a
+# second of a worker, not the task's progress for ``LAGGING_READ_S``.
+PATIENT_READ_S = 1.0
 # How far ahead of a reader's log a message may name a position and be waited for.
 MAX_AHEAD = 64
 # A write slower than this is announced again once stored (``announced``): its reader may
@@ -54,6 +59,16 @@ def ahead(seq: int, head: LogHead) -> bool:
     waited for: hostile messages must not hold a worker for ``LAGGING_READ_S``.
     """
     return 0 < head.seq < seq <= head.seq + MAX_AHEAD
+
+
+def look_again_s(deliveries: int) -> float:
+    """How long a message whose position a read did not reach is put back for.
+
+    2, 4, 8, then 15 s: with the default five deliveries the looks span about
+    ``LAGGING_READ_S``, the longest a deposed leader has been seen answering reads
+    from a stale copy; at the last delivery the reader believes what it reads.
+    """
+    return min(LAGGING_READ_S / 2, 2.0 ** max(1, deliveries))
 
 
 async def together(main: Awaitable[_T], side: Awaitable[object]) -> _T:

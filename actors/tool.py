@@ -56,7 +56,7 @@ from actors import semconv as sc
 from actors.base import Actor, process_alive
 from actors.faults import crash_point
 from actors.metrics import TOOL_CALL_SECONDS, TOOL_ERRORS
-from actors.taskview import LAGGING_READ_S, ahead, announced
+from actors.taskview import PATIENT_READ_S, ahead, announced, look_again_s
 from actors.tooling import ThreadRunner, ToolContext, load_callable, tool_parameters
 from actors.tracing import parent_context, traceparent, tracer
 from actors.workers import WorkerPool, not_json, result_too_large
@@ -128,6 +128,7 @@ class _Refusal(NamedTuple):
 
     reason: str
     genuine: bool
+    lagging: bool = False  # the log as read ends before where the invocation says it is
 
 
 class ToolActor(Actor[ToolInvocation]):
@@ -218,7 +219,8 @@ class ToolActor(Actor[ToolInvocation]):
         before it publishes the call, but a read can race the append: a miss
         reads the tail once more. A read that ends before ``position`` (where
         the invocation says its request is) came from a replica that lags: it
-        is read again for up to ``LAGGING_READ_S`` (ADR 0013). The book is
+        is read again for up to ``PATIENT_READ_S`` (ADR 0013; ``handle`` then puts
+        the invocation back to look again later, up to ``LAGGING_READ_S``). The book is
         taken out of the cache while it is read (two readers must not fold the
         same entries into one state).
         """
@@ -231,7 +233,7 @@ class ToolActor(Actor[ToolInvocation]):
         # the log, not a ledger, says whether it ran: read the tail.)
         book = book or _Book()
         found: _Request | None = None
-        reads, until, pause = 0, time.monotonic() + LAGGING_READ_S, 0.0
+        reads, until, pause = 0, time.monotonic() + PATIENT_READ_S, 0.0
         while found is None and (reads < 2 or (ahead(position, book.head)
                                                and time.monotonic() < until)):
             if reads >= 2:
@@ -268,9 +270,11 @@ class ToolActor(Actor[ToolInvocation]):
                             genuine=False)
         req = await self._request(inv.task_id, inv.idempotency_key, inv.requested_seq)
         if req is None:
+            book = self._books.get(inv.task_id)
             return _Refusal(f"no agent asked for it: the log of task {inv.task_id!r} has no "
                             f"tool.requested {inv.idempotency_key!r} for {self.name}",
-                            genuine=False)
+                            genuine=False, lagging=book is not None and ahead(
+                                inv.requested_seq, book.head))
         differ = [what for what, logged, sent in (
             ("call id", req.call_id, inv.call_id), ("turn", req.turn, inv.turn),
             ("arguments", req.args_sha256, args_hash),
@@ -507,6 +511,9 @@ class ToolActor(Actor[ToolInvocation]):
         """Verify the call, run (or replay) it, record it in the task log, wake the agent."""
         args_hash = args_sha256(msg.arguments)
         refusal = await self._verify(msg, args_hash)
+        if refusal is not None and refusal.lagging and delivery.deliveries < self.max_deliver:
+            await delivery.nak(look_again_s(delivery.deliveries))  # a worker is not held
+            return
         if refusal is not None:
             await self._refuse(msg, delivery, refusal)
             return

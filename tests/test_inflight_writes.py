@@ -208,3 +208,53 @@ async def test_a_tool_whose_read_lags_behind_the_request_waits_for_it(bus: Bus) 
     assert "tool.completed" in types(await task_events(bus, task_id))
     assert await dead_letters(bus, "tool.noop") == []
     assert getattr(tool, "runs", 0) == 1
+
+
+async def test_a_wake_for_a_position_that_never_comes_does_not_hold_its_task(bus: Bus) -> None:
+    # A forged (or orphaned) wake names a position just past a real task's last entry. The
+    # agent reads for it for a moment, then puts it back to look again later, so the task's
+    # lock is free: the real answer and its wake go through meanwhile.
+    async with fleet_in_process(bus, _fleet()) as actors:
+        agent = next(a for a in actors if a.actor_name == "agent.echo")
+        log, task_id = EventLog(bus), "held-task-1"
+        head = await _claim(log, task_id, await _submitted(log, task_id))
+        forged = Wake(task_id=task_id, reason="forged", after_seq=head.seq + 5)
+        await bus.js_publish(subjects.wake("echo"), _enc.encode(forged), msg_id="forged-1")
+        await anyio.sleep(0.2)  # the agent is reading for it
+        head, _ = await log.append(head, LlmResponded(
+            **_env(task_id, GATEWAY), agent="echo", turn=1,  # type: ignore[arg-type]
+            alias="m", response=ModelResponse(text="On its way.")))
+        wake = Wake(task_id=task_id, reason="answered", after_seq=head.seq)
+        await bus.js_publish(subjects.wake("echo"), _enc.encode(wake), msg_id="real-1")
+        # (Held for the whole patience, as the first version did, this takes 30 s.)
+        state = await Client(bus).wait(task_id, timeout_s=20)
+        with anyio.fail_after(10):  # the real wake is acked just after the task's end
+            while (pending := (await bus.js.consumer_info(
+                    subjects.TASKS_STREAM, agent.consumer)).num_ack_pending) > 1:
+                await anyio.sleep(0.05)
+    assert state.status == "completed", state.error
+    assert state.answer == "On its way."
+    assert pending == 1  # the forged wake, put back: not lost, not dead-lettered
+    assert await dead_letters(bus, "agent.echo") == []
+
+
+async def test_an_invocation_for_a_request_that_never_comes_is_put_back(bus: Bus) -> None:
+    # An invocation names where its tool.requested is, just past the log's end, and the
+    # request never comes (forged, or its agent died before writing it). The tool does not
+    # keep a worker reading for it: it puts it back, and serves the next call meanwhile.
+    async with fleet_in_process(bus, _fleet()) as actors:
+        tool = next(a for a in actors if a.actor_name == "tool.noop")
+        log, task_id = EventLog(bus), "never-requested-1"
+        head = await _claim(log, task_id, await _submitted(log, task_id))
+        key = f"{task_id}:1:c9"
+        inv = ToolInvocation(task_id=task_id, call_id="c9", tool="noop", arguments={},
+                             idempotency_key=key, agent="echo", turn=1,
+                             requested_seq=head.seq + 2)
+        await bus.js_publish(subjects.tool("noop"), _enc.encode(inv), msg_id=key)
+        with anyio.fail_after(20):
+            while (await bus.js.consumer_info(subjects.TOOLS_STREAM, tool.consumer)
+                   ).num_redelivered == 0:
+                await anyio.sleep(0.1)
+        assert getattr(tool, "runs", 0) == 0
+    assert await dead_letters(bus, "tool.noop") == []
+    assert types(await task_events(bus, task_id)) == ["task.submitted", "turn.started"]
