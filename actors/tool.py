@@ -240,28 +240,43 @@ class ToolActor(Actor[ToolInvocation]):
                 pause = min(1.0, max(0.05, pause * 2))
                 await anyio.sleep(pause)
             reads += 1
-            events, book.head = await self.log.read(task_id, after=book.head, state=book.state)
-            for logged in events:
-                ev = logged.event
-                if isinstance(ev, ToolRequested) and ev.call.name == self.name:
-                    book.requests.setdefault(ev.idempotency_key, _Request(
-                        ev.call.id, ev.call.name, ev.turn,
-                        args_sha256(ev.call.arguments if ev.arguments is None else ev.arguments),
-                        ev.actor.kind, ev.actor.name, book.state.submitted_by))
-                elif isinstance(ev, ToolCompleted | ToolFailed) and ev.tool == self.name:
-                    book.answered.add(ev.idempotency_key)
-                elif (isinstance(ev, CompensationRequested) and ev.tool == self.name
-                      and ev.compensation == self.spec.compensate):
-                    book.requests.setdefault(ev.idempotency_key, _Request(
-                        f"comp:{ev.call_id}", ev.tool, 0, args_sha256(ev.arguments),
-                        ev.actor.kind, ev.actor.name, book.state.submitted_by,
-                        compensation=True))
+            await self._read_tail(task_id, book)
             found = book.requests.get(key)
-        if book.head.stream_seq:  # a task that exists (forged ids are not kept)
+        self._keep(task_id, book)
+        return found
+
+    async def _read_tail(self, task_id: str, book: _Book) -> None:
+        """Fold the log's entries after ``book.head`` into ``book`` (taken out of the cache)."""
+        events, book.head = await self.log.read(task_id, after=book.head, state=book.state)
+        for logged in events:
+            ev = logged.event
+            if isinstance(ev, ToolRequested) and ev.call.name == self.name:
+                book.requests.setdefault(ev.idempotency_key, _Request(
+                    ev.call.id, ev.call.name, ev.turn,
+                    args_sha256(ev.call.arguments if ev.arguments is None else ev.arguments),
+                    ev.actor.kind, ev.actor.name, book.state.submitted_by))
+            elif isinstance(ev, ToolCompleted | ToolFailed) and ev.tool == self.name:
+                book.answered.add(ev.idempotency_key)
+            elif (isinstance(ev, CompensationRequested) and ev.tool == self.name
+                  and ev.compensation == self.spec.compensate):
+                book.requests.setdefault(ev.idempotency_key, _Request(
+                    f"comp:{ev.call_id}", ev.tool, 0, args_sha256(ev.arguments),
+                    ev.actor.kind, ev.actor.name, book.state.submitted_by,
+                    compensation=True))
+
+    def _keep(self, task_id: str, book: _Book) -> None:
+        """Put ``book`` (back) in the cache, unless its task has no log (a forged id)."""
+        if book.head.stream_seq:
             self._books[task_id] = book
             while len(self._books) > REQUEST_CACHE_TASKS:
                 self._books.popitem(last=False)
-        return found
+
+    async def _tail(self, task_id: str) -> _Book:
+        """The task's book, read to the log's end as of now."""
+        book = self._books.pop(task_id, None) or _Book()
+        await self._read_tail(task_id, book)
+        self._keep(task_id, book)
+        return book
 
     async def _verify(self, inv: ToolInvocation, args_hash: str) -> _Refusal | None:
         """None if the task's log shows an allowed agent asked for exactly this call."""
@@ -607,25 +622,32 @@ class ToolActor(Actor[ToolInvocation]):
             event = ToolFailed(**common, error=entry.error, error_type=entry.error_type,
                                retryable=stopped and self.spec.side_effect != "side-effecting",
                                throttled_ms=throttled)
-        await self._append(msg, event, tag or "poison")
+        await self._append(msg, event, tag or "poison", replayed=replayed)
 
     async def _append(self, msg: ToolInvocation, event: ToolCompleted | ToolFailed,
-                      tag: str) -> None:
+                      tag: str, *, replayed: bool = False) -> None:
         """Append at the head of the log and wake the agent, in flight together (ADR 0013).
 
         Tried first at the head ``_verify`` read; the head is read again if another
         writer won. Each try's wake names the position it tries for.
         """
         book = self._books.get(event.task_id)
-        head = book.head if book is not None and book.head.stream_seq else None
+        if replayed or book is None:  # it may have been appended before: look
+            book = await self._tail(event.task_id)
         for tries in range(MAX_APPEND_RETRIES):
-            head = head or await self.log.head(event.task_id)
+            if msg.idempotency_key in book.answered:
+                # Appended by an earlier delivery: a second outcome would only be rejected
+                # by every reader. (A task that ended meanwhile still takes the first: a
+                # late outcome is how its effect gets undone.) The agent may not be awake.
+                await self._wake(msg, f"{tag}:logged", 0)
+                return
+            head = book.head
             try:
                 await announced(self.log.append(head, event), functools.partial(
                     self._wake, msg, f"{tag}:{tries}", head.seq + 1))
                 return
             except FencedWrite:
-                head = None
+                book = await self._tail(event.task_id)
         raise ActorError(f"could not append to task {event.task_id}: the log kept moving",
                          retryable=True)
 

@@ -14,9 +14,11 @@ import time
 
 import anyio
 import msgspec
+import pytest
 
 from actors.model import ModelGateway, call_key
 from bus import subjects
+from bus.batch import direct_batch
 from bus.connection import Bus
 from bus.eventlog import EventLog, LogHead
 from corral.client import Client
@@ -53,7 +55,7 @@ name = "inflight"
 [agents.echo]
 model = "m"
 system = "Say back what you were asked."
-tools = ["noop"]
+tools = ["noop", "once"]
 
 [models.m]
 provider = "scripted"
@@ -65,6 +67,10 @@ reply = "{last_user}"
 [tools.noop]
 function = "bench.tools:noop"
 side_effect = "none"
+
+[tools.once]
+function = "bench.tools:noop"
+side_effect = "side-effecting"
 """
 
 
@@ -258,3 +264,45 @@ async def test_an_invocation_for_a_request_that_never_comes_is_put_back(bus: Bus
         assert getattr(tool, "runs", 0) == 0
     assert await dead_letters(bus, "tool.noop") == []
     assert types(await task_events(bus, task_id)) == ["task.submitted", "turn.started"]
+
+
+async def _outcomes(bus: Bus, task_id: str) -> list[str]:
+    """The types of every tool outcome stored in a task's log, accepted by readers or not."""
+    stored, _ = await direct_batch(bus, subjects.EVENTS_STREAM, subjects.events(task_id), 1)
+    kinds = [m.headers.get(subjects.EVENT_TYPE_HEADER, "") for m in stored]
+    return [k for k in kinds if k in ("tool.completed", "tool.failed")]
+
+
+@pytest.mark.parametrize("tool_name", ["once", "noop"])
+async def test_a_copy_of_an_answered_invocation_appends_no_second_outcome(
+        bus: Bus, tool_name: str) -> None:
+    # An invocation delivered again after its outcome is in the log (its ack was lost in a
+    # partition, or a supervisor republished it): the ledger replays it (a side-effecting
+    # tool) or the log shows it ran (a pure one). Either way the agent is woken, and no
+    # second outcome is stored: readers would reject it ("no open call"), junk in the log.
+    async with fleet_in_process(bus, _fleet()) as actors:
+        tool = next(a for a in actors if a.actor_name == f"tool.{tool_name}")
+        log, task_id = EventLog(bus), f"answered-copy-{tool_name}"
+        head = await _claim(log, task_id, await _submitted(log, task_id))
+        call = ToolCall(id="c1", name=tool_name)
+        head, _ = await log.append(head, LlmResponded(
+            **_env(task_id, GATEWAY), agent="echo", turn=1,  # type: ignore[arg-type]
+            alias="m", response=ModelResponse(tool_calls=[call], stop_reason="tool_use")))
+        key = f"{task_id}:1:c1"
+        head, _ = await log.append(head, ToolRequested(
+            **_env(task_id), turn=1, call=call, idempotency_key=key))  # type: ignore[arg-type]
+        inv = ToolInvocation(task_id=task_id, call_id="c1", tool=tool_name, arguments={},
+                             idempotency_key=key, agent="echo", turn=1,
+                             requested_seq=head.seq)
+        await bus.js_publish(subjects.tool(tool_name), _enc.encode(inv), msg_id=key)
+        with anyio.fail_after(20):
+            while not await _outcomes(bus, task_id):
+                await anyio.sleep(0.05)
+        await bus.js_publish(subjects.tool(tool_name), _enc.encode(inv), msg_id=f"{key}:again")
+        with anyio.fail_after(20):
+            while (info := await bus.js.consumer_info(subjects.TOOLS_STREAM, tool.consumer)
+                   ).num_pending or info.num_ack_pending or info.delivered.consumer_seq < 2:
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.3)  # its append and wake, if it made one, are stored by now
+        assert getattr(tool, "runs", 0) == 1
+    assert await _outcomes(bus, task_id) == ["tool.completed"]
