@@ -21,6 +21,7 @@ from bench.agent import run_agent
 from bench.batches import run_batches
 from bench.common import Scale, bench_server, keep_store_dir, raw_connect
 from bench.compare import format_compare
+from bench.floor import run_floor
 from bench.gateway import run_gateway
 from bench.raw import run_raw
 from bench.report import (
@@ -59,6 +60,10 @@ async def run_all(url: str, scale: Scale, server_pid: int = 0) -> dict[str, floa
               flush=True)
         t0 = time.perf_counter()
         results.update(await run_agent(url, scale))
+        print(f"{time.perf_counter() - t0:.0f}s\nthe same bus operations, nats-py alone …",
+              end=" ", flush=True)
+        t0 = time.perf_counter()
+        results.update(await run_floor(url, scale))
         print(f"{time.perf_counter() - t0:.0f}s\natomic batches: write, read, task …", end=" ",
               flush=True)
         t0 = time.perf_counter()

@@ -89,6 +89,10 @@ LAYOUT: dict[str, tuple[str, str, str]] = {
         "agent task with one tool call, p50", "ms", "completed.time - submitted.time"),
     "agent_tool_task_e2e_p50_ms": (
         "agent task with one tool call, e2e p50", "ms", "submit -> result seen"),
+    "raw_turn_floor_p50_ms": (
+        "raw: a turn's bus operations alone, p50", "ms", "the floor under turn overhead"),
+    "raw_tool_task_floor_p50_ms": (
+        "raw: a one-tool task's bus operations, p50", "ms", "the floor under the tool task"),
     "raw_awaited_two_events_p50_ms": (
         "raw: 2 events, 2 awaited fenced publishes, p50", "ms", "file stream, allow_atomic"),
     "raw_atomic_two_events_p50_ms": (
