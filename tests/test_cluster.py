@@ -45,7 +45,7 @@ from bus.auth import creds_path, embedded_creds, load_creds, publish_keyset, wri
 from bus.cluster import ClusterNode, LocalCluster, cluster_dir, stream_leader
 from bus.connection import Bus, PubResult, connect
 from bus.errors import NotFound, nats_errors
-from bus.eventlog import EventLog, LoggedEvent
+from bus.eventlog import EventLog, LoggedEvent, OnReject
 from bus.provision import ensure_streams
 from corral.client import Client
 from corral.fleetrun import provision_fleet
@@ -54,6 +54,7 @@ from schemas.errors import BusError
 from schemas.events import LlmResponded, TaskSubmitted, TurnStarted, verify_chain
 from schemas.fold import TaskState
 from schemas.identity import agent_identity, model_identity, tool_identity
+from schemas.verify import Rejected
 from tests.cluster_net import Net, proxied_net
 from tests.conftest import demo_fleet, outbox
 from tests.supervision_helpers import (
@@ -207,13 +208,14 @@ class Counts:
     ran_twice: int
     side_effects_twice: int
     unfinished: int
+    rejected: int = 0  # entries every reader skips (a duplicate outcome, say): junk, not loss
 
     def line(self, scenario: str) -> str:
         return (f"[cluster: {scenario}] tasks {self.tasks}, acknowledged events "
                 f"{self.acked_events}: acknowledged lost {self.acked_lost}, duplicates "
                 f"{self.ran_twice + self.side_effects_twice} (tasks run twice "
                 f"{self.ran_twice}, side effects twice {self.side_effects_twice}), "
-                f"unfinished {self.unfinished}")
+                f"unfinished {self.unfinished}, entries readers reject {self.rejected}")
 
 
 async def finish_and_count(cf: ClusterFleet, ids: list[str]) -> Counts:
@@ -245,8 +247,9 @@ async def finish_and_count(cf: ClusterFleet, ids: list[str]) -> Counts:
     if lost:  # each node's view of the stream, for whoever reads the failure
         print_stream_state(cf)
     ran_twice = 0
+    rejected: list[Rejected] = []
     for task_id in ids:
-        logged = await read_log(cf, task_id)
+        logged = await read_log(cf, task_id, rejected.append)
         assert verify_chain([e.raw for e in logged]) == (True, 0, ""), task_id
         events = [e.event for e in logged]
         answers = Counter(e.turn for e in events if isinstance(e, LlmResponded))
@@ -265,15 +268,19 @@ async def finish_and_count(cf: ClusterFleet, ids: list[str]) -> Counts:
             logged = await read_log(cf, t)
             print(f"[cluster] refund task {t} refunded {refunds.get(t, 0)} times: "
                   f"{[(type(e.event).__name__, getattr(e.event, 'tool', '')) for e in logged]}")
-    return Counts(len(ids), len(cf.witness.events), lost, ran_twice, twice, unfinished)
+    for r in rejected:
+        print(f"[cluster] rejected entry: {r}")
+    return Counts(len(ids), len(cf.witness.events), lost, ran_twice, twice, unfinished,
+                  len(rejected))
 
 
-async def read_log(cf: ClusterFleet, task_id: str) -> list[LoggedEvent]:
+async def read_log(cf: ClusterFleet, task_id: str,
+                   on_reject: OnReject | None = None) -> list[LoggedEvent]:
     """A task's log, asked again while a stream elects (a healed node can start one more)."""
     deadline = time.monotonic() + 60
     while True:
         try:
-            logged, _ = await EventLog(cf.admin).read(task_id)
+            logged, _ = await EventLog(cf.admin, on_reject=on_reject).read(task_id)
             return logged
         except BusError:
             if time.monotonic() > deadline:
