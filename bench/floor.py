@@ -22,6 +22,10 @@ batches off there, so ``task.submitted`` and ``turn.started`` are two writes):
 A task with one tool (``tooler``) adds: the agent writes ``tool.requested`` and
 publishes the invocation; the tool reads the log, writes the outcome ‖ wakes the
 agent; the agent reads, claims its second turn and calls the model again.
+
+Throughput: ``tasks_inflight`` one-turn tasks started at once, until the last ends
+(what ``agent_tasks_per_s`` measures, without the client's submission and the
+agent's deadline timers, anchor and result announcement: a floor, not a twin).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolic
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from bench.common import PAYLOAD, Scale, bench_server, percentile, raw_connect
+from bench.common import PAYLOAD, Scale, bench_server, median, percentile, raw_connect
 
 __all__ = ["run_floor"]
 
@@ -68,15 +72,27 @@ class _Actor:
 
 async def _serve(actor: _Actor, subject: str, durable: str,
                  step: Callable[[str, str], Awaitable[None]]) -> None:
-    """A durable consumer on ``subject``: each delivery runs ``step(task, kind)``, then acks."""
-    async def on_msg(msg: Msg) -> None:
+    """A durable consumer on ``subject``: each delivery runs ``step(task, kind)``, then acks.
+
+    Each in a task of its own (nats-py awaits a subscription's callback before it
+    delivers the next message): deliveries are handled concurrently, as corral's
+    worker pool does.
+    """
+    running: set[asyncio.Task[None]] = set()
+
+    async def handle(msg: Msg) -> None:
         task, kind = msg.data.decode().split(":", 1)
         try:
             await step(task, kind)
-        except Exception as exc:  # a subscription callback's error is otherwise lost
+        except Exception as exc:  # a task's error is otherwise lost
             print(f"bench.floor: {task} {kind}: {type(exc).__name__}: {exc}", file=sys.stderr)
             raise
         await msg.ack()
+
+    async def on_msg(msg: Msg) -> None:
+        job = asyncio.create_task(handle(msg))
+        running.add(job)
+        job.add_done_callback(running.discard)
 
     await actor.js.subscribe(subject, durable=durable, cb=on_msg, manual_ack=True,
                              config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT,
@@ -95,7 +111,8 @@ async def _setup(js: JetStreamContext) -> None:
 
 
 async def run_floor(url: str, scale: Scale) -> dict[str, float]:
-    """p50 of a one-turn task and of a one-tool task, with nats-py alone."""
+    """p50 of a one-turn task and of a one-tool task, and one-turn tasks/s with
+    ``scale.tasks_inflight`` at once (median of ``scale.repeats``), with nats-py alone."""
     conns = [await raw_connect(url, name=f"bench-floor-{who}")
              for who in ("agent", "gateway", "tool")]
     agent, gateway, tool = (_Actor(nc, js) for nc, js in conns)
@@ -146,11 +163,17 @@ async def run_floor(url: str, scale: Scale) -> dict[str, float]:
             await task(f"toolwarm{i}")
         turns = [await task(f"echo{i}") for i in range(scale.turns_sequential)]
         tools = [await task(f"tool{i}") for i in range(scale.tool_tasks)]
+        rates = []
+        for r in range(scale.repeats):
+            t0 = time.perf_counter()
+            await asyncio.gather(*(task(f"burst{r}-{i}") for i in range(scale.tasks_inflight)))
+            rates.append(scale.tasks_inflight / (time.perf_counter() - t0))
     finally:
         for nc, _ in conns:
             await nc.close()
     return {"raw_turn_floor_p50_ms": percentile(turns, 50),
-            "raw_tool_task_floor_p50_ms": percentile(tools, 50)}
+            "raw_tool_task_floor_p50_ms": percentile(tools, 50),
+            "raw_tasks_floor_per_s": median(rates)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,6 +93,9 @@ LAYOUT: dict[str, tuple[str, str, str]] = {
         "raw: a turn's bus operations alone, p50", "ms", "the floor under turn overhead"),
     "raw_tool_task_floor_p50_ms": (
         "raw: a one-tool task's bus operations, p50", "ms", "the floor under the tool task"),
+    "raw_tasks_floor_per_s": (
+        "raw: one-turn tasks' bus operations, many in flight", "tasks/s",
+        "the ceiling over agent tasks/s"),
     "raw_awaited_two_events_p50_ms": (
         "raw: 2 events, 2 awaited fenced publishes, p50", "ms", "file stream, allow_atomic"),
     "raw_atomic_two_events_p50_ms": (
