@@ -41,7 +41,7 @@ from schemas.config import FleetConfig, parse_fleet
 from schemas.events import ActorRef, TaskCompleted, TaskSubmitted, TurnStarted
 from schemas.messages import ChatMessage, ModelRequest
 
-__all__ = ["FLEET_TOML", "bench_fleet", "run_agent"]
+__all__ = ["FLEET_TOML", "CpuSampler", "bench_fleet", "measure_fleet", "run_agent"]
 
 FLEET_TOML = """
 [fleet]
@@ -229,13 +229,81 @@ async def _model_latencies(bus: Bus, n: int) -> list[float]:
     return await _timed(n, ask)
 
 
-async def run_agent(url: str, scale: Scale, replicas: int = 1) -> dict[str, float]:
+CpuSampler = Callable[[], dict[str, float]]
+"""Cumulative CPU seconds so far, by whose (``bench.processes``: this process, the tree...)."""
+
+
+async def measure_fleet(url: str, scale: Scale, *, cpu: CpuSampler | None = None
+                        ) -> dict[str, float]:
+    """Every agent workload against the fleet serving on ``url``, however it runs.
+
+    The client is this process, on a connection of its own; the fleet
+    (``FLEET_TOML``) must already serve: in this process (``run_agent``) or
+    as processes (``bench.processes``). Task ids carry a fresh run id, so two
+    measurements on one server never share a task.
+
+    ``cpu``: sampled before the first and after the last burst; each key's
+    difference per burst task becomes ``<key>_cpu_per_task_ms``.
+    """
+    run = uuid.uuid4().hex[:6]
+    client_bus = await connect(url, name="bench-client")
+    try:
+        client = Client(client_bus)
+        watch = ResultWatch(client_bus)
+        await watch.start()
+        out: dict[str, float] = {}
+
+        # Warm-up: every path once, caches and connections hot.
+        await _sequential(client, watch, "echo", scale.warmup, f"warm-{run}")
+        await _sequential(client, watch, "tooler", max(3, scale.warmup // 3), f"warmt-{run}")
+        await _burst(client, watch, "echo", max(10, scale.tasks_inflight // 5), f"warmb-{run}")
+
+        appends = await _append_latencies(client_bus, scale.appends)
+        out["eventlog_append_p50_ms"] = percentile(appends, 50)
+        model = await _model_latencies(client_bus, scale.appends)
+        out["model_request_p50_ms"] = percentile(model, 50)
+
+        ids, e2e = await _sequential(client, watch, "echo", scale.turns_sequential,
+                                     f"seq-{run}")
+        turns = await _agent_times(client.log, ids)
+        out["agent_turn_p50_ms"] = percentile(turns, 50)
+        out["agent_turn_p99_ms"] = percentile(turns, 99)
+        out["agent_e2e_p50_ms"] = percentile(e2e, 50)
+        out["agent_e2e_p99_ms"] = percentile(e2e, 99)
+
+        await _sequential_wait(client, "echo", max(3, scale.warmup // 3), f"warmw-{run}")
+        waits = await _sequential_wait(client, "echo", max(10, scale.turns_sequential // 3),
+                                       f"wait-{run}")
+        out["agent_e2e_client_wait_p50_ms"] = percentile(waits, 50)
+
+        before = cpu() if cpu else {}
+        rates = [await _burst(client, watch, "echo", scale.tasks_inflight, f"burst{r}-{run}")
+                 for r in range(scale.repeats)]
+        out["agent_tasks_per_s"] = median(rates)
+        if cpu:
+            tasks = scale.tasks_inflight * scale.repeats
+            out.update({f"{key}_cpu_per_task_ms": (seconds - before.get(key, 0.0)) * 1000 / tasks
+                        for key, seconds in cpu().items()})
+
+        ids, e2e = await _sequential(client, watch, "tooler", scale.tool_tasks, f"tool-{run}")
+        tool_times = await _agent_times(client.log, ids)
+        out["agent_tool_task_p50_ms"] = percentile(tool_times, 50)
+        out["agent_tool_task_e2e_p50_ms"] = percentile(e2e, 50)
+        return out
+    finally:
+        with anyio.CancelScope(shield=True):
+            await client_bus.close()
+
+
+async def run_agent(url: str, scale: Scale, replicas: int = 1, *,
+                    cpu: CpuSampler | None = None) -> dict[str, float]:
     """Run the fleet in-process and measure turns, tasks and their building blocks.
 
     ``replicas``: of corral's streams and buckets (3 on a cluster: bench/cluster.py).
+    ``cpu``: as for ``measure_fleet``. Returns once every actor has stopped and
+    closed its connection.
     """
     fleet = bench_fleet()
-    run = uuid.uuid4().hex[:6]
     buses: list[Bus] = []
     try:
         actor_list: list[AnyActor] = []
@@ -243,51 +311,14 @@ async def run_agent(url: str, scale: Scale, replicas: int = 1) -> dict[str, floa
             actor_bus = await connect(url, name=f"bench-{kind}-{name}")
             buses.append(actor_bus)
             actor_list.append(build_actor(actor_bus, fleet, kind, name))
-        client_bus = await connect(url, name="bench-client")
-        buses.append(client_bus)
-        client = Client(client_bus)
-        watch = ResultWatch(client_bus)
-        await watch.start()
-        out: dict[str, float] = {}
         async with anyio.create_task_group() as tg:
             await tg.start(functools.partial(run_actors, stream_replicas=replicas),
                            buses[0], actor_list)
-
-            # Warm-up: every path once, caches and connections hot.
-            await _sequential(client, watch, "echo", scale.warmup, f"warm-{run}")
-            await _sequential(client, watch, "tooler", max(3, scale.warmup // 3), f"warmt-{run}")
-            await _burst(client, watch, "echo", max(10, scale.tasks_inflight // 5),
-                         f"warmb-{run}")
-
-            appends = await _append_latencies(client_bus, scale.appends)
-            out["eventlog_append_p50_ms"] = percentile(appends, 50)
-            model = await _model_latencies(client_bus, scale.appends)
-            out["model_request_p50_ms"] = percentile(model, 50)
-
-            ids, e2e = await _sequential(client, watch, "echo", scale.turns_sequential,
-                                         f"seq-{run}")
-            turns = await _agent_times(client.log, ids)
-            out["agent_turn_p50_ms"] = percentile(turns, 50)
-            out["agent_turn_p99_ms"] = percentile(turns, 99)
-            out["agent_e2e_p50_ms"] = percentile(e2e, 50)
-            out["agent_e2e_p99_ms"] = percentile(e2e, 99)
-
-            await _sequential_wait(client, "echo", max(3, scale.warmup // 3), f"warmw-{run}")
-            waits = await _sequential_wait(client, "echo", max(10, scale.turns_sequential // 3),
-                                           f"wait-{run}")
-            out["agent_e2e_client_wait_p50_ms"] = percentile(waits, 50)
-
-            rates = [await _burst(client, watch, "echo", scale.tasks_inflight, f"burst{r}-{run}")
-                     for r in range(scale.repeats)]
-            out["agent_tasks_per_s"] = median(rates)
-
-            ids, e2e = await _sequential(client, watch, "tooler", scale.tool_tasks, f"tool-{run}")
-            tool_times = await _agent_times(client.log, ids)
-            out["agent_tool_task_p50_ms"] = percentile(tool_times, 50)
-            out["agent_tool_task_e2e_p50_ms"] = percentile(e2e, 50)
-
-            for actor in actor_list:
-                actor.stop()
+            try:
+                out = await measure_fleet(url, scale, cpu=cpu)
+            finally:
+                for actor in actor_list:
+                    actor.stop()
         return out
     finally:
         with anyio.CancelScope(shield=True):
