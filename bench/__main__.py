@@ -30,6 +30,7 @@ from bench.report import (
     format_table,
     load_results,
     machine,
+    machine_line,
     update_readme,
     write_results,
 )
@@ -117,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fresh nats-server at {srv.url} (sync_interval: always), store in {srv.dir}")
         results = anyio.run(run_all, srv.url, scale, srv.proc.pid if srv.proc else 0)
     table = format_table(figures(results))
-    print(f"\n{where['date']} · commit {where['commit']} · {where['cpus']} CPUs · "
-          f"{where['kernel']} · "
-          f"Python {where['python']} · {where['nats_server']} · load {where['load']}\n")
+    print(f"\n{machine_line(where)}\n")
     print(table)
     print(f"\nwhole run: {time.perf_counter() - started:.0f}s")
 

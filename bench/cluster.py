@@ -19,7 +19,6 @@ on three machines (with network between them) would show.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
@@ -33,7 +32,7 @@ from nats.js.api import StorageType, StreamConfig
 from bench.agent import run_agent
 from bench.common import Scale, bench_server, median, raw_connect
 from bench.raw import publish_awaited, publish_pipelined
-from bench.report import machine
+from bench.report import machine, machine_line, quick_flag
 from bus.cluster import LocalCluster
 
 __all__ = ["ROWS", "measure", "run"]
@@ -114,16 +113,12 @@ def table(single: dict[str, float], clustered: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run both targets and print the comparison."""
-    parser = argparse.ArgumentParser(prog="python -m bench.cluster", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="half the work (smoke run)")
-    scale = default_scale(parser.parse_args(argv).quick)
+    scale = default_scale(quick_flag("python -m bench.cluster", __doc__,
+                                     "half the work (smoke run)", argv))
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     where, started = machine(), time.perf_counter()
     single, clustered = run(scale)
-    print(f"\n{where['date']} · commit {where['commit']} · {where['cpus']} CPUs · "
-          f"{where['kernel']} · Python {where['python']} · {where['nats_server']} · "
-          f"load {where['load']} · whole run {time.perf_counter() - started:.0f}s\n")
+    print(f"\n{machine_line(where)} · whole run {time.perf_counter() - started:.0f}s\n")
     print(table(single, clustered))
     return 0
 

@@ -24,6 +24,8 @@ __all__ = [
     "format_table",
     "load_results",
     "machine",
+    "machine_line",
+    "quick_flag",
     "run_alone",
     "update_readme",
     "write_results",
@@ -279,6 +281,22 @@ def machine() -> dict[str, str]:
     }
 
 
+def machine_line(where: Mapping[str, str]) -> str:
+    """``machine()`` on one line, as each table's heading."""
+    return (f"{where['date']} · commit {where['commit']} · {where['cpus']} CPUs · "
+            f"{where['kernel']} · Python {where['python']} · {where['nats_server']} · "
+            f"load {where['load']}")
+
+
+def quick_flag(prog: str, doc: str | None, quick_help: str,
+               argv: list[str] | None = None) -> bool:
+    """``python -m bench.<x> [--quick]``: whether ``--quick`` was given."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    return bool(parser.parse_args(argv).quick)
+
+
 def write_results(results: Mapping[str, float], path: Path = RESULTS) -> None:
     """``results.json``: a flat object, figure name (unit included) → number."""
     rounded = {k: round(v, 3) for k, v in results.items()}
@@ -318,11 +336,8 @@ def update_readme(table: str, where: Mapping[str, str], path: Path = README) -> 
 def run_alone(prog: str, doc: str | None, run: Callable[[str, Scale], Awaitable[dict[str, float]]],
               argv: list[str] | None = None) -> int:
     """``python -m bench.<x> [--quick]``: one suite against a fresh server, its table printed."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a fifth of the work")
-    args = parser.parse_args(argv)
-    scale = Scale().scaled(0.2) if args.quick else Scale()
+    quick = quick_flag(prog, doc, "a fifth of the work", argv)
+    scale = Scale().scaled(0.2) if quick else Scale()
     with bench_server() as srv:
         results = anyio.run(run, srv.url, scale)
     print(format_table(figures(results)))
