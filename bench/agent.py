@@ -243,7 +243,8 @@ async def measure_fleet(url: str, scale: Scale, *, cpu: CpuSampler | None = None
     measurements on one server never share a task.
 
     ``cpu``: sampled before the first and after the last burst; each key's
-    difference per burst task becomes ``<key>_cpu_per_task_ms``.
+    difference per burst task becomes ``<key>_cpu_per_task_ms``, and the
+    wall time between the two samples ``cpu_window_s``.
     """
     run = uuid.uuid4().hex[:6]
     client_bus = await connect(url, name="bench-client")
@@ -276,7 +277,7 @@ async def measure_fleet(url: str, scale: Scale, *, cpu: CpuSampler | None = None
                                        f"wait-{run}")
         out["agent_e2e_client_wait_p50_ms"] = percentile(waits, 50)
 
-        before = cpu() if cpu else {}
+        before, t0 = cpu() if cpu else {}, time.perf_counter()
         rates = [await _burst(client, watch, "echo", scale.tasks_inflight, f"burst{r}-{run}")
                  for r in range(scale.repeats)]
         out["agent_tasks_per_s"] = median(rates)
@@ -284,6 +285,7 @@ async def measure_fleet(url: str, scale: Scale, *, cpu: CpuSampler | None = None
             tasks = scale.tasks_inflight * scale.repeats
             out.update({f"{key}_cpu_per_task_ms": (seconds - before.get(key, 0.0)) * 1000 / tasks
                         for key, seconds in cpu().items()})
+            out["cpu_window_s"] = time.perf_counter() - t0
 
         ids, e2e = await _sequential(client, watch, "tooler", scale.tool_tasks, f"tool-{run}")
         tool_times = await _agent_times(client.log, ids)

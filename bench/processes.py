@@ -288,6 +288,8 @@ ROWS = [
     ("processes_cpu_per_task_ms", "CPU/task in the burst: corral up tree", "ms"),
     ("python_cpu_per_task_ms", "CPU/task in the burst: all Python", "ms"),
     ("nats_server_cpu_per_task_ms", "CPU/task in the burst: nats-server", "ms"),
+    ("python_cores", "cores busy in the bursts: all Python", "cores"),
+    ("nats_server_cores", "cores busy in the bursts: nats-server", "cores"),
 ]
 
 
@@ -301,9 +303,13 @@ def _cell(figures: dict[str, float], key: str, unit: str) -> str:
 def table(outcome: Outcome, scale: Scale) -> str:
     """The markdown table: each figure in-process, as processes, and their ratio."""
     one, many = dict(outcome.in_process), dict(outcome.processes)
+    tasks = scale.tasks_inflight * scale.repeats
     for figures in (one, many):
         figures["python_cpu_per_task_ms"] = (figures.get("bench_cpu_per_task_ms", 0.0)
                                              + figures.get("processes_cpu_per_task_ms", 0.0))
+        for who in ("python", "nats_server"):  # CPU seconds over wall seconds
+            figures[f"{who}_cores"] = (figures[f"{who}_cpu_per_task_ms"] * tasks / 1000
+                                       / figures.get("cpu_window_s", float("inf")))
     lines = ["| figure | in-process | processes | processes / in-process |",
              "|---|---:|---:|---:|"]
     for key, label, unit in ROWS:
@@ -317,7 +323,8 @@ def breakdown(processes: dict[str, float]) -> str:
     """CPU per burst task of each process of the tree, highest first."""
     prefix, suffix = "child:", "_cpu_per_task_ms"
     rows = sorted(((k.removeprefix(prefix).removesuffix(suffix), v)
-                   for k, v in processes.items() if k.startswith(prefix)), key=lambda r: -r[1])
+                   for k, v in processes.items() if k.startswith(prefix) and k.endswith(suffix)),
+                  key=lambda r: -r[1])
     return ", ".join(f"{name} {ms:.2f}" for name, ms in rows)
 
 
