@@ -41,7 +41,7 @@ from schemas.config import FleetConfig, parse_fleet
 from schemas.events import ActorRef, TaskCompleted, TaskSubmitted, TurnStarted
 from schemas.messages import ChatMessage, ModelRequest
 
-__all__ = ["FLEET_TOML", "CpuSampler", "bench_fleet", "measure_fleet", "run_agent"]
+__all__ = ["FLEET_TOML", "Clocks", "bench_fleet", "measure_fleet", "run_agent"]
 
 FLEET_TOML = """
 [fleet]
@@ -229,11 +229,11 @@ async def _model_latencies(bus: Bus, n: int) -> list[float]:
     return await _timed(n, ask)
 
 
-CpuSampler = Callable[[], dict[str, float]]
-"""Cumulative CPU seconds so far, by whose (``bench.processes``: this process, the tree...)."""
+Clocks = Callable[[], dict[str, float]]
+"""Seconds so far by name: CPU, run-queue wait... (``bench.processes``: of each process)."""
 
 
-async def measure_fleet(url: str, scale: Scale, *, cpu: CpuSampler | None = None
+async def measure_fleet(url: str, scale: Scale, *, clocks: Clocks | None = None
                         ) -> dict[str, float]:
     """Every agent workload against the fleet serving on ``url``, however it runs.
 
@@ -242,9 +242,9 @@ async def measure_fleet(url: str, scale: Scale, *, cpu: CpuSampler | None = None
     as processes (``bench.processes``). Task ids carry a fresh run id, so two
     measurements on one server never share a task.
 
-    ``cpu``: sampled before the first and after the last burst; each key's
-    difference per burst task becomes ``<key>_cpu_per_task_ms``, and the
-    wall time between the two samples ``cpu_window_s``.
+    ``clocks``: read before the first and after the last burst; each one's
+    difference per burst task becomes ``<name>_per_task_ms``, and the wall
+    time between the two readings ``burst_window_s``.
     """
     run = uuid.uuid4().hex[:6]
     client_bus = await connect(url, name="bench-client")
@@ -277,15 +277,15 @@ async def measure_fleet(url: str, scale: Scale, *, cpu: CpuSampler | None = None
                                        f"wait-{run}")
         out["agent_e2e_client_wait_p50_ms"] = percentile(waits, 50)
 
-        before, t0 = cpu() if cpu else {}, time.perf_counter()
+        before, t0 = clocks() if clocks else {}, time.perf_counter()
         rates = [await _burst(client, watch, "echo", scale.tasks_inflight, f"burst{r}-{run}")
                  for r in range(scale.repeats)]
         out["agent_tasks_per_s"] = median(rates)
-        if cpu:
+        if clocks:
             tasks = scale.tasks_inflight * scale.repeats
-            out.update({f"{key}_cpu_per_task_ms": (seconds - before.get(key, 0.0)) * 1000 / tasks
-                        for key, seconds in cpu().items()})
-            out["cpu_window_s"] = time.perf_counter() - t0
+            out.update({f"{key}_per_task_ms": (seconds - before.get(key, 0.0)) * 1000 / tasks
+                        for key, seconds in clocks().items()})
+            out["burst_window_s"] = time.perf_counter() - t0
 
         ids, e2e = await _sequential(client, watch, "tooler", scale.tool_tasks, f"tool-{run}")
         tool_times = await _agent_times(client.log, ids)
@@ -298,11 +298,11 @@ async def measure_fleet(url: str, scale: Scale, *, cpu: CpuSampler | None = None
 
 
 async def run_agent(url: str, scale: Scale, replicas: int = 1, *,
-                    cpu: CpuSampler | None = None) -> dict[str, float]:
+                    clocks: Clocks | None = None) -> dict[str, float]:
     """Run the fleet in-process and measure turns, tasks and their building blocks.
 
     ``replicas``: of corral's streams and buckets (3 on a cluster: bench/cluster.py).
-    ``cpu``: as for ``measure_fleet``. Returns once every actor has stopped and
+    ``clocks``: as for ``measure_fleet``. Returns once every actor has stopped and
     closed its connection.
     """
     fleet = bench_fleet()
@@ -317,7 +317,7 @@ async def run_agent(url: str, scale: Scale, replicas: int = 1, *,
             await tg.start(functools.partial(run_actors, stream_replicas=replicas),
                            buses[0], actor_list)
             try:
-                out = await measure_fleet(url, scale, cpu=cpu)
+                out = await measure_fleet(url, scale, clocks=clocks)
             finally:
                 for actor in actor_list:
                     actor.stop()

@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ import anyio
 import anyio.abc
 
 from actors.runtime import fleet_actors
-from bench.agent import FLEET_TOML, CpuSampler, bench_fleet, measure_fleet, run_agent
+from bench.agent import FLEET_TOML, Clocks, bench_fleet, measure_fleet, run_agent
 from bench.common import BENCH_DIR_PARENT, Scale, bench_server
 from bench.report import machine, machine_line, quick_flag
 from bus import subjects
@@ -55,7 +55,7 @@ from bus.connection import Bus, connect
 from corral.ps import live_trees
 
 __all__ = ["ROWS", "Outcome", "UpFleet", "cpu_seconds", "measure", "run", "running_up",
-           "settle_mailboxes", "table"]
+           "runq_seconds", "settle_mailboxes", "table"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 60.0
@@ -76,6 +76,21 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of ``pid`` (every thread of it) so far; 0.0 once it is gone."""
     fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / _TICKS if fields else 0.0
+
+
+def runq_seconds(pid: int) -> float:
+    """Time ``pid``'s live threads waited on a run queue, ready but without a CPU, so far.
+
+    ``/proc/<pid>/task/<tid>/schedstat``: CPU time, run-queue wait, slices
+    (nanoseconds). High while the CPU figures are low: the process was
+    starved of a core (by the others of the run, or by the neighbours).
+    """
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
 
 
 def alive(pid: int) -> bool:
@@ -114,13 +129,15 @@ class UpFleet:
     children: dict[int, str] = field(default_factory=dict)  # pid → child id (`corral ps`)
     seen: set[int] = field(default_factory=set)
 
-    def cpu(self) -> dict[str, float]:
-        """CPU seconds of the tree so far: ``processes`` (summed) and each child by id."""
+    def clocks(self) -> dict[str, float]:
+        """The tree's CPU and run-queue seconds so far, summed; and each child's CPU by id."""
         pids = tree_pids(self.process.pid)
         self.seen.update(pids)
-        out = {pid: cpu_seconds(pid) for pid in pids}
-        by_child = {f"child:{self.children.get(pid, f'pid {pid}')}": s for pid, s in out.items()}
-        return {"processes": sum(out.values()), **by_child}
+        cpu = {pid: cpu_seconds(pid) for pid in pids}
+        by_child = {f"child:{self.children.get(pid, f'pid {pid}')}_cpu": s
+                    for pid, s in cpu.items()}
+        return {"processes_cpu": sum(cpu.values()),
+                "processes_runq": sum(runq_seconds(pid) for pid in pids), **by_child}
 
 
 async def _tree_records(bus: Bus, node: str) -> list[dict[str, Any]]:
@@ -247,25 +264,28 @@ class Outcome:
     log: str  # what `corral up` printed
 
 
-def _sampler(*pids: tuple[str, int], more: Callable[[], dict[str, float]] | None = None
-             ) -> CpuSampler:
-    def sample() -> dict[str, float]:
-        return {**{key: cpu_seconds(pid) for key, pid in pids}, **(more() if more else {})}
-    return sample
+def _clocks(*pids: tuple[str, int], more: Clocks | None = None) -> Clocks:
+    """CPU (``<name>_cpu``) and run-queue wait (``<name>_runq``) of each named pid, and more."""
+    def read() -> dict[str, float]:
+        out = {f"{name}_cpu": cpu_seconds(pid) for name, pid in pids}
+        out.update({f"{name}_runq": runq_seconds(pid) for name, pid in pids})
+        return {**out, **(more() if more else {})}
+    return read
 
 
 async def measure(url: str, server_pid: int, scale: Scale, workdir: Path) -> Outcome:
     """In-process, then as processes, against the server at ``url``."""
     own = ("bench", os.getpid())
     server = ("nats_server", server_pid)
-    in_process = await run_agent(url, scale, cpu=_sampler(own, server))
+    in_process = await run_agent(url, scale, clocks=_clocks(own, server))
     bus = await connect(url, name="bench-processes-check")
     try:
         await settle_mailboxes(bus)
     finally:
         await bus.close()
     async with running_up(url, workdir) as up:
-        processes = await measure_fleet(url, scale, cpu=_sampler(own, server, more=up.cpu))
+        processes = await measure_fleet(url, scale, clocks=_clocks(own, server,
+                                                                    more=up.clocks))
     return Outcome(in_process, processes, up.seen, up.config,
                    await anyio.Path(up.log).read_text())
 
@@ -290,6 +310,8 @@ ROWS = [
     ("nats_server_cpu_per_task_ms", "CPU/task in the burst: nats-server", "ms"),
     ("python_cores", "cores busy in the bursts: all Python", "cores"),
     ("nats_server_cores", "cores busy in the bursts: nats-server", "cores"),
+    ("python_runq_per_task_ms", "run-queue wait/task in the burst: all Python", "ms"),
+    ("nats_server_runq_per_task_ms", "run-queue wait/task in the burst: nats-server", "ms"),
 ]
 
 
@@ -305,11 +327,13 @@ def table(outcome: Outcome, scale: Scale) -> str:
     one, many = dict(outcome.in_process), dict(outcome.processes)
     tasks = scale.tasks_inflight * scale.repeats
     for figures in (one, many):
-        figures["python_cpu_per_task_ms"] = (figures.get("bench_cpu_per_task_ms", 0.0)
-                                             + figures.get("processes_cpu_per_task_ms", 0.0))
+        for clock in ("cpu", "runq"):
+            figures[f"python_{clock}_per_task_ms"] = (
+                figures.get(f"bench_{clock}_per_task_ms", 0.0)
+                + figures.get(f"processes_{clock}_per_task_ms", 0.0))
         for who in ("python", "nats_server"):  # CPU seconds over wall seconds
-            figures[f"{who}_cores"] = (figures[f"{who}_cpu_per_task_ms"] * tasks / 1000
-                                       / figures.get("cpu_window_s", float("inf")))
+            figures[f"{who}_cores"] = (figures.get(f"{who}_cpu_per_task_ms", 0.0) * tasks / 1000
+                                       / figures.get("burst_window_s", float("inf")))
     lines = ["| figure | in-process | processes | processes / in-process |",
              "|---|---:|---:|---:|"]
     for key, label, unit in ROWS:

@@ -45,7 +45,9 @@ def test_both_fleets_are_measured_and_corral_up_leaves_no_process() -> None:
         # CPU is counted in clock ticks (10 ms): 10 tasks may round to 0, never below.
         assert figures["nats_server_cpu_per_task_ms"] >= 0
     # The tree's CPU is counted per process, and only for the processes run.
-    assert "processes_cpu_per_task_ms" in outcome.processes
-    assert "processes_cpu_per_task_ms" not in outcome.in_process
-    assert {k for k in outcome.processes if k.startswith("child:agent.echo.")}, outcome.processes
+    for key in ("processes_cpu_per_task_ms", "processes_runq_per_task_ms"):
+        assert key in outcome.processes
+        assert key not in outcome.in_process
+    assert {k for k in outcome.processes if k.startswith("child:agent.echo.0_cpu")}, \
+        outcome.processes
     assert "| one-tool task p50 |" in table(outcome, TINY)
