@@ -32,7 +32,7 @@ from nats.js.api import StorageType, StreamConfig
 from bench.agent import run_agent
 from bench.common import Scale, bench_server, median, raw_connect
 from bench.raw import publish_awaited, publish_pipelined
-from bench.report import machine, machine_line, quick_flag
+from bench.report import bench_args, machine, machine_line
 from bus.cluster import LocalCluster
 
 __all__ = ["ROWS", "measure", "run"]
@@ -113,8 +113,8 @@ def table(single: dict[str, float], clustered: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run both targets and print the comparison."""
-    scale = default_scale(quick_flag("python -m bench.cluster", __doc__,
-                                     "half the work (smoke run)", argv))
+    scale = default_scale(bench_args("python -m bench.cluster", __doc__,
+                                     "half the work (smoke run)", argv).quick)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     where, started = machine(), time.perf_counter()
     single, clustered = run(scale)

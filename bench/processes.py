@@ -48,8 +48,8 @@ import anyio.abc
 
 from actors.runtime import fleet_actors
 from bench.agent import FLEET_TOML, Clocks, bench_fleet, measure_fleet, run_agent
-from bench.common import BENCH_DIR_PARENT, Scale, bench_server
-from bench.report import machine, machine_line, quick_flag
+from bench.common import BENCH_DIR_PARENT, Scale, bench_server, median
+from bench.report import bench_args, machine, machine_line
 from bus import subjects
 from bus.connection import Bus, connect
 from corral.ps import live_trees
@@ -233,35 +233,39 @@ async def _stop(up: UpFleet) -> None:
 async def settle_mailboxes(bus: Bus, timeout_s: float = 10.0) -> None:
     """Until no mailbox consumer has a pull request waiting or a delivery unacked.
 
-    After the in-process fleet has stopped: a pull request of a closed
-    connection still waiting would be handed the processes' messages.
+    Between the halves: a pull request of the other half's actors still
+    waiting (or a delivery they still hold) would take this half's messages.
+    Nothing to wait for before the streams exist.
 
     Raises:
         RuntimeError: some consumer still shows one after ``timeout_s``.
     """
     js = bus.nc.jetstream(timeout=10.0)
+    existing = {info.config.name for info in await js.streams_info()}
     deadline = time.monotonic() + timeout_s
     while True:
         busy = [f"{c.stream_name}/{c.name}: waiting {c.num_waiting}, unacked "
                 f"{c.num_ack_pending}, pending {c.num_pending}"
-                for stream in MAILBOXES for c in await js.consumers_info(stream)
+                for stream in MAILBOXES if stream in existing
+                for c in await js.consumers_info(stream)
                 if c.num_waiting or c.num_ack_pending or c.num_pending]
         if not busy:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError("the in-process fleet still consumes: " + "; ".join(busy))
+            raise RuntimeError("the other half's fleet still consumes: " + "; ".join(busy))
         await anyio.sleep(0.1)
 
 
 @dataclass
 class Outcome:
-    """Both halves of one run."""
+    """Every round of one run; each figure's median over them."""
 
-    in_process: dict[str, float]
+    in_process: dict[str, float]  # median of the rounds
     processes: dict[str, float]
-    pids: set[int]  # every process seen in the `corral up` tree (all gone by now)
-    config: Path  # the fleet file it ran (in every process's command line; deleted now)
-    log: str  # what `corral up` printed
+    rounds: list[tuple[dict[str, float], dict[str, float]]] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)  # every process seen in a `corral up` tree
+    configs: list[Path] = field(default_factory=list)  # the fleet files run (deleted now)
+    logs: list[str] = field(default_factory=list)  # what each `corral up` printed
 
 
 def _clocks(*pids: tuple[str, int], more: Clocks | None = None) -> Clocks:
@@ -273,27 +277,75 @@ def _clocks(*pids: tuple[str, int], more: Clocks | None = None) -> Clocks:
     return read
 
 
-async def measure(url: str, server_pid: int, scale: Scale, workdir: Path) -> Outcome:
-    """In-process, then as processes, against the server at ``url``."""
-    own = ("bench", os.getpid())
-    server = ("nats_server", server_pid)
-    in_process = await run_agent(url, scale, clocks=_clocks(own, server))
+def _derived(figures: dict[str, float], scale: Scale) -> dict[str, float]:
+    """``figures`` with Python's share summed (this process + the tree) and cores busy."""
+    out = dict(figures)
+    for clock in ("cpu", "runq"):
+        out[f"python_{clock}_per_task_ms"] = (out.get(f"bench_{clock}_per_task_ms", 0.0)
+                                              + out.get(f"processes_{clock}_per_task_ms", 0.0))
+    tasks = scale.tasks_inflight * scale.repeats
+    for who in ("python", "nats_server"):  # CPU seconds over wall seconds
+        out[f"{who}_cores"] = (out.get(f"{who}_cpu_per_task_ms", 0.0) * tasks / 1000
+                               / out.get("burst_window_s", float("inf")))
+    return out
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: median([r[k] for r in runs]) for k in runs[0] if all(k in r for r in runs)}
+
+
+async def _settled(url: str) -> None:
     bus = await connect(url, name="bench-processes-check")
     try:
         await settle_mailboxes(bus)
     finally:
         await bus.close()
-    async with running_up(url, workdir) as up:
-        processes = await measure_fleet(url, scale, clocks=_clocks(own, server,
-                                                                    more=up.clocks))
-    return Outcome(in_process, processes, up.seen, up.config,
-                   await anyio.Path(up.log).read_text())
 
 
-def run(scale: Scale) -> Outcome:
-    """One fresh server, both halves."""
+async def measure(url: str, server_pid: int, scale: Scale, workdir: Path,
+                  rounds: int = 1) -> Outcome:
+    """In-process and as processes, ``rounds`` times, against the server at ``url``.
+
+    The first round runs in-process first; the next ones alternate, so
+    neither half always meets a younger store or a quieter neighbour.
+    Before each half the mailboxes must be idle (``settle_mailboxes``): the
+    other half's actors are all gone.
+    """
+    own, server = ("bench", os.getpid()), ("nats_server", server_pid)
+    outcome = Outcome({}, {})
+
+    async def in_process() -> dict[str, float]:
+        await _settled(url)
+        return await run_agent(url, scale, clocks=_clocks(own, server))
+
+    async def processes(r: int) -> dict[str, float]:
+        await _settled(url)
+        async with running_up(url, workdir / f"round{r}") as up:
+            figures = await measure_fleet(url, scale, clocks=_clocks(own, server,
+                                                                      more=up.clocks))
+        outcome.pids |= up.seen
+        outcome.configs.append(up.config)
+        outcome.logs.append(await anyio.Path(up.log).read_text())
+        return figures
+
+    for r in range(rounds):
+        if r % 2 == 0:
+            one = await in_process()
+            many = await processes(r)
+        else:
+            many = await processes(r)
+            one = await in_process()
+        outcome.rounds.append((_derived(one, scale), _derived(many, scale)))
+    outcome.in_process = _medians([one for one, _ in outcome.rounds])
+    outcome.processes = _medians([many for _, many in outcome.rounds])
+    return outcome
+
+
+def run(scale: Scale, rounds: int = 1) -> Outcome:
+    """One fresh server, both halves ``rounds`` times."""
     with bench_server() as srv, tempfile.TemporaryDirectory(prefix="corral-bench-procs-") as tmp:
-        return anyio.run(measure, srv.url, srv.proc.pid if srv.proc else 0, scale, Path(tmp))
+        return anyio.run(measure, srv.url, srv.proc.pid if srv.proc else 0, scale, Path(tmp),
+                         rounds)
 
 
 # figure key, label, unit
@@ -324,16 +376,7 @@ def _cell(figures: dict[str, float], key: str, unit: str) -> str:
 
 def table(outcome: Outcome, scale: Scale) -> str:
     """The markdown table: each figure in-process, as processes, and their ratio."""
-    one, many = dict(outcome.in_process), dict(outcome.processes)
-    tasks = scale.tasks_inflight * scale.repeats
-    for figures in (one, many):
-        for clock in ("cpu", "runq"):
-            figures[f"python_{clock}_per_task_ms"] = (
-                figures.get(f"bench_{clock}_per_task_ms", 0.0)
-                + figures.get(f"processes_{clock}_per_task_ms", 0.0))
-        for who in ("python", "nats_server"):  # CPU seconds over wall seconds
-            figures[f"{who}_cores"] = (figures.get(f"{who}_cpu_per_task_ms", 0.0) * tasks / 1000
-                                       / figures.get("burst_window_s", float("inf")))
+    one, many = outcome.in_process, outcome.processes
     lines = ["| figure | in-process | processes | processes / in-process |",
              "|---|---:|---:|---:|"]
     for key, label, unit in ROWS:
@@ -359,15 +402,23 @@ def default_scale(quick: bool) -> Scale:
 
 def main(argv: list[str] | None = None) -> int:
     """Run both halves and print the comparison."""
-    scale = default_scale(quick_flag("python -m bench.processes", __doc__,
-                                     "a fifth of the work (smoke run)", argv))
+    args = bench_args("python -m bench.processes", __doc__, "a fifth of the work (smoke run)",
+                      argv, lambda p: p.add_argument(
+                          "--rounds", type=int, default=1, metavar="N",
+                          help="N rounds of both halves, alternating which goes first; the "
+                          "table gives each figure's median (default: %(default)s)"))
+    scale, rounds = default_scale(args.quick), max(1, args.rounds)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     where, started = machine(), time.perf_counter()
-    print(f"the agent fleet in-process, then as `corral up` processes "
+    print(f"the agent fleet in-process and as `corral up` processes, {rounds} round(s) "
           f"({scale.turns_sequential} sequential tasks, {scale.repeats} bursts of "
-          f"{scale.tasks_inflight}) …", flush=True)
-    outcome = run(scale)
+          f"{scale.tasks_inflight} each) …", flush=True)
+    outcome = run(scale, rounds)
     print(f"\n{machine_line(where)} · whole run {time.perf_counter() - started:.0f}s\n")
+    if rounds > 1:
+        print(f"median of {rounds} rounds; tasks/s per round, in-process / processes: "
+              + ", ".join(f"{one['agent_tasks_per_s']:.0f} / {many['agent_tasks_per_s']:.0f}"
+                          for one, many in outcome.rounds) + "\n")
     print(table(outcome, scale))
     print(f"\nCPU/task in the burst, by process of the tree (ms): "
           f"{breakdown(outcome.processes)}")

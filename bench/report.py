@@ -20,12 +20,12 @@ __all__ = [
     "BENCH_DIR",
     "README",
     "RESULTS",
+    "bench_args",
     "figures",
     "format_table",
     "load_results",
     "machine",
     "machine_line",
-    "quick_flag",
     "run_alone",
     "update_readme",
     "write_results",
@@ -288,13 +288,16 @@ def machine_line(where: Mapping[str, str]) -> str:
             f"load {where['load']}")
 
 
-def quick_flag(prog: str, doc: str | None, quick_help: str,
-               argv: list[str] | None = None) -> bool:
-    """``python -m bench.<x> [--quick]``: whether ``--quick`` was given."""
+def bench_args(prog: str, doc: str | None, quick_help: str, argv: list[str] | None = None,
+               more: Callable[[argparse.ArgumentParser], object] | None = None
+               ) -> argparse.Namespace:
+    """``python -m bench.<x> [--quick]``, and whatever options ``more`` adds."""
     parser = argparse.ArgumentParser(prog=prog, description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    return bool(parser.parse_args(argv).quick)
+    if more is not None:
+        more(parser)
+    return parser.parse_args(argv)
 
 
 def write_results(results: Mapping[str, float], path: Path = RESULTS) -> None:
@@ -336,7 +339,7 @@ def update_readme(table: str, where: Mapping[str, str], path: Path = README) -> 
 def run_alone(prog: str, doc: str | None, run: Callable[[str, Scale], Awaitable[dict[str, float]]],
               argv: list[str] | None = None) -> int:
     """``python -m bench.<x> [--quick]``: one suite against a fresh server, its table printed."""
-    quick = quick_flag(prog, doc, "a fifth of the work", argv)
+    quick = bench_args(prog, doc, "a fifth of the work", argv).quick
     scale = Scale().scaled(0.2) if quick else Scale()
     with bench_server() as srv:
         results = anyio.run(run, srv.url, scale)

@@ -33,10 +33,11 @@ def test_both_fleets_are_measured_and_corral_up_leaves_no_process() -> None:
     outcome = run(TINY)
 
     # The root, a supervisor per domain (models, tools, agents), a process per actor.
-    assert len(outcome.pids) >= 8, outcome.log
+    assert len(outcome.pids) >= 8, outcome.logs
     assert [p for p in outcome.pids if alive(p)] == []
-    assert _command_lines_naming(str(outcome.config)) == []
-    assert "stopped" in outcome.log.splitlines()[-1]
+    assert len(outcome.configs) == 1
+    assert _command_lines_naming(str(outcome.configs[0])) == []
+    assert "stopped" in outcome.logs[0].splitlines()[-1]
 
     for figures in (outcome.in_process, outcome.processes):
         for key in ("agent_turn_p50_ms", "agent_e2e_p50_ms", "agent_tool_task_p50_ms",
