@@ -12,7 +12,8 @@ help:
 	@echo "make run    run the demo fleet (no API key needed)"
 	@echo "make test   lint + the whole test suite"
 	@echo "make lint   ruff + mypy --strict + compose.yaml schema check + deploy/ checks"
-	@echo "make bench  benchmarks (prints tables, writes bench/results.json), then 1 server vs 3 nodes"
+	@echo "make bench  benchmarks (prints tables, writes bench/results.json), then 1 server vs 3 nodes,"
+	@echo "           then the agent fleet in one process vs as \`corral up\` processes"
 	@echo "make soak   the fuzz suite at 100,000 messages, the cluster faults at 60 tasks each"
 
 $(STAMP): pyproject.toml
@@ -34,10 +35,12 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -n $${CORRAL_TEST_WORKERS:-2}
 
-# Every figure on one server, then what R3 costs: one server against a 3-node cluster.
+# Every figure on one server, then what R3 costs: one server against a 3-node cluster,
+# then the agent figures with the fleet in this process against it run as processes.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.cluster
+	$(BIN)/python -m bench.processes
 
 # The fuzz suite (tests/test_fuzz.py) at soak size; `make test` runs it at 2,000.
 # And the canary routing check at the issue's 1,000 tasks; `make test` runs 300.
