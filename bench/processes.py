@@ -54,8 +54,8 @@ from bus import subjects
 from bus.connection import Bus, connect
 from corral.ps import live_trees
 
-__all__ = ["ROWS", "Outcome", "UpFleet", "cpu_seconds", "measure", "run", "running_up",
-           "runq_seconds", "settle_mailboxes", "table"]
+__all__ = ["ROWS", "Outcome", "Proc", "UpFleet", "cpu_seconds", "measure", "proc", "run",
+           "running", "running_up", "runq_seconds", "settle_mailboxes", "table"]
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 60.0
@@ -99,6 +99,21 @@ def alive(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"
 
 
+Proc = tuple[int, int]
+"""A process: its pid and its start time (clock ticks after boot): a reused pid is another."""
+
+
+def proc(pid: int) -> Proc | None:
+    """``pid`` as a ``Proc``, or None when it is gone (or a zombie)."""
+    fields = _stat(pid)
+    return (pid, int(fields[19])) if fields and fields[0] != "Z" else None
+
+
+def running(p: Proc) -> bool:
+    """Whether that very process still runs (not a new one under its pid)."""
+    return proc(p[0]) == p
+
+
 def tree_pids(root: int) -> list[int]:
     """``root`` and every live process below it (by parent pid, whatever its session)."""
     children: dict[int, list[int]] = {}
@@ -127,12 +142,17 @@ class UpFleet:
     log: Path
     node: str
     children: dict[int, str] = field(default_factory=dict)  # pid → child id (`corral ps`)
-    seen: set[int] = field(default_factory=set)
+    seen: set[Proc] = field(default_factory=set)
+
+    def look(self) -> list[int]:
+        """The tree's live pids now, each remembered in ``seen``."""
+        pids = tree_pids(self.process.pid)
+        self.seen.update(p for p in map(proc, pids) if p is not None)
+        return pids
 
     def clocks(self) -> dict[str, float]:
         """The tree's CPU and run-queue seconds so far, summed; and each child's CPU by id."""
-        pids = tree_pids(self.process.pid)
-        self.seen.update(pids)
+        pids = self.look()
         cpu = {pid: cpu_seconds(pid) for pid in pids}
         by_child = {f"child:{self.children.get(pid, f'pid {pid}')}_cpu": s
                     for pid, s in cpu.items()}
@@ -160,7 +180,7 @@ async def _until_ready(up: UpFleet, bus: Bus, actors: set[str]) -> None:
                        if n["kind"] == "actor" and n["state"] == "running"}
             if actors <= running:
                 up.children = {int(n["pid"]): str(n["id"]) for n in records if n["pid"]}
-                up.seen.update(tree_pids(up.process.pid))
+                up.look()
                 return
         await anyio.sleep(0.1)
     raise RuntimeError(f"corral up not ready within {READY_TIMEOUT_S:g}s:\n"
@@ -209,7 +229,7 @@ async def running_up(url: str, workdir: Path) -> AsyncIterator[UpFleet]:
 
 async def _stop(up: UpFleet) -> None:
     """SIGTERM `corral up`; every process seen in its tree must then be gone."""
-    up.seen.update(tree_pids(up.process.pid))
+    up.look()
     status: int | None = None
     if up.process.returncode is None:
         up.process.send_signal(signal.SIGTERM)
@@ -218,10 +238,10 @@ async def _stop(up: UpFleet) -> None:
     else:
         status = up.process.returncode
     with anyio.move_on_after(10):
-        while any(alive(p) for p in up.seen):  # noqa: ASYNC110 - other processes: no event
+        while any(map(running, up.seen)):  # noqa: ASYNC110 - other processes: no event
             await anyio.sleep(0.05)
-    left = sorted(p for p in up.seen if alive(p))
-    for pid in left:  # only pids of the tree this bench started
+    left = sorted(pid for pid, _ in filter(running, up.seen))
+    for pid in left:  # only processes of the tree this bench started, still the same ones
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     await up.process.aclose()
@@ -263,7 +283,7 @@ class Outcome:
     in_process: dict[str, float]  # median of the rounds
     processes: dict[str, float]
     rounds: list[tuple[dict[str, float], dict[str, float]]] = field(default_factory=list)
-    pids: set[int] = field(default_factory=set)  # every process seen in a `corral up` tree
+    procs: set[Proc] = field(default_factory=set)  # every process seen in a `corral up` tree
     configs: list[Path] = field(default_factory=list)  # the fleet files run (deleted now)
     logs: list[str] = field(default_factory=list)  # what each `corral up` printed
 
@@ -323,7 +343,7 @@ async def measure(url: str, server_pid: int, scale: Scale, workdir: Path,
         async with running_up(url, workdir / f"round{r}") as up:
             figures = await measure_fleet(url, scale, clocks=_clocks(own, server,
                                                                       more=up.clocks))
-        outcome.pids |= up.seen
+        outcome.procs |= up.seen
         outcome.configs.append(up.config)
         outcome.logs.append(await anyio.Path(up.log).read_text())
         return figures

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.common import Scale
-from bench.processes import alive, run, table
+from bench.processes import alive, run, running, table
 
 TINY = Scale(warmup=3, appends=3, turns_sequential=3, tasks_inflight=10, tool_tasks=3,
              repeats=1)
@@ -33,8 +33,8 @@ def test_both_fleets_are_measured_and_corral_up_leaves_no_process() -> None:
     outcome = run(TINY)
 
     # The root, a supervisor per domain (models, tools, agents), a process per actor.
-    assert len(outcome.pids) >= 8, outcome.logs
-    assert [p for p in outcome.pids if alive(p)] == []
+    assert len(outcome.procs) >= 8, outcome.logs
+    assert [p for p in outcome.procs if running(p)] == []
     assert len(outcome.configs) == 1
     assert _command_lines_naming(str(outcome.configs[0])) == []
     assert "stopped" in outcome.logs[0].splitlines()[-1]
