@@ -39,6 +39,7 @@ log = logging.getLogger("corral.mailbox")
 
 ACK_PREFIX = "$JS.ACK."
 PULL_RETRY_S = 1.0  # after a failed pull request (connection closed or reconnecting)
+DRAIN_S = 2.0  # the longest a closing mailbox waits for what the server already sent it
 
 
 def _stored(msg: Msg) -> bool:
@@ -195,16 +196,33 @@ class Mailbox:
         await self.close()
 
     async def close(self) -> list[Delivery]:
-        """Stop intake; returns deliveries received but not yet handed out."""
+        """Stop intake; returns deliveries received but not yet handed out.
+
+        No more pulls; then the subscription is drained, not dropped: a message the
+        server sent for a pull still open (before it saw the unsubscribe) is on its
+        way, and a plain unsubscribe would discard it on arrival. Unsettled, it would
+        wait out ``ack_wait`` (seen: a wake lost when a dying supervisor's agents
+        closed their mailboxes, its task stalled past a test's 45 s). Drained, it is
+        returned here with the rest, to be handed back.
+        """
         if self._closed:
             return []
         self._closed = True
         if self._sub is not None:
-            try:
-                with nats_errors(f"unsubscribe mailbox {self.consumer}"):
-                    await self._sub.unsubscribe()
-            except BusError as exc:
-                log.debug("%s", exc)
+            drained = False
+            with anyio.move_on_after(DRAIN_S):
+                try:
+                    with nats_errors(f"drain mailbox {self.consumer}"):
+                        await self._sub.drain()  # type: ignore[no-untyped-call]
+                    drained = True
+                except BusError as exc:  # closed or reconnecting: nothing more will come
+                    log.debug("%s", exc)
+            if not drained:
+                try:
+                    with nats_errors(f"unsubscribe mailbox {self.consumer}"):
+                        await self._sub.unsubscribe()
+                except BusError as exc:
+                    log.debug("%s", exc)
         self._send.close()
         left: list[Delivery] = []
         while True:

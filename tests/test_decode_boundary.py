@@ -200,3 +200,28 @@ async def test_a_mailbox_survives_its_connection_closing(bus: Bus) -> None:
     with anyio.move_on_after(2.5):
         await box.get()
     assert await box.close() == []
+
+
+async def test_a_closing_mailbox_returns_what_the_server_already_sent_it(bus: Bus) -> None:
+    # A pull asks for 64 messages; the mailbox closes while the server is sending them.
+    # Whatever it sent is returned by close() (and handed back), not dropped on arrival to
+    # wait out ack_wait (a minute here): the next mailbox gets all 64 at once.
+    await ensure_agent_consumer(bus, "triage", ack_wait_s=60)
+    pad = b"x" * 30_000  # big enough that most of the batch is still on the wire at close
+    for i in range(64):
+        await bus.js_publish(subjects.task("triage"), b'{"i": %d, "pad": "%s"}' % (i, pad))
+    consumer = subjects.agent_consumer("triage")
+    box = Mailbox(bus, subjects.TASKS_STREAM, consumer, batch=64)
+    await box.__aenter__()
+    first = await box.get()  # the pull's messages are arriving
+    assert first is not None
+    for delivery in [first, *await box.close()]:
+        await delivery.nak()
+    seen: set[int] = set()
+    async with Mailbox(bus, subjects.TASKS_STREAM, consumer, batch=64) as again:
+        with anyio.fail_after(10):
+            while len(seen) < 64:
+                got = await again.get()
+                assert got is not None
+                seen.add(got.stream_seq)
+                await got.ack()
