@@ -194,13 +194,19 @@ async def test_copies_of_a_call_arriving_together_at_one_replica_pay_once(bus: B
         running = next(a for a in actors if isinstance(a, ModelGateway))
         replica = build_actor(bus, fleet, "model", "support-model")
         assert isinstance(replica, ModelGateway)
-        task_id = await Client(bus).submit("triage", "Hello, who am I talking to?")
+        question = "Hello, who am I talking to?"
+        task_id = await Client(bus).submit("triage", question)
         with anyio.fail_after(10):
             while "turn.started" not in types(await task_events(bus, task_id)):
                 await anyio.sleep(0.01)
+        # The copies ask what the task asked: whichever answer is recorded first, the
+        # task ends after this one turn (another question would hand off, and the second
+        # agent's turn would be paid as well).
+        request = msgspec.json.decode(_request(
+            task_id=task_id, messages=[{"role": "user", "content": question}]))
         call = msgspec.json.decode(_enc.encode(
-            {"key": f"{task_id}:1:1:support-model", "attempt": 1,
-             "request": msgspec.json.decode(_request(task_id=task_id))}), type=ModelCall)
+            {"key": f"{task_id}:1:1:support-model", "attempt": 1, "request": request}),
+            type=ModelCall)
         inbox = bus.nc.new_inbox()
 
         async def deliver() -> None:
