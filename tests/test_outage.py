@@ -169,12 +169,14 @@ async def test_a_copy_of_a_call_in_progress_is_not_paid_twice(bus: Bus) -> None:
     async with fleet_in_process(bus, demo_fleet(latency_ms=400)) as actors:
         gateway = next(a for a in actors if isinstance(a, ModelGateway))
         client = Client(bus)
-        task_id = await client.submit("triage", "Hello, who am I talking to?")
+        question = "Hello, who am I talking to?"
+        task_id = await client.submit("triage", question)
         with anyio.fail_after(10):
             while "turn.started" not in types(await task_events(bus, task_id)):
                 await anyio.sleep(0.01)
         copy = {"key": f"{task_id}:1:1:support-model", "attempt": 1,
-                "request": msgspec.json.decode(_request(task_id=task_id))}
+                "request": msgspec.json.decode(_request(
+                    task_id=task_id, messages=[{"role": "user", "content": question}]))}
         await bus.js_publish(subjects.llm("support-model"), _enc.encode(copy),
                              msg_id=f"copy-of-{task_id}")
         state = await client.wait(task_id, timeout_s=20)
