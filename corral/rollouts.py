@@ -147,7 +147,7 @@ def _print_rollout(r: Rollout, reports: list[ShadowDiff]) -> None:
     where = " → ".join(f"[{s:g}%]" if i == r.step else f"{s:g}%" for i, s in enumerate(r.steps))
     print(f"  steps {where}; gates: ≥{r.gates.min_tasks} candidate tasks, success drop "
           f"≤{r.gates.max_success_drop:.0%}, cost ≤{r.gates.max_cost_ratio:g}x, latency "
-          f"≤{r.gates.max_latency_ratio:g}x")
+          f"≤{r.gates.max_latency_ratio:g}x (or +{r.gates.latency_slack_s:g}s)")
     for version, c in sorted(r.stats.items()):
         which = "candidate" if version == r.candidate else "stable"
         print(f"  {which:9} {version}: {c.tasks} tasks, success {c.success_rate:.0%}, "
@@ -213,7 +213,8 @@ async def cmd_diff(args: argparse.Namespace) -> int:
 
 def _gates(args: argparse.Namespace) -> Gates:
     return Gates(min_tasks=args.min_tasks, max_success_drop=args.max_success_drop,
-                 max_cost_ratio=args.max_cost_ratio, max_latency_ratio=args.max_latency_ratio)
+                 max_cost_ratio=args.max_cost_ratio, max_latency_ratio=args.max_latency_ratio,
+                 latency_slack_s=args.latency_slack_s)
 
 
 async def cmd_rollout(args: argparse.Namespace) -> int:
@@ -313,6 +314,10 @@ system event (`corral events --system`).""",
     ro.add_argument("--max-latency-ratio", type=float, default=2.0,
                     help="candidate mean latency at most this x stable's (default: "
                     "%(default)s)")
+    ro.add_argument("--latency-slack-s", type=float, default=0.5,
+                    help="a candidate within this many seconds of stable's mean latency "
+                    "passes the latency gate whatever the ratio: short tasks differ by "
+                    "jitter (default: %(default)s)")
     ro.add_argument("--reason", default="", help="abort: why (kept in the system event)")
     ro.add_argument("--by", default=who, help="who (default: %(default)s)")
     ro.add_argument("--json", action="store_true", help="status: as JSON")

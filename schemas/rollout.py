@@ -72,6 +72,9 @@ class Gates(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     min_success_rate: float = 0.0  # and >= this (the bar when stable has no tasks yet)
     max_cost_ratio: float = 1.5  # candidate cost per task <= stable's x this
     max_latency_ratio: float = 2.0  # candidate mean task latency <= stable's x this
+    # ... or within this many seconds of stable's: tasks of milliseconds differ by the
+    # machine's jitter (a GC pause, a busy core), not by the version, and never roll back.
+    latency_slack_s: float = 0.5
 
 
 class Counters(msgspec.Struct, kw_only=True):
@@ -197,10 +200,11 @@ def evaluate(rollout: Rollout) -> Verdict:
             f"cost per task ${cand.cost_per_task:.4f} over {g.max_cost_ratio:g}x stable's "
             f"${stable.cost_per_task:.4f}"))
     if stable.tasks and stable.mean_latency_s > 0 and \
-            cand.mean_latency_s > stable.mean_latency_s * g.max_latency_ratio:
+            cand.mean_latency_s > stable.mean_latency_s * g.max_latency_ratio and \
+            cand.mean_latency_s - stable.mean_latency_s > g.latency_slack_s:
         return Verdict(action="roll_back", reason=(
             f"mean latency {cand.mean_latency_s:.2f}s over {g.max_latency_ratio:g}x stable's "
-            f"{stable.mean_latency_s:.2f}s"))
+            f"{stable.mean_latency_s:.2f}s (and more than {g.latency_slack_s:g}s slower)"))
     passed = (f"gates pass: success {cand.success_rate:.0%} of {cand.tasks} "
               f"(stable {stable.success_rate:.0%} of {stable.tasks}), "
               f"${cand.cost_per_task:.4f}/task, {cand.mean_latency_s:.2f}s")

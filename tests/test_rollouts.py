@@ -30,7 +30,7 @@ from schemas.config import FleetConfig
 from schemas.errors import SchemaError
 from schemas.events import ToolCompleted, ToolShadowed
 from schemas.messages import Message, ShadowLink, TaskSubmit, TextPart
-from schemas.rollout import Gates, Rollout, in_share, shadow_task_id
+from schemas.rollout import Gates, Rollout, evaluate, in_share, record_outcome, shadow_task_id
 from tests.conftest import fleet_in_process, fleet_variant, outbox
 from tests.conftest import task_events as events_of
 from tests.test_signed_events import connected, identities, key_set, signed_fleet
@@ -164,6 +164,25 @@ def test_a_share_is_a_stable_hash_that_only_grows() -> None:
     assert at10 == {i for i in ids if in_share(i, "r1", 10)}  # the same every time
     assert at10 != {i for i in ids if in_share(i, "r2", 10)}  # another rollout, other tasks
     assert not any(in_share(i, "r1", 0) for i in ids) and all(in_share(i, "r1", 100) for i in ids)
+
+
+def _judged(gates: Gates, stable_s: float, candidate_s: float, n: int = 5) -> str:
+    r = Rollout(id="r", agent="a", stable="s", candidate="c", gates=gates)
+    for _ in range(n):
+        record_outcome(r, "s", "completed", 0.01, stable_s)
+        record_outcome(r, "c", "completed", 0.01, candidate_s)
+    return evaluate(r).action
+
+
+def test_the_latency_gate_rolls_back_a_slower_candidate_but_not_jitter() -> None:
+    gates = Gates(min_tasks=5)
+    assert _judged(gates, 2.0, 3.9) == "advance"  # under 2x
+    assert _judged(gates, 2.0, 4.1) == "roll_back"  # over 2x and over the slack
+    # Tasks of milliseconds: 4x slower is a scheduler's hiccup, not the version.
+    assert _judged(gates, 0.01, 0.04) == "advance"
+    assert _judged(gates, 0.01, 0.6) == "roll_back"  # over 2x and 0.59 s slower
+    assert _judged(Gates(min_tasks=5, latency_slack_s=0.0), 0.01, 0.04) == "roll_back"
+    assert _judged(gates, 0.01, 0.6, n=4) == "hold"  # too few to judge
 
 
 def test_a_candidate_must_change_something_this_fleet_can_run() -> None:
