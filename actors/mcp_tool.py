@@ -125,6 +125,27 @@ async def _watched(inner: contextlib.AbstractAsyncContextManager[TransportStream
                 tg.cancel_scope.cancel()
 
 
+@contextlib.asynccontextmanager
+async def _http(url: str, headers: dict[str, str], refused: Callable[[int], None]
+                ) -> AsyncIterator[TransportStreams]:
+    """Streamable HTTP to ``url``, sending ``headers`` (a credential) with every request.
+
+    ``refused`` hears the status of each error response: the SDK reports one only as
+    "Server returned an error response", and a 401 is what an operator needs to see.
+    """
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client  # the SDK's own timeouts
+
+    async def on_response(response: Any) -> None:
+        if response.status_code >= 400:
+            refused(int(response.status_code))
+
+    async with create_mcp_http_client(headers=headers) as http:
+        http.event_hooks = {"response": [on_response]}
+        async with streamable_http_client(url, http_client=http) as streams:
+            yield streams
+
+
 class McpConnection:
     """One MCP server: started (or reached), listed, and started again when it dies."""
 
@@ -136,13 +157,38 @@ class McpConnection:
         self.restarts = 0
         self._up = anyio.Event()
         self._gone = anyio.Event()
+        self._refused = 0  # the last error status an HTTP server answered this start with
+
+    def _refused_note(self) -> str:
+        status, self._refused = self._refused, 0
+        if status in (401, 403):
+            what = ("its credential was refused: check [mcp.{s}] auth and its variable"
+                    if self.spec.auth else "it wants a credential: set [mcp.{s}] auth")
+            return f" (the server answered HTTP {status}: {what.format(s=self.server)})"
+        return f" (the server answered HTTP {status})" if status else ""
+
+    def credential(self) -> dict[str, str]:
+        """The header ``auth`` sends with every request to a server reached by url.
+
+        Raises:
+            ActorError: its variable is not set (it never will be in this process).
+        """
+        auth = self.spec.auth
+        if auth is None:
+            return {}
+        secret = os.environ.get(auth.env, "")
+        if not secret:
+            raise ActorError(f"MCP server {self.server!r}: the credential variable {auth.env} "
+                             "is not set in the environment of this tool's process (set it "
+                             "where `corral up` runs; [mcp] env passes it on)", retryable=False)
+        return {auth.header: f"{auth.scheme} {secret}" if auth.scheme else secret}
 
     def _transport(self, gone: anyio.Event) -> contextlib.AbstractAsyncContextManager[Any]:
         from mcp.client.stdio import StdioServerParameters, stdio_client
-        from mcp.client.streamable_http import streamable_http_client
 
         if self.spec.url:
-            return _watched(streamable_http_client(self.spec.url), gone)
+            return _watched(_http(self.spec.url, self.credential(),
+                                  lambda status: setattr(self, "_refused", status)), gone)
         # Only the declared variables (the process's own environment is already just
         # those and the safe ones: supervisors/child.py); the SDK adds HOME, PATH and such.
         env = {v: os.environ[v] for v in self.spec.env if v in os.environ}
@@ -161,6 +207,7 @@ class McpConnection:
         """
         from mcp import Client
 
+        self.credential()  # a variable that is not set: say so now, not after every retry
         failures, started = 0, False
         while True:
             gone = anyio.Event()
@@ -181,7 +228,7 @@ class McpConnection:
                         await gone.wait()
                         problem = "the server went away"
                 except Exception as exc:  # a foreign process: anything may come out of it
-                    problem = f"{type(exc).__name__}: {_first_line(exc)}"
+                    problem = f"{type(exc).__name__}: {_first_line(exc)}{self._refused_note()}"
                 finally:
                     self.client = None
                     self._up = anyio.Event()

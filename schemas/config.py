@@ -159,6 +159,14 @@ class ToolSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     compensate: str = ""
 
 
+class HttpAuthSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``auth = { header = "Authorization", scheme = "Bearer", env = "ORDERS_TOKEN" }``."""
+
+    env: str
+    header: str = "Authorization"
+    scheme: str = "Bearer"  # "" sends the variable's value alone
+
+
 class McpSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``[mcp.<server>]``: an MCP tool server (docs/tools.md, "MCP tools").
 
@@ -183,14 +191,8 @@ class McpSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
     replicas: int = 1  # actors, each with its own server process
     # The environment variables the server's actor (and so the server) gets, as ToolSpec.env.
     env: list[str] = msgspec.field(default_factory=list)
-
-
-class HttpAuthSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """``auth = { header = "Authorization", scheme = "Bearer", env = "ORDERS_TOKEN" }``."""
-
-    env: str
-    header: str = "Authorization"
-    scheme: str = "Bearer"  # "" sends the variable's value alone
+    # ``url`` only: the credential sent with every request, from one of ``env``.
+    auth: HttpAuthSpec | None = None
 
 
 class OpenApiSpec(_Spec, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -641,6 +643,15 @@ def _mcp_tools(agents: dict[str, AgentSpec], tools: dict[str, ToolSpec],
         if spec.url and not spec.url.startswith(("http://", "https://")):
             raise ConfigError("must be an http:// or https:// URL", file=source, table=table,
                               key="url")
+        if spec.auth is not None:
+            if not spec.url:
+                raise ConfigError("a server reached by url takes a credential; one corral "
+                                  "starts gets its variables from env", file=source,
+                                  table=table, key="auth")
+            if spec.auth.env not in spec.env:
+                raise ConfigError(f"auth.env {spec.auth.env!r} must be one of the server's "
+                                  f"declared variables (env = {spec.env})", file=source,
+                                  table=table, key="auth")
         for key in ("timeout_s", "start_timeout_s"):
             if not getattr(spec, key) > 0:
                 raise ConfigError("must be positive", file=source, table=table, key=key)

@@ -73,8 +73,33 @@ def fail(reason: str) -> str:
     raise ToolError(reason)
 
 
-if __name__ == "__main__":  # stdio, or `--http PORT`: streamable HTTP on 127.0.0.1:PORT/mcp
+def _serve_http(port: int, token: str) -> None:
+    """Streamable HTTP; with ``token``, a request without ``Bearer <token>`` gets 401."""
+    import uvicorn
+    from starlette.types import ASGIApp, Receive, Scope, Send
+
+    app = server.streamable_http_app()
+
+    def guarded(inner: ASGIApp) -> ASGIApp:
+        async def check(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and token:
+                given = dict(scope["headers"]).get(b"authorization", b"").decode()
+                if given != f"Bearer {token}":
+                    with (STATE / "refused.log").open("a") as f:
+                        f.write(f"{given[:20]!r}\n")
+                    await send({"type": "http.response.start", "status": 401,
+                                "headers": [(b"content-type", b"text/plain")]})
+                    await send({"type": "http.response.body", "body": b"no valid token"})
+                    return
+            await inner(scope, receive, send)
+        return check
+
+    uvicorn.run(guarded(app), host="127.0.0.1", port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    # stdio; or `--http PORT [TOKEN]`: streamable HTTP on 127.0.0.1:PORT/mcp (TOKEN: required)
     if sys.argv[1:2] == ["--http"]:
-        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+        _serve_http(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "")
     else:
         server.run("stdio")

@@ -23,14 +23,14 @@ import msgspec
 import pytest
 
 from actors.agent import AgentActor, agent_version
-from actors.mcp_tool import McpToolActor
+from actors.mcp_tool import McpConnection, McpToolActor
 from actors.runtime import AnyActor
 from bus import subjects
 from bus.connection import Bus
 from bus.kv import Bucket
 from corral.client import Client
 from schemas.config import FleetConfig, parse_fleet
-from schemas.errors import ConfigError
+from schemas.errors import ActorError, ConfigError
 from schemas.events import Event, ToolCompleted, ToolFailed
 from schemas.fold import TaskState
 from schemas.mcp import McpServerTools
@@ -393,6 +393,10 @@ provider = "scripted"
     ('["x__t"]', '[mcp.x]\ncommand = ["s"]\nurl = "http://h/mcp"\n', "not both"),
     ('["x__t"]', '[mcp.x]\n', "not both"),
     ('["x__t"]', '[mcp.x]\nurl = "ftp://h"\n', "http:// or https://"),
+    ('["x__t"]', '[mcp.x]\ncommand = ["s"]\nenv = ["T"]\nauth = { env = "T" }\n',
+     "reached by url takes a credential"),
+    ('["x__t"]', '[mcp.x]\nurl = "http://h/mcp"\nauth = { env = "T" }\n',
+     "one of the server's declared variables"),
     ('["x__t"]', '[mcp.x]\ncommand = ["s"]\nside_effect = { u = "none" }\n', "not one of"),
     ('["x__t"]', '[mcp.x]\ncommand = ["s"]\nside_effect = { t = "maybe" }\n', "side_effect"),
     ('["a__b"]', '[mcp.a_]\ncommand = ["s"]\n', "not ending in '_'"),
@@ -439,10 +443,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start_http_server(port: int) -> anyio.abc.Process:
-    """tests/mcp_test_server.py over streamable HTTP, once it accepts connections."""
-    proc = await anyio.open_process([sys.executable, str(TEST_SERVER), "--http", str(port)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+async def start_http_server(port: int, token: str = "") -> anyio.abc.Process:
+    """tests/mcp_test_server.py over streamable HTTP, once it accepts connections.
+
+    ``token``: the server answers 401 to a request without ``Bearer <token>``.
+    """
+    proc = await anyio.open_process(
+        [sys.executable, str(TEST_SERVER), "--http", str(port), *([token] if token else [])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with anyio.fail_after(30):
         while True:
             try:
@@ -475,3 +483,44 @@ async def test_a_server_reached_by_url_over_streamable_http(bus: Bus, state_dir:
     assert record is not None and record.tool("t__echo") is not None
     assert first.status == "completed" and "over http" in first.answer
     assert second.status == "completed" and "again" in second.answer, second.answer
+
+
+def _http_fleet(port: int, auth: str) -> FleetConfig:
+    return fleet_variant(OWN_SERVER.replace(
+        f"command = [{sys.executable!r}, {str(TEST_SERVER)!r}]\nenv = [\"CORRAL_MCP_TEST_DIR\"]",
+        f'url = "http://127.0.0.1:{port}/mcp"\nenv = ["CORRAL_MCP_TEST_DIR", "T_TOKEN"]\n'
+        f"{auth}\nstart_timeout_s = 5"))
+
+
+async def test_a_server_that_needs_a_token_gets_it_from_the_declared_variable(
+        bus: Bus, state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    server = await start_http_server(port, token="s3cret")
+    try:
+        monkeypatch.setenv("T_TOKEN", "s3cret")
+        async with fleet_in_process(bus, _http_fleet(port, 'auth = { env = "T_TOKEN" }')):
+            state, _ = await run_task(bus, "helper", "echo with a token")
+        assert not (state_dir / "refused.log").exists()
+        assert state.status == "completed" and "with a token" in state.answer
+        # Without the header (no auth in the config) or with a wrong token: refused, and the
+        # actor says why once its starts run out; an unset variable is said at once.
+        fleet = _http_fleet(port, "")
+        with pytest.raises(ActorError, match=r"starts in a row failed.*HTTP 401: it wants a "
+                           r"credential: set \[mcp.t\] auth"):
+            await McpConnection("t", fleet.mcp["t"]).keep(_nothing)
+        monkeypatch.setenv("T_TOKEN", "wrong")
+        fleet = _http_fleet(port, 'auth = { env = "T_TOKEN", scheme = "Bearer" }')
+        with pytest.raises(ActorError, match=r"HTTP 401: its credential was refused"):
+            await McpConnection("t", fleet.mcp["t"]).keep(_nothing)
+        refused = (state_dir / "refused.log").read_text().splitlines()
+        assert refused and "'Bearer wrong'" in refused and "''" in refused
+        monkeypatch.delenv("T_TOKEN")
+        with pytest.raises(ActorError, match="T_TOKEN is not set"):
+            await McpConnection("t", fleet.mcp["t"]).keep(_nothing)
+    finally:
+        server.kill()
+        await server.wait()
+
+
+async def _nothing(client: object) -> None:
+    raise AssertionError("the server must not come up")
