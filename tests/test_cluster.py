@@ -348,7 +348,7 @@ async def stored_at(bus: Bus, seq: int) -> bytes | str:
 
 async def under_fault(cf: ClusterFleet, scenario: str,
                       fault: Callable[[ClusterFleet], Awaitable[str]]) -> Counts:
-    """N/2 tasks, the fault once one of them is done, N/2 more meanwhile; count.
+    """N/2 tasks, the fault once one of them is done and N/2 more are coming; count.
 
     Waits first until every node runs and is current (after the last fault).
     """
@@ -361,14 +361,21 @@ async def under_fault(cf: ClusterFleet, scenario: str,
         return any(s.terminal for s in (await cf.states(ids)).values())
 
     await wait_until(one_done, 60, "a first task finished")
-    in_flight = sum(not s.terminal for s in (await cf.states(ids)).values())
+    # The fault waits for the second wave's first few submissions: on a fast run the first
+    # wave may all be done by the time one is seen done, and a fault that hit no work in
+    # flight would prove nothing.
+    waving = anyio.Event()
     async with anyio.create_task_group() as tg:
         async def second_wave() -> None:
-            for text in texts[N // 2:]:
+            for i, text in enumerate(texts[N // 2:]):
                 ids.append(await cf.submit(text))
+                if i + 1 >= max(1, min(3, N - N // 2 - 1)):  # and some come during it
+                    waving.set()
                 await anyio.sleep(0.05)
 
         tg.start_soon(second_wave)
+        await waving.wait()
+        in_flight = sum(not s.terminal for s in (await cf.states(list(ids))).values())
         what = await fault(cf)
     counts = await finish_and_count(cf, ids)
     print(f"[cluster: {scenario}] {what}; {in_flight} tasks in flight when it hit; all "
