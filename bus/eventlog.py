@@ -54,6 +54,7 @@ from schemas.errors import BusError
 from schemas.events import (
     GENESIS_HASH,
     TERMINAL_EVENTS,
+    ActorRef,
     Anchor,
     Event,
     EventBase,
@@ -66,7 +67,7 @@ from schemas.identity import may_claim
 from schemas.system import LogRejected, encode_system
 from schemas.verify import LogVerifier, Rejected
 
-__all__ = ["EventLog", "LogHead", "LoggedEvent", "OnReject", "atomic_batches"]
+__all__ = ["AnchorRestored", "EventLog", "LogHead", "LoggedEvent", "OnReject", "atomic_batches"]
 
 log = logging.getLogger("corral.eventlog")
 
@@ -89,6 +90,15 @@ def atomic_batches(bus: Bus) -> bool:
     if setting:
         return setting in ("1", "true", "yes")
     return bus.clustered
+
+
+class AnchorRestored(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``EventLog.restore_anchor`` did: whether it wrote the anchor, and why (not)."""
+
+    written: bool = False
+    why: str = ""
+    writer: ActorRef | None = None  # who wrote the task's end (None: no end was read)
+    theirs: bool = False  # only the end's writer may anchor it, and this identity is not it
 
 
 class LogHead(msgspec.Struct, frozen=True):
@@ -240,19 +250,31 @@ class EventLog:
         Raises:
             BusError: the anchor or the log could not be read.
         """
+        return (await self.restore_anchor(task_id)).written
+
+    async def restore_anchor(self, task_id: str) -> AnchorRestored:
+        """``ensure_anchor``, saying what it did and, when it did not, why (for operators).
+
+        Raises:
+            BusError: the anchor or the log could not be read.
+        """
         last = await last_anchor(self.bus, task_id)
         if last is not None and not anchor_problem(last, self.bus.keys):
-            return False
+            return AnchorRestored(why="anchored already")
         logged, _ = await self.read(task_id, state=TaskState())
         end = next((e for e in logged if event_type(e.event) in TERMINAL_EVENTS), None)
         if end is None:
-            return False
+            return AnchorRestored(why="not finished" if logged else "no log")
+        writer = end.event.actor
         signer = self.bus.signer
-        if signer is not None and not may_claim(signer.identity, end.event.actor.kind,
-                                                end.event.actor.name):
-            return False
-        return await self._anchor(end.event, LogHead(end.stream_seq, end.event.seq,
-                                                     event_hash(end.raw)))
+        if signer is not None and not may_claim(signer.identity, writer.kind, writer.name):
+            return AnchorRestored(why=f"its end was written by {writer.kind}/{writer.name}, "
+                                      f"which alone may anchor it", writer=writer, theirs=True)
+        if not await self._anchor(end.event, LogHead(end.stream_seq, end.event.seq,
+                                                     event_hash(end.raw))):
+            return AnchorRestored(why="the anchor could not be written (the bus did not "
+                                      "confirm it)", writer=writer)
+        return AnchorRestored(written=True, why="anchored", writer=writer)
 
     async def head(self, task_id: str) -> LogHead:
         """The current head of a task's log (``LogHead()`` when it is empty).

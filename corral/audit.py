@@ -23,6 +23,12 @@ Example:
     $ corral audit verify --since 1d
     task 4f2a…: truncated: the log ends at seq 3 but its end was anchored at seq 6 …
     12 tasks, 187 events, 1 finding; signatures checked against 9 identities of fleet 'demo'
+
+``corral audit anchor`` repairs the one finding that is not tampering:
+``anchor-missing``, left by a writer that died between a task's end and its
+anchor. Run as ``operator``, it anchors the ends an operator wrote (a cancel
+from a CLI that died) and wakes the agent that wrote any other, which
+anchors its own (nobody else's anchor would verify).
 """
 
 from __future__ import annotations
@@ -37,16 +43,18 @@ import msgspec
 from bus import subjects
 from bus.anchors import StoredAnchor, anchor_problem, read_anchors
 from bus.connection import Bus
+from bus.eventlog import EventLog
 from bus.reader import read_stream
 from corral.access import connect_command
 from corral.client import Client
 from corral.cost import parse_duration
 from schemas.errors import SchemaError
 from schemas.events import TERMINAL_EVENTS, Anchor, event_hash, event_type
-from schemas.messages import is_task_id
+from schemas.messages import Wake, is_task_id
 from schemas.verify import Rejected
 
-__all__ = ["AuditReport", "Finding", "add_parser", "audit", "cmd_audit", "format_report"]
+__all__ = ["AuditReport", "Finding", "add_parser", "audit", "cmd_audit", "format_report",
+           "restore_anchors"]
 
 READER = "corral-audit"
 
@@ -259,6 +267,50 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if report.findings else 0
 
 
+async def restore_anchors(bus: Bus, task_ids: list[str]) -> list[tuple[str, bool, str]]:
+    """Anchor each task's end if it has none: (task, whether it is or will be, what happened).
+
+    An end this connection's identity may not anchor is an agent's (or a tool's): the
+    agent that wrote it is woken, and anchors it when it looks at the task.
+    """
+    log, out = EventLog(bus), []
+    for tid in task_ids:
+        done = await log.restore_anchor(tid)
+        if done.written or done.why == "anchored already":
+            out.append((tid, True, done.why))
+        elif done.theirs and done.writer is not None and done.writer.kind == "agent":
+            wake = Wake(task_id=tid, reason="corral audit anchor: its end has no anchor")
+            await bus.js_publish(subjects.wake(done.writer.name), msgspec.json.encode(wake))
+            out.append((tid, True, f"{done.why}: woke it to do so (`corral audit verify --task "
+                                   f"{tid}` shows when it has)"))
+        else:
+            out.append((tid, False, done.why))
+    return out
+
+
+async def cmd_anchor(args: argparse.Namespace) -> int:
+    """``corral audit anchor``: 0 when every task named is (or is being) anchored, else 1."""
+    if args.task is not None and not is_task_id(args.task):
+        print(f"corral audit: --task {args.task!r} is no task id (1-128 letters, digits, "
+              f"- or _)", file=sys.stderr)
+        return 2
+    bus = await connect_command("operator", READER, creds_file=getattr(args, "creds", None))
+    try:
+        if args.task is not None:
+            ids = [args.task]
+        else:
+            report = await audit(bus)
+            ids = [f.task_id for f in report.findings if f.what == "anchor-missing"]
+        results = await restore_anchors(bus, ids)
+    finally:
+        await bus.close()
+    for tid, _, what in results:
+        print(f"task {tid}: {what}")
+    fixed = sum(ok for _, ok, _ in results)
+    print(f"{_n(len(results), 'task')} without an anchor, {fixed} anchored or asked to be")
+    return 0 if fixed == len(results) else 1
+
+
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``corral audit verify`` to the CLI's subcommands."""
     p = sub.add_parser("audit", help="audit the event logs: chains, signatures, anchors",
@@ -281,3 +333,14 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     v.add_argument("--json", action="store_true",
                    help="one JSON document: counts, findings, whether signatures were checked")
     v.set_defaults(func=cmd_audit)
+    a = verbs.add_parser(
+        "anchor", help="restore missing anchors (a writer died between an end and its anchor)",
+        description="Anchor the end of each task that `corral audit verify` reports as "
+        "anchor-missing (or of one task). Runs as operator: it anchors the ends an operator "
+        "wrote (a cancel from a CLI that died before anchoring) and wakes the agent that "
+        "wrote any other end, which anchors it itself; nobody else's anchor would verify. "
+        "Findings of tampering (truncated, rewritten, forged) are not repaired: they are "
+        "evidence. Exit 0 when every task is anchored or its agent was woken, 1 otherwise.")
+    a.add_argument("--task", metavar="ID", help="only this task (default: every task "
+                   "`corral audit verify` finds anchor-missing)")
+    a.set_defaults(func=cmd_anchor)

@@ -21,7 +21,7 @@ import pytest
 
 from bus import subjects
 from bus.anchors import last_anchor
-from bus.connection import Bus
+from bus.connection import Bus, connect
 from bus.eventlog import EventLog, LogHead
 from bus.provision import ensure_streams
 from bus.server import EmbeddedServer
@@ -32,6 +32,7 @@ from corral.client import Client
 from schemas.events import (
     ActorRef,
     LlmResponded,
+    TaskCanceled,
     TaskCompleted,
     TaskSubmitted,
     TurnStarted,
@@ -289,6 +290,61 @@ async def test_an_agent_restores_the_anchor_of_a_task_it_ended(
             while await last_anchor(bus, "late") is None:
                 await anyio.sleep(0.05)
     assert whats(await audit(bus)) == []
+
+
+async def test_corral_audit_anchor_restores_what_dead_writers_left_unanchored(
+        bus: Bus, nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A cancel whose CLI died before its anchor, an agent that died before its own: the
+    command anchors the operator's end itself and wakes the agent, which anchors its own."""
+    fleet, signers, keys = signed_demo()
+    url = nats_server.url
+    async with (connected(url, signers["agent.triage"], keys) as as_triage,
+                connected(url, signers["operator"], keys) as as_operator):
+        await finish(EventLog(as_triage), "late", "fine", agent="triage", anchored=False)
+        head, _ = await EventLog(as_triage).append(LogHead(), TaskSubmitted(
+            **_env("cut", "triage"), agent="triage",
+            message=Message(role="user", parts=[TextPart(text="q")])))
+        cancel = TaskCanceled(task_id="cut", seq=head.seq + 1, prev_hash=head.hash, time=2.0,
+                              actor=ActorRef(kind="operator", name="operator"), by="operator")
+        raw = encode_event(cancel)
+        await as_operator.js_publish(subjects.events("cut"), raw,
+                                     expected_last_subject_seq=head.stream_seq,
+                                     headers=signers["operator"].headers(raw))
+        bus.keys = keys
+        assert whats(await audit(bus)) == [("cut", "anchor-missing"), ("late", "anchor-missing")]
+
+        async def as_the_operator(role: str, *args: Any, **kwargs: Any) -> Bus:
+            assert role == "operator"
+            b = await connect(url, name="corral-audit")
+            b.signer, b.keys = signers["operator"], keys
+            return b
+
+        monkeypatch.setattr(audit_cmd, "connect_command", as_the_operator)
+        capsys.readouterr()
+        args = cli.build_parser().parse_args(["audit", "anchor"])
+        assert await args.func(args) == 0
+        out = capsys.readouterr().out
+        assert "task cut: anchored" in out
+        assert "task late: its end was written by agent/triage, which alone may anchor it: " \
+               "woke it" in out
+        assert "2 tasks without an anchor, 2 anchored or asked to be" in out
+        assert whats(await audit(bus)) == [("late", "anchor-missing")]  # the agent is not up
+        async with signed_fleet(url, fleet, signers, keys):
+            with anyio.fail_after(20):  # it is now: the wake waited for it
+                while await last_anchor(bus, "late") is None:
+                    await anyio.sleep(0.05)
+        assert whats(await audit(bus)) == []
+        # Nothing left to do, and a task with no end: said, and exit 1 for the latter.
+        args = cli.build_parser().parse_args(["audit", "anchor", "--task", "cut"])
+        assert await args.func(args) == 0
+        assert "task cut: anchored already" in capsys.readouterr().out
+        await EventLog(as_triage).append(LogHead(), TaskSubmitted(
+            **_env("open", "triage"), agent="triage",
+            message=Message(role="user", parts=[TextPart(text="q")])))
+        args = cli.build_parser().parse_args(["audit", "anchor", "--task", "open"])
+        assert await args.func(args) == 1
+        assert "task open: not finished" in capsys.readouterr().out
 
 
 async def test_since_audits_only_tasks_active_lately(bus: Bus, nats_server: EmbeddedServer
