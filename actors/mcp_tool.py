@@ -64,6 +64,7 @@ __all__ = ["McpConnection", "McpToolActor", "check_mcp_server", "server_command"
 log = logging.getLogger("corral.mcp")
 
 _encoder = msgspec.json.Encoder()
+CONNECT_MODE = "auto"  # the SDK's: the newest protocol the server speaks ("legacy": older)
 MAX_START_FAILURES = 5  # failed starts in a row before the actor gives up (and exits)
 STABLE_AFTER_S = 5.0  # a server that lived this long was started fine: failures reset
 MAX_PAGES = 100  # tools/list pages read at most (a paginator that never ends)
@@ -146,6 +147,24 @@ async def _http(url: str, headers: dict[str, str], refused: Callable[[int], None
             yield streams
 
 
+class _Changed:
+    """The client's message handler: notes ``notifications/tools/list_changed``."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    async def __call__(self, message: Any) -> None:
+        from mcp_types import ToolListChangedNotification
+
+        if isinstance(message, ToolListChangedNotification):
+            self._event.set()
+
+    async def wait(self) -> None:
+        """Until the list changed (since the last wait returned)."""
+        await self._event.wait()
+        self._event = anyio.Event()
+
+
 class McpConnection:
     """One MCP server: started (or reached), listed, and started again when it dies."""
 
@@ -216,7 +235,9 @@ class McpConnection:
             with anyio.CancelScope(deadline=anyio.current_time()
                                    + self.spec.start_timeout_s) as scope:
                 try:
-                    async with Client(self._transport(gone), cache=None) as client:
+                    changed = _Changed()
+                    async with Client(self._transport(gone), cache=None, mode=CONNECT_MODE,
+                                      message_handler=changed) as client:
                         await on_up(client)
                         scope.deadline = math.inf  # up: it lives as long as it lives
                         self.client, self._gone = client, gone
@@ -225,7 +246,10 @@ class McpConnection:
                         if not started:
                             started = True
                             task_status.started()
-                        await gone.wait()
+                        async with anyio.create_task_group() as watch:
+                            watch.start_soon(self._relist, changed, client, on_up)
+                            await gone.wait()
+                            watch.cancel_scope.cancel()
                         problem = "the server went away"
                 except Exception as exc:  # a foreign process: anything may come out of it
                     problem = f"{type(exc).__name__}: {_first_line(exc)}{self._refused_note()}"
@@ -245,6 +269,52 @@ class McpConnection:
                         delay)
             self.restarts += 1
             await anyio.sleep(delay)
+
+    async def _relist(self, changed: _Changed, client: Client,
+                      on_up: Callable[[Client], Awaitable[None]]) -> None:
+        """``on_up`` again each time the server says its tool list changed.
+
+        Protocol 2026-07-28 says so on a ``subscriptions/listen`` stream, which is
+        opened again (and the list read again: no replay) when it drops; older ones
+        with ``notifications/tools/list_changed`` (``changed``).
+        """
+        from mcp.client.subscriptions import ListenNotSupportedError
+
+        ended = 0  # streams that ended in a row
+        while True:
+            try:
+                async with client.listen(tools_list_changed=True) as sub:
+                    if not sub.honored.tools_list_changed:
+                        log.info("MCP server %s does not tell tool list changes",
+                                 self.server)
+                        await anyio.sleep_forever()
+                    if ended:  # what changed while no stream was open
+                        await self._list_again(client, on_up)
+                    ended = 0
+                    async for _ in sub:
+                        await self._list_again(client, on_up)
+                why = "the server closed it"
+            except ListenNotSupportedError:
+                break
+            except Exception as exc:  # dropped, refused: listen again, a little later
+                why = f"{type(exc).__name__}: {_first_line(exc)}"
+            ended += 1
+            log.info("MCP server %s: the list-changed stream ended (%s); listening again",
+                     self.server, why)
+            await anyio.sleep(backoff_s(ended, base_s=0.5, cap_s=30.0))
+        while True:
+            await changed.wait()
+            await self._list_again(client, on_up)
+
+    async def _list_again(self, client: Client,
+                          on_up: Callable[[Client], Awaitable[None]]) -> None:
+        log.info("MCP server %s: its tool list changed: listing it again", self.server)
+        try:
+            await on_up(client)
+        except Exception as exc:  # a foreign server: keep serving what was listed
+            log.warning("MCP server %s: listing its tools again failed (%s: %s); the "
+                        "tools listed before are served", self.server, type(exc).__name__,
+                        _first_line(exc))
 
     async def ready(self) -> tuple[Client, anyio.Event]:
         """The live client and the event its end sets (waits for a server to be up)."""

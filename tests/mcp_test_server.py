@@ -9,6 +9,8 @@ Run as ``python -m tests.mcp_test_server`` over stdio. Its state lives in
   appends the server's pid, so a test can kill the server mid-call; the first
   attempt of a key hangs until killed, a later one returns at once.
 - ``writes.log``: one line per ``slow_write`` call that reached its effect.
+
+``grow(name)`` adds a tool and sends ``notifications/tools/list_changed``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp_types import ToolAnnotations
 
@@ -65,6 +68,19 @@ def slow_write(key: str) -> str:
     if _attempt("slow_write", key) == 1:
         time.sleep(600)
     return f"wrote {key}"
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+async def grow(name: str, ctx: Context) -> str:
+    """Add a tool ``name`` that says its text back, and tell the client the list changed."""
+    def said(text: str) -> str:
+        return f"{name} says {text}"
+
+    server.add_tool(said, name=name, description=f"Say the text back as {name}.",
+                    annotations=ToolAnnotations(read_only_hint=True))
+    await ctx.notify_tools_changed()  # to subscriptions/listen streams (protocol 2026-07-28)
+    await ctx.session.send_tool_list_changed()  # to a client of an older protocol
+    return f"grew {name}"
 
 
 @server.tool()

@@ -22,6 +22,7 @@ import anyio.abc
 import msgspec
 import pytest
 
+from actors import mcp_tool
 from actors.agent import AgentActor, agent_version
 from actors.mcp_tool import McpConnection, McpToolActor
 from actors.runtime import AnyActor
@@ -524,3 +525,43 @@ async def test_a_server_that_needs_a_token_gets_it_from_the_declared_variable(
 
 async def _nothing(client: object) -> None:
     raise AssertionError("the server must not come up")
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_tool_the_server_adds_is_served_once_it_says_its_list_changed(
+        bus: Bus, state_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    # auto: protocol 2026-07-28, told on a subscriptions/listen stream; legacy: 2025-11-25,
+    # told by a notifications/tools/list_changed.
+    monkeypatch.setattr(mcp_tool, "CONNECT_MODE", mode)
+    text = OWN_SERVER.replace('"t__nope"]', '"t__nope", "t__grow", "t__extra"]', 1).replace(
+        '"nope"]   # nope', '"nope", "grow", "extra"]   # nope', 1).replace(
+        '[[models.m.rules]]\nafter = "tool"\n', """[[models.m.rules]]
+after = "start"
+when_user = "^grow (?P<name>.*)"
+call = "t__grow"
+arguments = {{ name = "{{name}}" }}
+
+[[models.m.rules]]
+after = "start"
+when_user = "^extra (?P<text>.*)"
+call = "t__extra"
+arguments = {{ text = "{{text}}" }}
+
+[[models.m.rules]]
+after = "tool"
+""".replace("{{", "{").replace("}}", "}"), 1)
+    async with fleet_in_process(bus, fleet_variant(text)):
+        before = await offered(bus, "t")
+        early, _ = await run_task(bus, "helper", "extra too soon")
+        grown, _ = await run_task(bus, "helper", "grow extra")
+        with anyio.fail_after(20):
+            while (after := await offered(bus, "t")) is None or "extra" not in after.offered:
+                await anyio.sleep(0.05)
+        late, _ = await run_task(bus, "helper", "extra hello")
+    assert before is not None and "extra" not in before.offered
+    assert early.status == "completed" and "offers no tool 'extra'" in early.answer
+    assert grown.status == "completed" and "grew extra" in grown.answer
+    record = after.tool("t__extra")
+    assert record is not None and not record.problem and record.side_effect == "none"
+    assert after.instance == before.instance  # listed again, not restarted
+    assert late.status == "completed" and "extra says hello" in late.answer, late.answer
