@@ -539,17 +539,17 @@ async def test_a_tool_the_server_adds_is_served_once_it_says_its_list_changed(
 after = "start"
 when_user = "^grow (?P<name>.*)"
 call = "t__grow"
-arguments = {{ name = "{{name}}" }}
+arguments = { name = "{name}" }
 
 [[models.m.rules]]
 after = "start"
 when_user = "^extra (?P<text>.*)"
 call = "t__extra"
-arguments = {{ text = "{{text}}" }}
+arguments = { text = "{text}" }
 
 [[models.m.rules]]
 after = "tool"
-""".replace("{{", "{").replace("}}", "}"), 1)
+""", 1)
     async with fleet_in_process(bus, fleet_variant(text)):
         before = await offered(bus, "t")
         early, _ = await run_task(bus, "helper", "extra too soon")
