@@ -279,6 +279,8 @@ class McpConnection:
         with ``notifications/tools/list_changed`` (``changed``).
         """
         from mcp.client.subscriptions import ListenNotSupportedError
+        from mcp.shared.exceptions import MCPError
+        from mcp_types import METHOD_NOT_FOUND
 
         ended = 0  # streams that ended in a row
         while True:
@@ -296,7 +298,13 @@ class McpConnection:
                 why = "the server closed it"
             except ListenNotSupportedError:
                 break
-            except Exception as exc:  # dropped, refused: listen again, a little later
+            except MCPError as exc:
+                if exc.error.code == METHOD_NOT_FOUND:  # mcp-server-time 2026.10.19, say
+                    log.info("MCP server %s does not offer subscriptions/listen: its tools are "
+                             "listed when it starts", self.server)
+                    break
+                why = f"MCPError: {exc.error.message}"
+            except Exception as exc:  # dropped: listen again, a little later
                 why = f"{type(exc).__name__}: {_first_line(exc)}"
             ended += 1
             log.info("MCP server %s: the list-changed stream ended (%s); listening again",

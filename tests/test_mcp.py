@@ -9,6 +9,7 @@ mid-call, a schema change, bad input.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -180,7 +181,8 @@ def server_pids(script: str) -> list[int]:
 # -- discovery and a call through the whole fleet -------------------------------------------
 
 async def test_the_time_server_is_discovered_and_answers_through_the_whole_fleet(
-        bus: Bus) -> None:
+        bus: Bus, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="corral.mcp")
     fleet = fleet_variant(TIME_DEMO)
     async with fleet_in_process(bus, fleet) as actors:
         record = await offered(bus, "time")
@@ -211,6 +213,16 @@ async def test_the_time_server_is_discovered_and_answers_through_the_whole_fleet
     version = agent_version("triage", fleet, {"time": record})
     assert version != agent_version("triage", fleet)  # the discovered schema counts
     assert {e.agent_version for e in events if e.actor.kind == "agent"} == {version}
+    # It has no subscriptions/listen: said once, not asked again and again.
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "subscriptions/listen" in
+                r.getMessage() or "list-changed stream ended" in r.getMessage()]
+
+    with anyio.fail_after(10):
+        while not said():
+            await anyio.sleep(0.05)
+    assert said() == ["MCP server time does not offer subscriptions/listen: its tools are listed "
+                    "when it starts"], said()
 
 
 @pytest.fixture
