@@ -708,26 +708,72 @@ def openapi_document(spec: OpenApiSpec, *, source: str, table: str,
 
     schemas does no I/O: the caller passes the reader (``actors.runtime.read_file``).
 
+    A ``.yaml``/``.yml`` document is read as YAML, anything else as JSON.
+
     Raises:
-        ConfigError: no reader, or the document cannot be read or is not a JSON object.
+        ConfigError: no reader, or the document cannot be read or is not a JSON object
+            (a YAML mapping).
     """
     path = Path(source).parent / spec.spec
     if read is None:
         raise ConfigError("an [openapi.*] table needs its document read: load the fleet file "
                           "with actors.runtime.load_fleet, or pass parse_fleet a reader",
                           file=source, table=table, key="spec")
+    yaml = path.suffix.lower() in (".yaml", ".yml")
     try:
-        doc = msgspec.json.decode(read(str(path)))
+        data = read(str(path))
+        doc = _yaml_document(data) if yaml else msgspec.json.decode(data)
     except OSError as exc:
         raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror}", file=source,
                           table=table, key="spec") from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{str(path)!r} is not JSON: {exc}", file=source, table=table,
                           key="spec") from exc
+    except ValueError as exc:  # _yaml_document's
+        raise ConfigError(f"{str(path)!r} {exc}", file=source, table=table, key="spec") from exc
     if not isinstance(doc, dict):
-        raise ConfigError(f"{str(path)!r} is not a JSON object", file=source, table=table,
-                          key="spec")
+        raise ConfigError(f"{str(path)!r} is not a {'YAML mapping' if yaml else 'JSON object'}",
+                          file=source, table=table, key="spec")
     return doc
+
+
+YAML_MAX_NODES = 1_000_000  # a document past this once its aliases are expanded is refused
+
+
+def _yaml_document(data: bytes) -> Any:
+    """A YAML OpenAPI document as the JSON one would read.
+
+    Keys become strings (``200:`` is the status ``"200"``), dates their ISO text, and
+    aliases are expanded (up to a bound).
+
+    Raises:
+        ValueError: not YAML, or too large once expanded (the text says which).
+    """
+    import datetime as dt
+
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"is not YAML: {' '.join(str(exc).split())[:300]}") from exc
+    nodes = 0
+
+    def plain(value: Any) -> Any:
+        nonlocal nodes
+        nodes += 1
+        if nodes > YAML_MAX_NODES:
+            raise ValueError(f"is over {YAML_MAX_NODES:,} values once its aliases are expanded")
+        if isinstance(value, dict):
+            return {str(k).lower() if isinstance(k, bool) else str(k): plain(v)
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dt.date):
+            return value.isoformat()
+        return value
+
+    return plain(loaded)
 
 
 def api_operations(spec: OpenApiSpec, *, source: str, table: str,

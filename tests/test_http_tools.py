@@ -11,14 +11,17 @@ event or log.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
 import msgspec
 import pytest
+import yaml
 
 from actors.http_tool import HttpToolActor
 from actors.runtime import read_file
@@ -291,6 +294,40 @@ def test_the_document_is_read_only_through_the_reader_given() -> None:
 
     parse_fleet(text, SOURCE, read=reader)
     assert asked == [str(FIXTURES / "orders_openapi.json")]
+
+
+def test_a_yaml_document_reads_as_its_json_twin() -> None:
+    # The fixture as YAML, status codes unquoted (YAML reads `200:` as a number).
+    doc = json.loads((FIXTURES / "orders_openapi.json").read_text())
+    text = re.sub(r"'(\d{3})':", r"\1:", yaml.safe_dump(doc, sort_keys=False))
+    assert re.search(r"^ +200:", text, re.MULTILINE)
+    docs = {"orders.yaml": text.encode(), "broken.yml": b"paths: [unclosed",
+            "list.yaml": b"- a\n- b\n", "bomb.yaml": _alias_bomb()}
+
+    def reader(path: str) -> bytes:
+        return docs[Path(path).name]
+
+    def load(name: str) -> FleetConfig:
+        return parse_fleet(variant(spec=f'"{name}"'), SOURCE, read=reader)
+
+    from_yaml, from_json = load("orders.yaml"), parse(FLEET.format(url="http://127.0.0.1:1",
+                                                                  cap=CAP))
+    assert {n: (t.parameters, t.side_effect, t.description)
+            for n, t in from_yaml.tools.items()} == {
+        n: (t.parameters, t.side_effect, t.description) for n, t in from_json.tools.items()}
+    for name, match in (("broken.yml", "broken.yml' is not YAML: while parsing"),
+                        ("list.yaml", "list.yaml' is not a YAML mapping"),
+                        ("bomb.yaml", "is over 1,000,000 values once its aliases are expanded")):
+        with pytest.raises(ConfigError, match=match) as info:
+            load(name)
+        assert "openapi.orders" in str(info.value) and "'spec'" in str(info.value)
+
+
+def _alias_bomb() -> bytes:
+    """A few hundred bytes of YAML that are 10^9 values once its aliases are expanded."""
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+    return "\n".join(lines).encode()
 
 
 def test_names_and_default_side_effects() -> None:
