@@ -22,8 +22,11 @@ A call:
 
 A 2xx answer is the result (its JSON, else its text). A 4xx is a
 ``tool.failed`` the model sees (the status and a bounded excerpt of the
-body), never retried. A 5xx or a broken connection is retried with backoff,
-within ``timeout_s``, when sending again is safe: the operation is
+body), never retried, except a 429: the API refused it unprocessed, so it
+is sent again (side-effecting or not) after its ``Retry-After``, while that
+fits in ``timeout_s``; a 5xx's ``Retry-After`` is honoured too. A 5xx or a
+broken connection is retried with backoff, within ``timeout_s``, when
+sending again is safe: the operation is
 side-effect-free or idempotent, or the idempotency header went with it (the
 API dedupes). Otherwise a side-effecting call that may have arrived is
 ``OutcomeUnknown``. A request that never connected is always safe to send
@@ -32,6 +35,7 @@ again.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import os
@@ -63,12 +67,30 @@ MAX_REDIRECTS = 5
 
 
 class _Retry(Exception):
-    """A try that may be sent again when that is safe (a 5xx, a broken connection)."""
+    """A try that may be sent again when that is safe (a 5xx, a 429, a broken connection)."""
 
-    def __init__(self, reason: str, *, connected: bool) -> None:
+    def __init__(self, reason: str, *, connected: bool, after_s: float | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.connected = connected  # False: the request never left (safe to send again)
+        # False: the request never left, or was refused unprocessed (a 429): safe to send again
+        self.connected = connected
+        self.after_s = after_s  # the server's Retry-After, when it gave one
+
+
+def retry_after_s(value: str | None, *, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header's wait in seconds (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(min(int(value[:9]), 86_400 * 365))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None  # not an HTTP date (those are GMT)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 class HttpApi:
@@ -146,15 +168,19 @@ class HttpApi:
                 return await self._once(name, op, url, query, headers,
                                         arguments.get(BODY) if op.body else None)
             except _Retry as exc:
-                delay = backoff_s(tries, base_s=0.1, cap_s=2.0)
+                delay = (exc.after_s if exc.after_s is not None
+                         else backoff_s(tries, base_s=0.1, cap_s=2.0))
                 if (exc.connected and not safe) or time.monotonic() + delay >= deadline:
                     if exc.connected and side_effect == "side-effecting" and not idem_sent:
                         raise OutcomeUnknown(
                             f"{name}: {exc.reason}; the request may have taken effect, and "
                             "without an idempotency header it is not sent again",
                             tool=name) from None
+                    waits = (f"; it asks to wait {exc.after_s:g}s, past the tool's timeout_s "
+                             f"({self.spec.timeout_s:g}s)" if exc.after_s is not None else "")
                     raise ToolError(f"{name}: {exc.reason} (after {tries} "
-                                    f"tr{'y' if tries == 1 else 'ies'})", tool=name) from None
+                                    f"tr{'y' if tries == 1 else 'ies'}{waits})",
+                                    tool=name) from None
                 log.warning("%s: %s; try %d again in %.2fs", name, exc.reason, tries + 1, delay)
                 await anyio.sleep(delay)
 
@@ -185,8 +211,13 @@ class HttpApi:
                          connected=True) from exc
         data = b"".join(chunks)
         status = response.status_code
+        after = retry_after_s(response.headers.get("retry-after"))
+        if status == 429:  # refused, not processed (RFC 6585): sent again, when it says
+            raise _Retry(f"HTTP 429 from {what}: {_excerpt(data)}", connected=False,
+                         after_s=after)
         if status >= 500:
-            raise _Retry(f"HTTP {status} from {what}: {_excerpt(data)}", connected=True)
+            raise _Retry(f"HTTP {status} from {what}: {_excerpt(data)}", connected=True,
+                         after_s=after)
         if status >= 400:
             raise ToolError(f"HTTP {status} from {what}: {_excerpt(data)}", tool=name,
                             retryable=False)

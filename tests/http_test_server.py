@@ -8,7 +8,9 @@ what corral sent. Its answers:
 - ``POST /orders/<id>/refunds``: 201 with a refund, once per
   ``Idempotency-Key`` (a key seen before gets the same refund back); for the
   order ``flaky`` the first ``FLAKY_FAILURES`` tries of a key are 503s.
-- ``POST /notes``: 201, or 503 when the text starts with "flaky".
+- ``POST /notes``: 201, or 503 when the text starts with "flaky"; "busy": 429 with
+  ``Retry-After: 1`` for the first ``FLAKY_FAILURES`` tries of that text;
+  "swamped": 429 with ``Retry-After: 86400``, always.
 - ``GET /reports/big``: a text bigger than the tests' response cap;
   ``/reports/flaky``: 502 for the first ``FLAKY_FAILURES`` tries, then a text;
   ``/reports/away``: a redirect to another host; ``/reports/here``: one to
@@ -129,8 +131,16 @@ def _handler(server: OrdersServer) -> type[BaseHTTPRequestHandler]:
                         server.refunds[key] = done
                 self._answer(201, done)
             elif path == "/notes":
-                if str(entry["body"].get("text", "")).startswith("flaky"):
+                text = str(entry["body"].get("text", ""))
+                with server.lock:
+                    server.tries[text] = tries = server.tries.get(text, 0) + 1
+                if text.startswith("flaky"):
                     self._answer(503, {"error": "overloaded"})
+                elif text.startswith("busy") and tries <= FLAKY_FAILURES:
+                    self._answer(429, {"error": "slow down"}, headers={"Retry-After": "1"})
+                elif text.startswith("swamped"):
+                    self._answer(429, {"error": "come back tomorrow"},
+                                 headers={"Retry-After": "86400"})
                 else:
                     self._answer(201, {"note": entry["body"]["text"]})
             else:

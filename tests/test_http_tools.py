@@ -11,6 +11,7 @@ event or log.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import re
@@ -23,7 +24,7 @@ import msgspec
 import pytest
 import yaml
 
-from actors.http_tool import HttpToolActor
+from actors.http_tool import HttpToolActor, retry_after_s
 from actors.runtime import read_file
 from bus.connection import Bus
 from schemas.config import FleetConfig, parse_fleet, served_tools, tool_actor, tool_actors
@@ -220,6 +221,35 @@ async def test_a_side_effecting_5xx_without_an_idempotency_key_is_not_sent_again
     assert "HTTP 503" in f.error and "not sent again" in f.error
     assert state.answer.startswith("failed: ")
     assert len(server.seen("POST", "/notes")) == 1
+
+
+async def test_a_429_is_sent_again_after_its_retry_after_even_when_side_effecting(
+        bus: Bus, server: OrdersServer) -> None:
+    # A 429 was refused unprocessed: sending it again cannot do the effect twice.
+    async with fleet_in_process(bus, http_fleet(server)):
+        busy, _ = await run(bus, "note busy day")
+        swamped, events = await run(bus, "note swamped")
+    assert busy.status == "completed" and "busy day" in busy.answer
+    tries = server.seen("POST", "/notes")
+    assert [t["body"]["text"] for t in tries] == ["busy day"] * (FLAKY_FAILURES + 1) \
+        + ["swamped"]
+    # One that asks for a day, past timeout_s: not waited for; the model reads why.
+    f = failure(events)
+    assert f.error_type == "ToolError" and "HTTP 429" in f.error
+    assert "it asks to wait 86400s, past the tool's timeout_s (20s)" in f.error
+    assert swamped.answer.startswith("failed: ")
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    assert retry_after_s("120") == 120.0 and retry_after_s(" 0 ") == 0.0
+    now = 1_796_560_000.0
+    date = email.utils.formatdate(now + 30, usegmt=True)
+    assert retry_after_s(date, now=now) == pytest.approx(30.0, abs=1.0)
+    assert retry_after_s(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
+    for junk in (None, "", "soon", "-5", "1.5", "Wed, 99 Foo 2026", "9" * 400):
+        got = retry_after_s(junk)
+        assert got is None or 0 <= got <= 86_400 * 365, (junk, got)
+    assert retry_after_s("soon") is None and retry_after_s("-5") is None
 
 
 async def test_an_answer_over_the_cap_fails_cleanly_and_redirects_stay_on_the_host(
