@@ -502,7 +502,7 @@ def _http_fleet(port: int, auth: str) -> FleetConfig:
     return fleet_variant(OWN_SERVER.replace(
         f"command = [{sys.executable!r}, {str(TEST_SERVER)!r}]\nenv = [\"CORRAL_MCP_TEST_DIR\"]",
         f'url = "http://127.0.0.1:{port}/mcp"\nenv = ["CORRAL_MCP_TEST_DIR", "T_TOKEN"]\n'
-        f"{auth}\nstart_timeout_s = 5"))
+        f"{auth}\nstart_timeout_s = 15"))
 
 
 async def test_a_server_that_needs_a_token_gets_it_from_the_declared_variable(
