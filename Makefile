@@ -32,7 +32,7 @@ lint: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_compose.py -k "not as_processes"  # deploy/: rules, dashboards
 
 # Three workers (pytest-xdist) on two cores: most tests wait on processes and servers, not
-# the CPU (measured: 6-8 min against 8-9 with two; four were no faster).
+# the CPU (measured: 6-9 min of pytest against 8-9 with two; four were no faster).
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -n $${CORRAL_TEST_WORKERS:-3}
 
