@@ -205,12 +205,25 @@ async def test_a_mailbox_survives_its_connection_closing(bus: Bus) -> None:
 async def test_a_closing_mailbox_returns_what_the_server_already_sent_it(bus: Bus) -> None:
     # A pull asks for 64 messages; the mailbox closes while the server is sending them.
     # Whatever it sent is returned by close() (and handed back), not dropped on arrival to
-    # wait out ack_wait (a minute here): the next mailbox gets all 64 at once.
-    await ensure_agent_consumer(bus, "triage", ack_wait_s=60)
+    # wait out ack_wait (a minute here): the next mailbox gets all 64 at once. A server slow
+    # enough to send part of the batch after it saw the unsubscribe loses that part to
+    # ack_wait whatever the mailbox does: so up to three agents' queues are tried, and one
+    # must come back whole (with a plain unsubscribe none does).
+    got = [await _close_while_arriving(bus, agent) for agent in ("triage",)]
+    for agent in ("billing", "support"):
+        if got[-1] == 64:
+            break
+        got.append(await _close_while_arriving(bus, agent))
+    assert got[-1] == 64, f"handed back at once, of 64, per try: {got}"
+
+
+async def _close_while_arriving(bus: Bus, agent: str) -> int:
+    """How many of 64 messages the next mailbox gets within 10 s of closing the first."""
+    await ensure_agent_consumer(bus, agent, ack_wait_s=60)
     pad = b"x" * 30_000  # big enough that most of the batch is still on the wire at close
     for i in range(64):
-        await bus.js_publish(subjects.task("triage"), b'{"i": %d, "pad": "%s"}' % (i, pad))
-    consumer = subjects.agent_consumer("triage")
+        await bus.js_publish(subjects.task(agent), b'{"i": %d, "pad": "%s"}' % (i, pad))
+    consumer = subjects.agent_consumer(agent)
     box = Mailbox(bus, subjects.TASKS_STREAM, consumer, batch=64)
     await box.__aenter__()
     first = await box.get()  # the pull's messages are arriving
@@ -219,9 +232,10 @@ async def test_a_closing_mailbox_returns_what_the_server_already_sent_it(bus: Bu
         await delivery.nak()
     seen: set[int] = set()
     async with Mailbox(bus, subjects.TASKS_STREAM, consumer, batch=64) as again:
-        with anyio.fail_after(10):
+        with anyio.move_on_after(10):
             while len(seen) < 64:
                 got = await again.get()
                 assert got is not None
                 seen.add(got.stream_seq)
                 await got.ack()
+    return len(seen)
