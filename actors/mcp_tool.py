@@ -65,6 +65,7 @@ log = logging.getLogger("corral.mcp")
 
 _encoder = msgspec.json.Encoder()
 CONNECT_MODE = "auto"  # the SDK's: the newest protocol the server speaks ("legacy": older)
+RELIST_MIN_S = 1.0  # the least time between two listings of a running server's tools
 MAX_START_FAILURES = 5  # failed starts in a row before the actor gives up (and exits)
 STABLE_AFTER_S = 5.0  # a server that lived this long was started fine: failures reset
 MAX_PAGES = 100  # tools/list pages read at most (a paginator that never ends)
@@ -316,6 +317,11 @@ class McpConnection:
 
     async def _list_again(self, client: Client,
                           on_up: Callable[[Client], Awaitable[None]]) -> None:
+        """List again; then wait ``RELIST_MIN_S`` before the next listing.
+
+        Changes told meanwhile count as one: a server that says "changed" in a loop
+        costs one listing (and one KV write) a second, not a busy loop.
+        """
         log.info("MCP server %s: its tool list changed: listing it again", self.server)
         try:
             await on_up(client)
@@ -323,6 +329,7 @@ class McpConnection:
             log.warning("MCP server %s: listing its tools again failed (%s: %s); the "
                         "tools listed before are served", self.server, type(exc).__name__,
                         _first_line(exc))
+        await anyio.sleep(RELIST_MIN_S)
 
     async def ready(self) -> tuple[Client, anyio.Event]:
         """The live client and the event its end sets (waits for a server to be up)."""

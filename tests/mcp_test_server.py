@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
@@ -81,6 +82,17 @@ async def grow(name: str, ctx: Context) -> str:
     await ctx.notify_tools_changed()  # to subscriptions/listen streams (protocol 2026-07-28)
     await ctx.session.send_tool_list_changed()  # to a client of an older protocol
     return f"grew {name}"
+
+
+@server.tool(annotations=ToolAnnotations(read_only_hint=True))
+async def churn(seconds: float, ctx: Context) -> str:
+    """Say "the tool list changed" every 10 ms for ``seconds`` (a server in a loop)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        await ctx.notify_tools_changed()
+        await ctx.session.send_tool_list_changed()
+        await anyio.sleep(0.01)
+    return "churned"
 
 
 @server.tool()

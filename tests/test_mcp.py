@@ -539,19 +539,22 @@ async def _nothing(client: object) -> None:
     raise AssertionError("the server must not come up")
 
 
-@pytest.mark.parametrize("mode", ["auto", "legacy"])
-async def test_a_tool_the_server_adds_is_served_once_it_says_its_list_changed(
-        bus: Bus, state_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    # auto: protocol 2026-07-28, told on a subscriptions/listen stream; legacy: 2025-11-25,
-    # told by a notifications/tools/list_changed.
-    monkeypatch.setattr(mcp_tool, "CONNECT_MODE", mode)
-    text = OWN_SERVER.replace('"t__nope"]', '"t__nope", "t__grow", "t__extra"]', 1).replace(
-        '"nope"]   # nope', '"nope", "grow", "extra"]   # nope', 1).replace(
+def _growing_fleet() -> str:
+    """The test fleet with the server's grow, churn and (once grown) extra tools."""
+    tools = '"t__nope", "t__grow", "t__churn", "t__extra"]'
+    return OWN_SERVER.replace('"t__nope"]', tools, 1).replace(
+        '"nope"]   # nope', '"nope", "grow", "churn", "extra"]   # nope', 1).replace(
         '[[models.m.rules]]\nafter = "tool"\n', """[[models.m.rules]]
 after = "start"
 when_user = "^grow (?P<name>.*)"
 call = "t__grow"
 arguments = { name = "{name}" }
+
+[[models.m.rules]]
+after = "start"
+when_user = "^churn"
+call = "t__churn"
+arguments = { seconds = 3 }
 
 [[models.m.rules]]
 after = "start"
@@ -562,6 +565,25 @@ arguments = { text = "{text}" }
 [[models.m.rules]]
 after = "tool"
 """, 1)
+
+
+async def test_a_server_saying_its_list_changed_in_a_loop_costs_a_listing_a_second(
+        bus: Bus, state_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="corral.mcp")
+    async with fleet_in_process(bus, fleet_variant(_growing_fleet())):
+        state, _ = await run_task(bus, "helper", "churn")  # ~300 changes told over 3 s
+    listed = [r for r in caplog.records if "listing it again" in r.getMessage()]
+    assert state.status == "completed" and "churned" in state.answer
+    assert 1 <= len(listed) <= 6, len(listed)  # about one a second, not one per change
+
+
+@pytest.mark.parametrize("mode", ["auto", "legacy"])
+async def test_a_tool_the_server_adds_is_served_once_it_says_its_list_changed(
+        bus: Bus, state_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    # auto: protocol 2026-07-28, told on a subscriptions/listen stream; legacy: 2025-11-25,
+    # told by a notifications/tools/list_changed.
+    monkeypatch.setattr(mcp_tool, "CONNECT_MODE", mode)
+    text = _growing_fleet()
     async with fleet_in_process(bus, fleet_variant(text)):
         before = await offered(bus, "t")
         early, _ = await run_task(bus, "helper", "extra too soon")
